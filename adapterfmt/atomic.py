@@ -1,0 +1,130 @@
+"""Atomic outputs: write to a temporary sibling, fsync, rename.
+
+An interrupted run therefore leaves either nothing or a temporary name that no reader
+mistakes for a finished file or model directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InputIOError, UsageError
+
+TEMP_PREFIX = ".adapterfmt-tmp-"
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory so a crash after rename cannot expose empty data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _normal_mode(path: Path, is_dir: bool) -> None:
+    # mkstemp/mkdtemp create 0600/0700; outputs are ordinary user files.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~umask)
+
+
+def check_output_path(out: Path, inputs: list[Path]) -> None:
+    """Refuse outputs that would overwrite or live inside an input.
+
+    Example:
+        >>> check_output_path(Path("/tmp/out.safetensors"), [Path("/tmp/in.safetensors")])
+    """
+    out_r = out.resolve()
+    for src in inputs:
+        src_r = Path(src).resolve()
+        if out_r == src_r:
+            raise UsageError("output path is the input", path=out, hint="choose a different output path")
+        if src_r.is_dir() and src_r in out_r.parents:
+            raise UsageError(f"output is inside the input directory {src}", path=out,
+                             hint="write the output somewhere outside the input")
+
+
+@contextlib.contextmanager
+def atomic_file(dest: Path | str, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; on success fsync it and rename it to ``dest``.
+
+    Example:
+        >>> with atomic_file("out.bin") as tmp:
+        ...     tmp.write_bytes(b"data")
+    """
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise UsageError("output already exists", path=dest, hint="remove it or pass --overwrite")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=parent)
+        os.close(fd)
+    except OSError as exc:
+        raise InputIOError(f"cannot create output: {exc.strerror}", path=dest,
+                           hint="check the directory exists and is writable") from None
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _normal_mode(tmp, False)
+        fsync_path(tmp)
+        os.replace(tmp, dest)
+        fsync_path(parent)
+    except OSError as exc:
+        raise InputIOError(f"writing output failed: {exc.strerror or exc}", path=dest,
+                           hint="check free disk space and permissions; nothing was left behind") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: Path | str, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``dest``; on success fsync every file and rename it.
+
+    An existing ``dest`` is refused unless ``overwrite`` (then it is replaced only after the
+    new directory is complete).
+
+    Example:
+        >>> with atomic_directory("merged") as tmp:
+        ...     (tmp / "config.json").write_text("{}")
+    """
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise UsageError("output already exists", path=dest, hint="remove it or pass --overwrite")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
+    except OSError as exc:
+        raise InputIOError(f"cannot create output: {exc.strerror}", path=dest,
+                           hint="check the directory exists and is writable") from None
+    try:
+        yield tmp
+        for root, dirs, files in os.walk(tmp):
+            for name in files:
+                _normal_mode(Path(root, name), False)
+                fsync_path(Path(root, name))
+            for name in dirs:
+                _normal_mode(Path(root, name), True)
+        _normal_mode(tmp, True)
+        fsync_path(tmp)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
+            os.replace(dest, old / "old")
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+        fsync_path(parent)
+    except OSError as exc:
+        raise InputIOError(f"writing output failed: {exc.strerror or exc}", path=dest,
+                           hint="check free disk space and permissions; nothing was left behind") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Merge/unmerge engine and base-checkpoint access."""

@@ -1,0 +1,161 @@
+"""Read and write adapterfmt files (safetensors + manifest in the metadata)."""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..atomic import atomic_file
+from ..errors import HeaderError, InputIOError, ManifestError, TensorError
+from .fingerprint import dtype_name
+from .manifest import Manifest
+from .schema import validate_manifest_dict
+from .versions import (FORMAT_NAME, FORMAT_VERSION, KEY_FORMAT, KEY_MANIFEST, KEY_VERSION,
+                       parse_version, version_string)
+
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class Adapter:
+    """An adapter in memory: the manifest and its tensors keyed by container name."""
+
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    version: tuple[int, int] = FORMAT_VERSION
+
+    def module_tensors(self, target: str) -> dict[str, torch.Tensor]:
+        """The tensors of one module keyed by role (``lora_A``, ``lora_B``, ...)."""
+        entry = self.manifest.modules[target]
+        return {role: self.tensors[ref.name] for role, ref in entry.tensors.items()}
+
+
+def read_header(path: Path | str) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
+    """Open a safetensors file and return (metadata, {tensor: (dtype, shape)}) without loading data.
+
+    The Rust reader checks the header length, JSON, offsets, overlaps and byte lengths.
+
+    Example:
+        >>> meta, tensors = read_header("adapter.safetensors")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputIOError("no such file" if not path.exists() else "not a regular file", path=path,
+                           hint="check the path")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            info = {}
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                info[name] = (sl.get_dtype(), list(sl.get_shape()))
+    except SafetensorError as exc:
+        raise HeaderError(f"not a valid safetensors file ({exc})", path=path,
+                          hint="the file is truncated or corrupt; re-download or re-export it") from None
+    except OSError as exc:
+        raise InputIOError(f"cannot read: {exc.strerror or exc}", path=path, hint="check permissions") from None
+    return metadata, info
+
+
+def parse_manifest(metadata: dict[str, str], path: str | None = None) -> tuple[Manifest, tuple[int, int]]:
+    """Check the format keys and version, parse and schema-check the manifest."""
+    if metadata.get(KEY_FORMAT) != FORMAT_NAME:
+        raise ManifestError("not an adapterfmt file (no adapterfmt.format in the safetensors metadata)",
+                            path=path, hint="convert it first: adapterfmt convert SRC DST --to adapterfmt")
+    version = parse_version(metadata.get(KEY_VERSION, ""), path)
+    text = metadata.get(KEY_MANIFEST)
+    if text is None:
+        raise ManifestError("the adapterfmt.manifest metadata key is missing", path=path,
+                            hint="the file was damaged; re-export it")
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest is {len(text)} bytes, over the {MAX_MANIFEST_BYTES} limit", path=path,
+                            hint="the file is malformed or hostile")
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ManifestError(f"manifest is not valid JSON ({exc})", path=path,
+                            hint="the file was damaged; re-export it") from None
+    validate_manifest_dict(data, path, lenient=version[1] > FORMAT_VERSION[1])
+    return Manifest.from_dict(data, path), version
+
+
+def check_tensors_against_manifest(manifest: Manifest, info: dict[str, tuple[str, list[int]]],
+                                   path: str | None = None) -> None:
+    """Every claimed tensor exists with the claimed dtype/shape, and no tensor is unclaimed."""
+    refs = manifest.tensor_refs()
+    missing = sorted(set(refs) - set(info))
+    if missing:
+        raise TensorError(f"tensor {missing[0]!r} named in the manifest is missing"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                          path=path, hint="the file is incomplete; re-export it")
+    extra = sorted(set(info) - set(refs))
+    if extra:
+        raise TensorError(f"tensor {extra[0]!r} is not described by the manifest"
+                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""),
+                          path=path, hint="the file was altered after writing; re-export it")
+    for name, ref in refs.items():
+        dtype, shape = info[name]
+        if dtype != ref.dtype or list(shape) != list(ref.shape):
+            raise ManifestError(f"tensor {name!r} is {dtype}{shape} but the manifest says "
+                                f"{ref.dtype}{ref.shape}", path=path,
+                                hint="the manifest disagrees with the tensors; re-export the file")
+
+
+def read_adapter(path: Path | str) -> Adapter:
+    """Read and structurally check an adapterfmt file.
+
+    Example:
+        >>> adapter = read_adapter("adapter.safetensors")  # doctest: +SKIP
+        >>> list(adapter.manifest.modules)[:1]  # doctest: +SKIP
+        ['model.layers.0.self_attn.q_proj']
+    """
+    path = Path(path)
+    metadata, info = read_header(path)
+    manifest, version = parse_manifest(metadata, str(path))
+    check_tensors_against_manifest(manifest, info, str(path))
+    # Registry checks happen here so that every entry point refuses unknown methods alike.
+    from ..methods import get_method
+    for target, entry in manifest.modules.items():
+        get_method(entry.method, path=str(path), module=target).check_entry(target, entry, str(path))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise HeaderError(f"cannot read tensor data ({exc})", path=path,
+                          hint="the file is truncated or corrupt; re-export it") from None
+    return Adapter(manifest=manifest, tensors=tensors, version=version)
+
+
+def refs_for(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {name: (dtype_name(t.dtype), list(t.shape)) for name, t in tensors.items()}
+
+
+def write_adapter(adapter: Adapter, path: Path | str) -> Path:
+    """Write atomically: schema-check the manifest, save, reopen to verify, rename into place.
+
+    Example:
+        >>> write_adapter(adapter, "out.safetensors")  # doctest: +SKIP
+    """
+    path = Path(path)
+    manifest = adapter.manifest
+    manifest.created_by = manifest.created_by or f"adapterfmt {__version__}"
+    data = json.loads(manifest.to_json())
+    validate_manifest_dict(data, str(path))
+    check_tensors_against_manifest(manifest, refs_for(adapter.tensors), str(path))
+    metadata = {KEY_FORMAT: FORMAT_NAME, KEY_VERSION: version_string(), KEY_MANIFEST: manifest.to_json(),
+                "format": "pt"}
+    tensors = {name: t.detach().contiguous().cpu() for name, t in adapter.tensors.items()}
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta, info = read_header(tmp)
+            parse_manifest(meta, str(path))
+    return path

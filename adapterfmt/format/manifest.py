@@ -1,0 +1,134 @@
+"""The manifest: what an adapter is, which base it belongs to, and where its tensors are.
+
+It is stored as JSON under ``adapterfmt.manifest`` in the safetensors metadata. The
+dataclasses here are the only way the code builds or reads it, so the JSON Schema in
+``spec/manifest.schema.json`` and this module describe the same thing.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import ManifestError
+
+LAYER_KINDS = ("linear", "embedding", "conv1d")
+PAYLOAD_KINDS = ("modules_to_save", "full_weight", "bias_delta")
+
+
+@dataclass
+class TensorRef:
+    """A tensor in the container: its name there, dtype (safetensors name) and shape."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+@dataclass
+class BaseWeight:
+    """What the adapter expects of one base parameter."""
+
+    shape: list[int]
+    dtype: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass
+class BaseIdentity:
+    """The base model: how to find it, and per targeted parameter its shape/dtype/fingerprint."""
+
+    name_or_path: str | None = None
+    revision: str | None = None
+    architecture: str | None = None
+    weights: dict[str, BaseWeight] = field(default_factory=dict)
+
+
+@dataclass
+class ModuleEntry:
+    """One adapted module.
+
+    ``shape`` is the canonical ``(out, in)`` of the base weight as ``nn.Linear`` lays it out;
+    ``fan_in_fan_out`` says the stored base weight is the transpose (GPT-2 ``Conv1D``,
+    embeddings), so ΔW is transposed when applied. ``params`` are the method's own
+    (LoRA: rank, alpha, use_rslora, scale); ``tensors`` maps the method's roles to tensors.
+    """
+
+    method: str
+    base_weight: str
+    shape: list[int]
+    params: dict[str, Any]
+    tensors: dict[str, TensorRef]
+    fan_in_fan_out: bool = False
+    layer: str = "linear"
+
+
+@dataclass
+class Payload:
+    """A non-adapter tensor (PEFT ``modules_to_save``, full replacement, bias delta)."""
+
+    kind: str
+    target: str
+    tensor: TensorRef
+
+
+@dataclass
+class Manifest:
+    """The whole manifest. ``modules`` is keyed by the target module's name in the base."""
+
+    base: BaseIdentity = field(default_factory=BaseIdentity)
+    modules: dict[str, ModuleEntry] = field(default_factory=dict)
+    payloads: dict[str, Payload] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    created_by: str = ""
+
+    def methods(self) -> list[str]:
+        """Distinct methods used, in first-seen order."""
+        return list(dict.fromkeys(m.method for m in self.modules.values()))
+
+    def tensor_refs(self) -> dict[str, TensorRef]:
+        """Every tensor the manifest claims, by container name."""
+        refs = {ref.name: ref for m in self.modules.values() for ref in m.tensors.values()}
+        refs.update({p.tensor.name: p.tensor for p in self.payloads.values()})
+        return refs
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if not data["source"]:
+            data.pop("source")
+        return data
+
+    def to_json(self) -> str:
+        # sort_keys makes the header, and so the file, deterministic for golden tests.
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str | None = None) -> "Manifest":
+        """Build from parsed JSON that already passed the schema."""
+        try:
+            base = data.get("base", {})
+            identity = BaseIdentity(
+                name_or_path=base.get("name_or_path"), revision=base.get("revision"),
+                architecture=base.get("architecture"),
+                weights={k: BaseWeight(shape=list(v["shape"]), dtype=v.get("dtype"),
+                                       fingerprint=v.get("fingerprint"))
+                         for k, v in base.get("weights", {}).items()})
+            modules = {
+                name: ModuleEntry(
+                    method=m["method"], base_weight=m["base_weight"], shape=list(m["shape"]),
+                    params=dict(m["params"]),
+                    tensors={role: _ref(t) for role, t in m["tensors"].items()},
+                    fan_in_fan_out=bool(m.get("fan_in_fan_out", False)),
+                    layer=m.get("layer", "linear"))
+                for name, m in data.get("modules", {}).items()}
+            payloads = {name: Payload(kind=p["kind"], target=p["target"], tensor=_ref(p["tensor"]))
+                        for name, p in data.get("payloads", {}).items()}
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ManifestError(f"manifest is malformed near {exc!s}", path=path,
+                                hint="the file was damaged or hand-edited; re-export it") from None
+        return cls(base=identity, modules=modules, payloads=payloads,
+                   source=dict(data.get("source", {})), created_by=data.get("created_by", ""))
+
+
+def _ref(data: dict[str, Any]) -> TensorRef:
+    return TensorRef(name=data["name"], dtype=data["dtype"], shape=list(data["shape"]))

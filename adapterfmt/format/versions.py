@@ -1,0 +1,50 @@
+"""Format name, version and the compatibility rule (GGUF's: major only for structural changes)."""
+from __future__ import annotations
+
+import re
+import warnings
+
+from ..errors import ManifestError, VersionError
+
+FORMAT_NAME = "adapterfmt"
+FORMAT_VERSION = (1, 0)
+SUPPORTED_MAJORS = (1,)
+
+# safetensors metadata is a str -> str map; our keys are namespaced so that other
+# tools' keys (``format``: ``pt``) can live beside them.
+KEY_FORMAT = "adapterfmt.format"
+KEY_VERSION = "adapterfmt.version"
+KEY_MANIFEST = "adapterfmt.manifest"
+
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
+
+
+def version_string(version: tuple[int, int] = FORMAT_VERSION) -> str:
+    return f"{version[0]}.{version[1]}"
+
+
+def parse_version(text: str, path: str | None = None) -> tuple[int, int]:
+    """Parse ``"MAJOR.MINOR"`` and enforce the compatibility rule.
+
+    An unknown major is refused; a newer minor is read with a warning, because minors only
+    add optional fields.
+
+    Example:
+        >>> parse_version("1.0")
+        (1, 0)
+    """
+    match = _VERSION_RE.match(text or "")
+    if not match:
+        raise ManifestError(f"format version {text!r} is not MAJOR.MINOR", path=path,
+                            hint="the file is damaged or was not written by an adapterfmt writer")
+    major, minor = int(match.group(1)), int(match.group(2))
+    if major not in SUPPORTED_MAJORS:
+        raise VersionError(
+            f"adapterfmt format version {major}.{minor} is not supported by this reader "
+            f"(it reads major version(s) {', '.join(map(str, SUPPORTED_MAJORS))})",
+            path=path, hint="upgrade adapterfmt to read this file")
+    if minor > FORMAT_VERSION[1]:
+        warnings.warn(
+            f"{path or 'adapter'}: written with format {major}.{minor}, newer than this reader's "
+            f"{version_string()}; unknown optional fields are ignored", stacklevel=2)
+    return major, minor

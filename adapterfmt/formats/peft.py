@@ -1,0 +1,318 @@
+"""Hugging Face PEFT LoRA/rsLoRA/DoRA directories (``adapter_config.json`` + weights).
+
+PEFT loads with ``strict=False`` and silently drops keys it does not expect; this reader
+refuses any key or config field it does not understand, naming it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..atomic import atomic_directory
+from ..errors import ForeignFormatError, InputIOError, PickleRefusedError, UsageError
+from ..format import Adapter, BaseWeight, Manifest, ModuleEntry, Payload, TensorRef
+from ..format.fingerprint import dtype_name
+from ..methods.lora import lora_params
+from ..report import EXACT_MATH, LOSSLESS
+from .base import AdapterFormat, ReadOptions, register_format
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# Fields whose value we read and honour.
+HANDLED = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
+           "modules_to_save", "use_dora", "init_lora_weights", "base_model_name_or_path", "revision",
+           "target_modules"}
+# Fields that only steer training or module selection; a saved adapter is the same without them.
+TRAINING_ONLY = {"task_type", "auto_mapping", "peft_version", "inference_mode", "exclude_modules",
+                 "lora_dropout", "bias", "layers_to_transform", "layers_pattern", "megatron_config",
+                 "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+                 "runtime_config", "qalora_group_size", "ensure_weight_tying", "layer_replication"}
+# Fields that change what the saved tensors mean; allowed only at their neutral value.
+NEUTRAL = {"trainable_token_indices": (None, {}, []), "alora_invocation_tokens": (None,), "use_qalora": (False,),
+           "lora_bias": (False,), "target_parameters": (None, []), "use_bdlora": (None, False),
+           "arrow_config": (None,), "kasa_config": (None,), "velora_config": (None,),
+           "monteclora_config": (None,)}
+# init_lora_weights values after which the base is untouched (the rest mutate it: PiSSA, OLoRA, ...).
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "loftq")
+
+KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
+                    r"lora_embedding_B|lora_magnitude_vector(?:\.weight)?)$")
+ROLE_OF = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_embedding_A": "lora_A",
+           "lora_embedding_B": "lora_B", "lora_magnitude_vector": "magnitude",
+           "lora_magnitude_vector.weight": "magnitude"}
+
+
+def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first key matching ``(.*\\.)?(key)$``, else None."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def resolve_rank_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:
+    """The (rank, alpha) PEFT would give ``module`` under ``config``.
+
+    Example:
+        >>> resolve_rank_alpha({"r": 4, "lora_alpha": 8, "rank_pattern": {"v_proj": 2}}, "m.v_proj")
+        (2, 8)
+    """
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rkey, akey = pattern_key(ranks, module), pattern_key(alphas, module)
+    rank = ranks[rkey] if rkey is not None else config.get("r", 8)
+    alpha = alphas[akey] if akey is not None else config.get("lora_alpha", 8)
+    return rank, alpha
+
+
+class PeftFormat(AdapterFormat):
+    name = "peft"
+    summary = "Hugging Face PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)"
+    priority = 20
+    writes_methods = ("lora", "dora")
+
+    def detect(self, path: Path) -> bool:
+        return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+    # ---------------------------------------------------------------- reading
+    def read(self, path: Path, options: ReadOptions, report) -> Adapter:
+        config = _read_config(path)
+        tensors = _read_weights(path, options.allow_pickle)
+        return peft_to_adapter(config, tensors, path, options, report)
+
+    # ---------------------------------------------------------------- writing
+    def write(self, adapter: Adapter, path: Path, report, **options) -> Path:
+        config, tensors = adapter_to_peft(adapter, report)
+        with atomic_directory(path, overwrite=options.get("overwrite", False)) as tmp:
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        return path
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / CONFIG_FILE
+    try:
+        config = json.loads(cfg_path.read_text())
+    except OSError as exc:
+        raise InputIOError(f"cannot read ({exc.strerror})", path=cfg_path, hint="check the path") from None
+    except ValueError as exc:
+        raise ForeignFormatError(f"not valid JSON ({exc})", path=cfg_path, hint="the config is damaged") from None
+    if not isinstance(config, dict):
+        raise ForeignFormatError("config is not a JSON object", path=cfg_path, hint="the config is damaged")
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ForeignFormatError(f"peft_type {peft_type!r} is not supported (only LORA)", path=cfg_path,
+                                 hint="adapterfmt reads PEFT LoRA, rsLoRA and DoRA adapters")
+    unknown = sorted(set(config) - HANDLED - TRAINING_ONLY - set(NEUTRAL))
+    if unknown:
+        raise ForeignFormatError(f"config field(s) not understood: {', '.join(unknown)}", path=cfg_path,
+                                 hint="they may change what the adapter means; upgrade adapterfmt or "
+                                      "remove them if you know they are irrelevant")
+    for key, neutral in NEUTRAL.items():
+        if key in config and config[key] not in neutral:
+            raise ForeignFormatError(f"config field {key}={config[key]!r} is not supported", path=cfg_path,
+                                     hint="this PEFT feature changes the adapter's meaning and has no "
+                                          "adapterfmt representation yet")
+    for key in ("r", "lora_alpha"):
+        if key in config and (isinstance(config[key], bool) or not isinstance(config[key], (int, float))):
+            raise ForeignFormatError(f"config field {key} must be a number, got {config[key]!r}", path=cfg_path,
+                                     hint="the config is damaged")
+    return config
+
+
+def _read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    st_path = path / WEIGHTS_FILE
+    if st_path.is_file():
+        try:
+            with safe_open(str(st_path), framework="pt") as handle:
+                return {k: handle.get_tensor(k) for k in handle.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise ForeignFormatError(f"not a valid safetensors file ({exc})", path=st_path,
+                                     hint="the file is truncated or corrupt; re-download it") from None
+    if (path / PICKLE_FILE).is_file():
+        if not allow_pickle:
+            raise PickleRefusedError("only a pickle adapter_model.bin is present", path=path / PICKLE_FILE,
+                                     hint="pickle can execute code; pass --allow-pickle if you trust it "
+                                          "(loaded with torch.load(weights_only=True))")
+        try:
+            data = torch.load(path / PICKLE_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for hostile or broken pickles
+            raise ForeignFormatError(f"refused by the safe unpickler ({type(exc).__name__})",
+                                     path=path / PICKLE_FILE, hint="the file is not a plain tensor dict") from None
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise ForeignFormatError("pickle does not hold a dict of tensors", path=path / PICKLE_FILE,
+                                     hint="the file is not a PEFT adapter")
+        return data
+    raise InputIOError(f"no {WEIGHTS_FILE} (or {PICKLE_FILE})", path=path, hint="the adapter directory is incomplete")
+
+
+def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path,
+                    options: ReadOptions, report) -> Adapter:
+    """Turn a PEFT config and state dict into an adapterfmt :class:`Adapter`."""
+    init = config.get("init_lora_weights", True)
+    if init not in PLAIN_INITS:
+        raise ForeignFormatError(
+            f"init_lora_weights={init!r}: the adapter is relative to a base that PEFT modified at init",
+            path=path, hint="convert with the original base so the init can be reconstructed, or save it "
+                            "with PEFT's path_initial_model_for_weight_conversion")
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    payload_keys: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if not key.startswith(PREFIX):
+            raise ForeignFormatError(f"key {key!r} does not start with {PREFIX!r}", path=path,
+                                     hint="not a PEFT state dict, or saved by an incompatible tool")
+        match = KEY_RE.match(key[len(PREFIX):])
+        if match:
+            grouped.setdefault(match["module"], {})[match.group("role")] = tensor
+        else:
+            payload_keys[key[len(PREFIX):]] = tensor
+    use_dora = bool(config.get("use_dora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    manifest = Manifest()
+    tensors: dict[str, torch.Tensor] = {}
+    for module in sorted(grouped):
+        parts = grouped[module]
+        roles = {ROLE_OF[k]: v for k, v in parts.items()}
+        embedding = "lora_embedding_A" in parts
+        if set(roles) - {"magnitude"} != {"lora_A", "lora_B"}:
+            raise ForeignFormatError(f"module {module!r} has {sorted(parts)}, needs both A and B",
+                                     path=path, hint="the adapter is incomplete")
+        if ("magnitude" in roles) != use_dora:
+            raise ForeignFormatError(f"module {module!r}: lora_magnitude_vector "
+                                     f"{'present' if 'magnitude' in roles else 'missing'} but use_dora="
+                                     f"{use_dora}", path=path, hint="the config does not match the weights")
+        a, b = roles["lora_A"], roles["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ForeignFormatError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
+                                     "are not a low-rank pair (conv adapters are not supported)", path=path,
+                                     hint="only Linear, Conv1D and Embedding LoRA are supported")
+        rank = a.shape[0]
+        cfg_rank, alpha = resolve_rank_alpha(config, module)
+        if cfg_rank != rank:
+            raise ForeignFormatError(f"module {module!r} has rank {rank} but the config resolves to {cfg_rank}",
+                                     path=path, hint="r/rank_pattern do not match the weights")
+        out_f, in_f = b.shape[0], a.shape[1]
+        transposed = embedding or fan_in_fan_out
+        layer = "embedding" if embedding else ("conv1d" if fan_in_fan_out else "linear")
+        params = lora_params(rank, alpha, bool(config.get("use_rslora", False)))
+        method = "dora"
+        if use_dora:
+            params["magnitude_axis"] = "out"
+        else:
+            method = "lora"
+        entry_tensors = {}
+        for role, tensor in roles.items():
+            name = f"{module}.{role}"
+            tensors[name] = tensor
+            entry_tensors[role] = TensorRef(name, dtype_name(tensor.dtype), list(tensor.shape))
+        base_weight = f"{module}.weight"
+        manifest.modules[module] = ModuleEntry(method=method, base_weight=base_weight, shape=[out_f, in_f],
+                                               params=params, tensors=entry_tensors,
+                                               fan_in_fan_out=transposed, layer=layer)
+        stored = [in_f, out_f] if transposed else [out_f, in_f]
+        manifest.base.weights[base_weight] = BaseWeight(shape=stored)
+        report.add(module, LOSSLESS)
+    for key, tensor in sorted(payload_keys.items()):
+        kind = "full_weight" if ".base_layer." in key else "modules_to_save"
+        target = key.replace(".base_layer.", ".")
+        name = f"payload.{target}"
+        tensors[name] = tensor
+        manifest.payloads[target] = Payload(kind=kind, target=target,
+                                            tensor=TensorRef(name, dtype_name(tensor.dtype), list(tensor.shape)))
+        report.notes.append(f"kept {kind} tensor {target} as a payload")
+    if not manifest.modules:
+        raise ForeignFormatError("no LoRA tensors found", path=path, hint="the adapter is empty or not LoRA")
+    manifest.base.name_or_path = config.get("base_model_name_or_path")
+    manifest.base.revision = config.get("revision")
+    manifest.source = {"format": "peft", "config": config}
+    adapter = Adapter(manifest=manifest, tensors=tensors)
+    if options.base is not None:
+        from ..validate import bind_base
+        bind_base(adapter, options.base, str(path))
+    return adapter
+
+
+# ------------------------------------------------------------------------ export
+def _common(values: list[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Build a PEFT config and state dict; refuses what one PEFT config cannot express."""
+    manifest = adapter.manifest
+    methods = set(manifest.methods())
+    if not methods <= {"lora", "dora"} or len(methods) != 1:
+        raise UsageError(f"PEFT export needs all modules to be LoRA or all DoRA, got {sorted(methods)}",
+                         hint="convert other methods to LoRA first (adapterfmt convert ... --method lora)")
+    entries = manifest.modules
+    fifo = {e.fan_in_fan_out for e in entries.values() if e.layer != "embedding"}
+    if len(fifo) > 1:
+        raise UsageError("PEFT has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",
+                         hint="export the two groups as separate adapters")
+    rslora_flags = {bool(e.params["use_rslora"]) for e in entries.values()}
+    use_rslora = _common([bool(e.params["use_rslora"]) for e in entries.values()])
+    ranks, alphas = {}, {}
+    for target, e in entries.items():
+        alpha = e.params["alpha"]
+        if bool(e.params["use_rslora"]) != use_rslora:
+            # Express this module in the other scale rule with the same scale.
+            alpha = e.params["scale"] * (math.sqrt(e.params["rank"]) if use_rslora else e.params["rank"])
+        ranks[target], alphas[target] = int(e.params["rank"]), _plain_number(alpha)
+    r, lora_alpha = _common(list(ranks.values())), _common(list(alphas.values()))
+    config: dict[str, Any] = {
+        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
+        "use_dora": methods == {"dora"}, "fan_in_fan_out": bool(fifo and fifo.pop()),
+        "target_modules": sorted(entries), "rank_pattern": {t: v for t, v in ranks.items() if v != r},
+        "alpha_pattern": {t: v for t, v in alphas.items() if v != lora_alpha},
+        "base_model_name_or_path": manifest.base.name_or_path, "revision": manifest.base.revision,
+        "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none", "inference_mode": True,
+        "modules_to_save": sorted({p.target.rsplit(".", 1)[0] for p in manifest.payloads.values()
+                                   if p.kind == "modules_to_save"}) or None,
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    for target, e in entries.items():
+        rank, alpha = resolve_rank_alpha(config, target)
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        if rank != e.params["rank"] or not math.isclose(scale, e.params["scale"], rel_tol=1e-12):
+            raise UsageError(f"module {target!r}: PEFT's pattern matching would give rank {rank}, scale {scale} "
+                             f"instead of {e.params['rank']}, {e.params['scale']}",
+                             hint="the module names collide under PEFT's suffix matching; export fewer modules")
+        status = LOSSLESS if scale == e.params["scale"] else EXACT_MATH
+        note = "" if status == LOSSLESS else f"alpha rewritten, scale {scale!r} vs {e.params['scale']!r}"
+        if bool(e.params["use_rslora"]) != use_rslora:
+            note = "rsLoRA rule rewritten as alpha; " + note
+        report.add(target, status, note.strip("; "))
+        names = ("lora_embedding_A", "lora_embedding_B") if e.layer == "embedding" else \
+            ("lora_A.weight", "lora_B.weight")
+        module_tensors = adapter.module_tensors(target)
+        tensors[f"{PREFIX}{target}.{names[0]}"] = module_tensors["lora_A"]
+        tensors[f"{PREFIX}{target}.{names[1]}"] = module_tensors["lora_B"]
+        if "magnitude" in module_tensors:
+            tensors[f"{PREFIX}{target}.lora_magnitude_vector"] = module_tensors["magnitude"]
+    for payload in manifest.payloads.values():
+        if payload.kind == "bias_delta":
+            raise UsageError(f"payload {payload.target!r} (bias delta) has no PEFT LoRA representation")
+        target = payload.target
+        if payload.kind == "full_weight":
+            head, _, leaf = target.rpartition(".")
+            target = f"{head}.base_layer.{leaf}"
+        tensors[f"{PREFIX}{target}"] = adapter.tensors[payload.tensor.name]
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    return config, tensors
+
+
+def _plain_number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+register_format(PeftFormat())

@@ -1,0 +1,127 @@
+"""Validation: structure, schema, tensors vs manifest, finite values, ΔW for every module, base match."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .engine.checkpoint import BaseCheckpoint
+from .errors import AdapterFmtError, BaseMismatchError
+from .format import Adapter, read_adapter
+from .methods import get_method
+
+
+@dataclass
+class ValidationResult:
+    """Outcome of :func:`validate`. ``problems`` empty means valid."""
+
+    path: str
+    problems: list[str] = field(default_factory=list)
+    checked_modules: int = 0
+    base_checked: bool = False
+    measurements: dict[str, dict[str, float]] = field(default_factory=dict)
+    exit_code: int = 0
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "valid": self.valid, "problems": self.problems,
+                "checked_modules": self.checked_modules, "base_checked": self.base_checked,
+                "measurements": self.measurements}
+
+
+def canonical_base(entry, weight: torch.Tensor) -> torch.Tensor:
+    """The base weight in canonical (out, in) orientation, fp32."""
+    w = weight.float()
+    return w.t() if entry.fan_in_fan_out else w
+
+
+def bind_base(adapter: Adapter, base: BaseCheckpoint, path: str | None = None, *, check_only: bool = False) -> None:
+    """Check the adapter against a base checkpoint and record (or verify) its identity.
+
+    With ``check_only`` recorded dtypes/fingerprints are compared; otherwise they are filled in.
+
+    Example:
+        >>> bind_base(adapter, BaseCheckpoint("tiny-llama"))  # doctest: +SKIP
+    """
+    manifest = adapter.manifest
+    expected = {e.base_weight: w for e in manifest.modules.values()
+                for w in [manifest.base.weights.get(e.base_weight)] if w is not None}
+    for payload in manifest.payloads.values():
+        if payload.target not in base:
+            raise BaseMismatchError(f"payload target {payload.target!r} is not in the base model", path=path,
+                                    hint="check --base")
+    for name, want in expected.items():
+        shape = base.shape(name)
+        if list(shape) != list(want.shape):
+            raise BaseMismatchError(f"base parameter {name!r} has shape {shape}, the adapter expects "
+                                    f"{want.shape}", path=path, hint="this adapter is for a different model")
+        dtype = base.dtype_name(name)
+        if check_only:
+            if want.fingerprint and want.fingerprint != base.fingerprint(name):
+                raise BaseMismatchError(f"base parameter {name!r} has different content than the adapter's "
+                                        "base (fingerprint mismatch)", path=path,
+                                        hint="use the base the adapter was made for, or pass --force")
+        else:
+            want.dtype, want.fingerprint = dtype, base.fingerprint(name)
+    if not check_only:
+        manifest.base.architecture = manifest.base.architecture or base.architecture
+        manifest.base.name_or_path = manifest.base.name_or_path or base.name_or_path
+
+
+def validate(path: Path | str, base: Path | str | BaseCheckpoint | None = None) -> ValidationResult:
+    """Validate an adapterfmt file, optionally against a base model directory.
+
+    Example:
+        >>> result = validate("adapter.safetensors", base="tiny-llama")  # doctest: +SKIP
+        >>> result.valid  # doctest: +SKIP
+        True
+    """
+    result = ValidationResult(str(path))
+    try:
+        adapter = read_adapter(path)
+        checkpoint = base if isinstance(base, BaseCheckpoint) or base is None else BaseCheckpoint(base)
+        if checkpoint is not None:
+            bind_base(adapter, checkpoint, str(path), check_only=True)
+            result.base_checked = True
+    except AdapterFmtError as exc:
+        result.problems.append(exc.one_line())
+        result.exit_code = exc.exit_code
+        return result
+    for name, tensor in adapter.tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            result.problems.append(f"{path}: tensor {name!r} has {bad} NaN/Inf value(s); the adapter is "
+                                   "corrupt or training diverged")
+    manifest = adapter.manifest
+    for target, entry in manifest.modules.items():
+        method = get_method(entry.method)
+        tensors = adapter.module_tensors(target)
+        weight = None
+        if checkpoint is not None:
+            weight = canonical_base(entry, checkpoint.get(entry.base_weight))
+        elif method.needs_base:
+            out_f, in_f = entry.shape
+            # Without a base, a DoRA ΔW can still be checked for finiteness on a stand-in base.
+            weight = torch.eye(out_f, in_f)
+        try:
+            delta = method.delta(entry, tensors, weight)
+        except (RuntimeError, ValueError) as exc:
+            result.problems.append(f"{path}: module {target!r}: ΔW cannot be computed ({exc})")
+            continue
+        if list(delta.shape) != list(entry.shape):
+            result.problems.append(f"{path}: module {target!r}: ΔW has shape {list(delta.shape)}, "
+                                   f"manifest says {entry.shape}")
+        elif not bool(torch.isfinite(delta).all()):
+            result.problems.append(f"{path}: module {target!r}: ΔW has NaN/Inf values")
+        problems, measures = method.validate_module(target, entry, tensors, weight)
+        result.problems += [f"{path}: module {target!r}: {p}" for p in problems]
+        if measures:
+            result.measurements[target] = measures
+        result.checked_modules += 1
+    if result.problems:
+        result.exit_code = 1
+    return result
