@@ -26,6 +26,8 @@ class _Group(click.Group):
             warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
             try:
                 return super().invoke(ctx)
+            except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                raise
             except AdapterFmtError as exc:
                 click.echo(f"error: {exc.one_line()}", err=True)
                 ctx.exit(exc.exit_code)

@@ -17,15 +17,14 @@ class AdapterFmtError(Exception):
     def __init__(self, message: str, *, path: str | None = None, hint: str | None = None):
         self.path = str(path) if path is not None else None
         self.hint = hint
-        super().__init__(message)
+        self.message = message
+        super().__init__(f"{message}; {hint}" if hint else message)
 
     def one_line(self) -> str:
-        """The message as the CLI prints it: ``path: message (hint)``."""
+        """The message as the CLI prints it: ``path: message; what to do``."""
         text = str(self)
         if self.path and not text.startswith(self.path):
             text = f"{self.path}: {text}"
-        if self.hint:
-            text = f"{text}; {self.hint}"
         return " ".join(text.split())
 
 

@@ -96,13 +96,15 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
             for name in names:
                 tensor = base.get(name)
                 if name in replacements:
-                    tensor = replacements[name].to(out_dtype or tensor.dtype)
-                    summary.tensors_changed += 1
-                elif name in updates:
+                    # A replaced tensor (modules_to_save, saved base_layer) is what adapters apply to.
+                    tensor = replacements[name].to(tensor.dtype)
+                if name in updates:
                     tensor = apply_adapters(name, tensor, updates[name], out_dtype)
-                    summary.tensors_changed += 1
+                elif name in replacements and out_dtype is not None:
+                    tensor = tensor.to(out_dtype)
                 elif out_dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(out_dtype)
+                summary.tensors_changed += name in replacements or name in updates
                 out_tensors[name] = tensor
                 bar.update(1)
             save_file(out_tensors, str(tmp / shard.name), metadata={"format": "pt"})
