@@ -46,7 +46,8 @@ def nola_basis_numpy(seed: int, shape) -> np.ndarray:
     >>> nola_basis_numpy(0, (2, 3)).dtype
     dtype('float32')
     """
-    if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
+    if (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer))
+            or not 0 <= int(seed) < 2**64):
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     seed = int(seed)
     shape = tuple(int(s) for s in shape)
