@@ -10,9 +10,9 @@ Normative spec: ``spec/nola-generator.md``.  Summary:
 Why Philox: it is counter based, so any element range can be generated
 independently (chunking, fingerprinting, any device) with identical bits.
 torch has no usable uint32 arithmetic, so all words live in int64 tensors
-holding values in [0, 2**32); 32x32-bit products are formed from 16-bit
-halves so no intermediate ever exceeds 2**49 -- no signed overflow, hence the
-same bits on CPU and CUDA.
+holding values in [0, 2**32); each 32x32-bit product is formed exactly (as
+uint64, or from 16-bit halves where torch lacks uint64 mul), never relying on
+signed overflow, hence the same bits on CPU, CUDA and numpy.
 
 >>> [f"{w:08x}" for w in philox4x32_10(torch.zeros(4, dtype=torch.int64),
 ...                                    torch.zeros(2, dtype=torch.int64)).tolist()]
@@ -43,40 +43,66 @@ CHUNK_COUNTERS = 1 << 16
 FINGERPRINT_ELEMENTS = 4096
 
 
-def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi32, lo32) of the 64-bit product of constant ``a`` and words ``b``.
+#: Per-device-type cache: does torch support in-place uint64 ``mul_`` there?
+_UINT64_MUL: dict[str, bool] = {}
+#: Set False to force the 16-bit-split multiply everywhere (tests use this).
+USE_UINT64_MUL = True
 
-    b = bh*2**16 + bl, so a*b = (a*bh)*2**16 + a*bl with both partial products
-    < 2**48: exact in int64.  hi = (a*bh + (a*bl >> 16)) >> 16 (nested floor
-    division is exact); lo = ((a*bh & 0xffff) << 16) + a*bl, masked.
+
+def _uint64_mul_ok(device: torch.device) -> bool:
+    """Probe once per device type; torch's unsigned dtypes are barebones."""
+    if device.type not in _UINT64_MUL:
+        try:
+            t = torch.full((2,), MASK32, dtype=torch.int64, device=device)
+            t.view(torch.uint64).mul_(M0)
+            ok = t.view(torch.int64).tolist() == [(MASK32 * M0) - 2**64] * 2
+        except (NotImplementedError, RuntimeError, TypeError):
+            ok = False
+        _UINT64_MUL[device.type] = ok
+    return _UINT64_MUL[device.type]
+
+
+def _mulhilo_(a: int, b: torch.Tensor, lo: torch.Tensor, tmp: torch.Tensor) -> None:
+    """In place: ``b`` <- hi32(a*b), ``lo`` <- lo32(a*b); ``tmp`` is scratch.
+
+    Fast path: a*b < 2**64 is formed exactly as *unsigned* uint64 (no overflow,
+    no UB), then read back through an int64 view: an arithmetic shift plus a
+    mask recovers hi32 bit-exactly.  Fallback (devices without uint64 mul):
+    b = bh*2**16 + bl, both partial products a*bh, a*bl < 2**48 are exact in
+    int64; hi = (a*bh + (a*bl >> 16)) >> 16 (nested floor division is exact),
+    lo = (((a*bh) & 0xffff) << 16) + a*bl, masked.
     """
-    pl = b & 0xFFFF
-    pl *= a
-    ph = b >> 16
-    ph *= a
-    lo = ph & 0xFFFF
-    lo <<= 16
-    lo += pl
-    lo &= MASK32
-    pl >>= 16
-    ph += pl
-    ph >>= 16
-    return ph, lo
+    if USE_UINT64_MUL and _uint64_mul_ok(b.device):
+        b.view(torch.uint64).mul_(a)
+        torch.bitwise_and(b, MASK32, out=lo)
+        b.bitwise_right_shift_(32).bitwise_and_(MASK32)
+        return
+    torch.bitwise_and(b, 0xFFFF, out=tmp).mul_(a)              # pl = a*bl
+    b.bitwise_right_shift_(16).mul_(a)                          # ph = a*bh
+    torch.bitwise_and(b, 0xFFFF, out=lo).bitwise_left_shift_(16)
+    lo.add_(tmp).bitwise_and_(MASK32)
+    b.add_(tmp.bitwise_right_shift_(16)).bitwise_right_shift_(16)
 
 
-def _rounds(x0, x1, x2, x3, k0, k1):
-    """Ten Philox rounds; keys may be Python ints or broadcastable tensors."""
+def _rounds_(x0, x1, x2, x3, k0, k1):
+    """Ten Philox rounds, destroying the (contiguous, same-shape) inputs.
+
+    Works on preallocated buffers only (no per-op allocation: on CPU that
+    churn cost ~30%).  Keys may be Python ints or broadcastable tensors.
+    Returns the four output word tensors (a permutation of the inputs' storage
+    plus two scratch buffers).
+    """
+    spare0, spare1, tmp = (torch.empty_like(x0) for _ in range(3))
     for r in range(ROUNDS):
         if r:  # key bump between rounds: 9 bumps for 10 rounds
             k0 = (k0 + W0) & MASK32
             k1 = (k1 + W1) & MASK32
-        hi0, lo0 = _mulhilo(M0, x0)
-        hi1, lo1 = _mulhilo(M1, x2)
-        hi1 ^= x1
-        hi1 ^= k0
-        hi0 ^= x3
-        hi0 ^= k1
-        x0, x1, x2, x3 = hi1, lo1, hi0, lo0
+        _mulhilo_(M0, x0, spare0, tmp)   # x0 <- hi0, spare0 <- lo0
+        _mulhilo_(M1, x2, spare1, tmp)   # x2 <- hi1, spare1 <- lo1
+        x2.bitwise_xor_(x1).bitwise_xor_(k0)  # hi1 ^ x1 ^ k0 -> new x0
+        x0.bitwise_xor_(x3).bitwise_xor_(k1)  # hi0 ^ x3 ^ k1 -> new x2
+        # new state (hi1^x1^k0, lo1, hi0^x3^k1, lo0); old x1, x3 become spares.
+        x0, x1, x2, x3, spare0, spare1 = x2, spare1, x0, spare0, x1, x3
     return x0, x1, x2, x3
 
 
@@ -93,8 +119,11 @@ def philox4x32_10(counter_words: torch.Tensor, key_words: torch.Tensor) -> torch
     """
     c = torch.as_tensor(counter_words, dtype=torch.int64)
     k = torch.as_tensor(key_words, dtype=torch.int64, device=c.device)
-    out = _rounds(*c.unbind(-1), *k.unbind(-1))
-    return torch.stack(torch.broadcast_tensors(*out), dim=-1)
+    shape = torch.broadcast_shapes(c.shape[:-1], k.shape[:-1])
+    # Private contiguous copies: _rounds_ works in place.
+    x = [w.expand(shape).clone(memory_format=torch.contiguous_format) for w in c.unbind(-1)]
+    k0, k1 = (w.expand(shape) for w in k.unbind(-1))
+    return torch.stack(_rounds_(*x, k0, k1), dim=-1)
 
 
 def _check_seed(seed) -> int:
@@ -134,9 +163,10 @@ def _basis_range(seed: int, start: int, stop: int, device=None, out=None,
     for c_lo in range(c_first, c_end, chunk):
         c_hi = min(c_lo + chunk, c_end)
         ctr = torch.arange(c_lo, c_hi, dtype=torch.int64, device=out.device)
-        x0, x1 = ctr & MASK32, ctr >> 32
-        zeros = torch.zeros_like(ctr)
-        words = torch.stack(_rounds(x0, x1, zeros, zeros, k0, k1), dim=-1).view(-1)
+        x1 = ctr >> 32
+        x0 = ctr.bitwise_and_(MASK32)
+        words = _rounds_(x0, x1, torch.zeros_like(ctr), torch.zeros_like(ctr), k0, k1)
+        words = torch.stack(words, dim=-1).view(-1)
         # words[j] is element 4*c_lo + j; clip to the requested range.
         lo = max(start, 4 * c_lo)
         hi = min(stop, 4 * c_hi)

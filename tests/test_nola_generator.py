@@ -23,12 +23,19 @@ SHAPES = [(3, 5, 7), (1, 1, 1), (2, 3), (5,), (4, 8), (0,), (2, 0, 3)]
 
 
 
+@pytest.fixture(params=[True, False], ids=["uint64mul", "split16"])
+def mul_path(request, monkeypatch):
+    """Run a test under both exact multiply strategies."""
+    monkeypatch.setattr(g, "USE_UINT64_MUL", request.param)
+    return request.param
+
+
 def test_ids():
     assert GENERATOR_ID == "philox4x32-10" and GENERATOR_VERSION == 1
 
 
 @pytest.mark.parametrize("ctr,key,want", KATS)
-def test_kat_torch(ctr, key, want):
+def test_kat_torch(ctr, key, want, mul_path):
     got = philox4x32_10(torch.tensor(ctr), torch.tensor(key))
     assert tuple(got.tolist()) == want
 
@@ -38,7 +45,7 @@ def test_kat_numpy(ctr, key, want):
     assert tuple(int(w) for w in philox4x32_10_numpy(ctr, key)) == want
 
 
-def test_kat_torch_batched():
+def test_kat_torch_batched(mul_path):
     # All three at once, with per-row keys: exercises tensor-valued keys.
     c = torch.tensor([k[0] for k in KATS])
     k = torch.tensor([k[1] for k in KATS])
@@ -47,12 +54,22 @@ def test_kat_torch_batched():
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_torch_matches_numpy(seed, shape):
+def test_torch_matches_numpy(seed, shape, mul_path):
     t = nola_basis(seed, shape)
     n = nola_basis_numpy(seed, shape)
     assert t.dtype == torch.float32 and n.dtype == np.float32
     assert tuple(t.shape) == shape == n.shape
     assert t.numpy().tobytes() == n.tobytes()
+
+
+def test_mul_paths_agree_on_extremes(monkeypatch):
+    # Products near 2**64 (all-ones words) are where a sloppy mul-hi breaks.
+    c = torch.tensor([[0xFFFFFFFF, 0, 0xFFFFFFFF, 0], [0x80000000, 1, 0xFFFFFFFE, 2]])
+    k = torch.tensor([0xFFFFFFFF, 0xFFFFFFFF])
+    fast = philox4x32_10(c, k)
+    monkeypatch.setattr(g, "USE_UINT64_MUL", False)
+    assert torch.equal(philox4x32_10(c, k), fast)
+    assert fast.tolist() == philox4x32_10_numpy(c.numpy(), k.numpy()).astype(np.int64).tolist()
 
 
 def test_counter_layout():
@@ -68,7 +85,7 @@ def test_counter_layout():
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7])
-def test_chunk_boundaries(chunk, monkeypatch):
+def test_chunk_boundaries(chunk, monkeypatch, mul_path):
     seed, shape = 2**64 - 1, (3, 5, 7)
     whole = nola_basis(seed, shape)
     monkeypatch.setattr(g, "CHUNK_COUNTERS", chunk)
