@@ -23,10 +23,10 @@ SHAPES = [(3, 5, 7), (1, 1, 1), (2, 3), (5,), (4, 8), (0,), (2, 0, 3)]
 
 
 
-@pytest.fixture(params=[True, False], ids=["uint64mul", "split16"])
+@pytest.fixture(params=[True, False], ids=["wrapmul", "split16"])
 def mul_path(request, monkeypatch):
     """Run a test under both exact multiply strategies."""
-    monkeypatch.setattr(g, "USE_UINT64_MUL", request.param)
+    monkeypatch.setattr(g, "USE_WRAPPING_MUL", request.param)
     return request.param
 
 
@@ -67,7 +67,7 @@ def test_mul_paths_agree_on_extremes(monkeypatch):
     c = torch.tensor([[0xFFFFFFFF, 0, 0xFFFFFFFF, 0], [0x80000000, 1, 0xFFFFFFFE, 2]])
     k = torch.tensor([0xFFFFFFFF, 0xFFFFFFFF])
     fast = philox4x32_10(c, k)
-    monkeypatch.setattr(g, "USE_UINT64_MUL", False)
+    monkeypatch.setattr(g, "USE_WRAPPING_MUL", False)
     assert torch.equal(philox4x32_10(c, k), fast)
     assert fast.tolist() == philox4x32_10_numpy(c.numpy(), k.numpy()).astype(np.int64).tolist()
 
