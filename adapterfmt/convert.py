@@ -25,8 +25,8 @@ def convert_methods(adapter: Adapter, to: str, options: dict[str, Any], report: 
         if entry.method == to:
             continue
         method = get_method(entry.method)
-        new_entry, new_tensors, status, note = method.convert_module(
-            target, entry, adapter.module_tensors(target), to, options)
+        old_tensors = adapter.module_tensors(target)
+        new_entry, new_tensors, status, note = method.convert_module(target, entry, old_tensors, to, options)
         for ref in entry.tensors.values():
             tensors.pop(ref.name, None)
         for role, ref in new_entry.tensors.items():
@@ -35,7 +35,7 @@ def convert_methods(adapter: Adapter, to: str, options: dict[str, Any], report: 
         reference = result = None
         if not method.needs_base and not get_method(to).needs_base:
             # Measure what the conversion did to ΔW (fp64 comparison in the report).
-            reference = method.delta(entry, adapter.module_tensors(target))
+            reference = method.delta(entry, old_tensors)
             result = get_method(to).delta(new_entry, new_tensors)
         report.add(target, status, f"{entry.method} -> {to}" + (f": {note}" if note else ""),
                    reference=reference, result=result)
