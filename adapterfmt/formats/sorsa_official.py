@@ -153,3 +153,6 @@ def _check_residual(prefix: str, err: torch.Tensor, intended: torch.Tensor, dtyp
                                  f"by up to {float(err.max()):.3g}, far beyond its rounding", path=path,
                                  hint="--base is not the original model, or the init was computed elsewhere "
                                       "(pass --init-snapshot with the post-init SORSA snapshot)")
+
+
+register_format(SorsaOfficialFormat())
