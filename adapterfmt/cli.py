@@ -137,7 +137,8 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
     """
     from .convert import convert as run_convert
     if sum([compact, new_rank is not None, energy is not None]) > 1:
-        raise click.UsageError("use only one of --compact, --rank, --energy")
+        from .errors import UsageError
+        raise UsageError("use only one of --compact, --rank, --energy")
     resize = None
     if compact or new_rank is not None or energy is not None:
         resize = {"rank": new_rank, "energy": energy, "device": device}
