@@ -62,7 +62,7 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     """Smallest k with Σσ²_{1..k} ≥ energy·Σσ² (at least 1).
 
     Example:
-        >>> energy_rank(torch.tensor([3.0, 1.0, 0.1]), 0.9)
+        >>> energy_rank(torch.tensor([3.0, 1.0, 0.1]), 0.8)
         1
     """
     power = s.double() ** 2
