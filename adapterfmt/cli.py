@@ -1,4 +1,4 @@
-"""The ``adapterfmt`` command line: inspect | validate | convert | merge | demo."""
+"""The ``adapterfmt`` command line: inspect | validate | convert | extract | merge | demo."""
 from __future__ import annotations
 
 import json
@@ -116,8 +116,15 @@ def validate(file: Path, base: Path | None, as_json: bool):
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt inputs (torch.load(weights_only=True)).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (atomically).")
 @click.option("--strict", is_flag=True, help="Fail, writing nothing, if any module would be lossy.")
+@click.option("--init-snapshot", type=click.Path(path_type=Path), default=None,
+              help="Saved untrained init (PEFT adapter dir or SORSA post-init snapshot) for OLoRA/PiSSA/SORSA.")
+@click.option("--compact", is_flag=True, help="Re-factor LoRA modules at their numerical rank (exact).")
+@click.option("--rank", "new_rank", type=int, default=None, help="Truncate LoRA modules to this rank (lossy).")
+@click.option("--energy", type=float, default=None, help="Keep this fraction of each ΔW's energy (lossy).")
+@click.option("--device", default="auto", show_default=True, help="Device for the SVDs (auto: GPU if present).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
-def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, strict, as_json):
+def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, strict, init_snapshot, compact,
+            new_rank, energy, device, as_json):
     """Convert an adapter between formats and methods, printing a per-module report.
 
     Every module is reported as lossless (bit-exact), exact (same maths, fp32 rounding),
@@ -127,15 +134,49 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
     Examples:
       adapterfmt convert ./peft-adapter adapter.safetensors --base ./base-model
       adapterfmt convert adapter.safetensors ./peft-out --to peft
+      adapterfmt convert ./raw-pissa pissa.safetensors --base ./original-base
+      adapterfmt convert pissa.safetensors small.safetensors --compact
     """
     from .convert import convert as run_convert
+    if sum([compact, new_rank is not None, energy is not None]) > 1:
+        from .errors import UsageError
+        raise UsageError("use only one of --compact, --rank, --energy")
+    resize = None
+    if compact or new_rank is not None or energy is not None:
+        resize = {"rank": new_rank, "energy": energy, "device": device}
+    options = {"init_snapshot": init_snapshot} if init_snapshot else None
     report = run_convert(src, dst, to=to, source_format=source_format, base=base, method=method,
-                         allow_pickle=allow_pickle, overwrite=overwrite, strict=strict)
+                         allow_pickle=allow_pickle, overwrite=overwrite, strict=strict, method_options=options,
+                         resize=resize)
     if as_json:
         _emit_json(report.to_dict())
     else:
         click.echo("\n".join(report.lines()))
         click.echo(f"wrote {dst}")
+
+
+@main.command()
+@click.option("--base", required=True, type=click.Path(path_type=Path), help="Base model directory.")
+@click.option("--tuned", required=True, type=click.Path(path_type=Path), help="Fully fine-tuned model directory.")
+@click.option("--rank", required=True, type=int, help="LoRA rank to extract.")
+@click.option("--device", default="auto", show_default=True, help="Device for the SVDs (auto: GPU if present).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-module report as JSON.")
+@click.argument("out", type=click.Path(path_type=Path))
+def extract(base, tuned, rank, device, overwrite, as_json, out):
+    """Extract a LoRA from a full fine-tune (truncated SVD of tuned − base), reporting each module's error.
+
+    \b
+    Example:
+      adapterfmt extract --base ./base-model --tuned ./finetuned --rank 16 lora.safetensors
+    """
+    from .rank import extract as run_extract
+    report = run_extract(base, tuned, out, rank=rank, device=device, overwrite=overwrite)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo("\n".join(report.lines(limit=10**6)))
+        click.echo(f"wrote {out}")
 
 
 def _parse_adapter_arg(value: str) -> tuple[str, float]:

@@ -25,21 +25,27 @@ def convert_methods(adapter: Adapter, to: str, options: dict[str, Any], report: 
         if entry.method == to:
             continue
         method = get_method(entry.method)
-        new_entry, new_tensors, status, note = method.convert_module(
-            target, entry, adapter.module_tensors(target), to, options)
+        old_tensors = adapter.module_tensors(target)
+        new_entry, new_tensors, status, note = method.convert_module(target, entry, old_tensors, to, options)
         for ref in entry.tensors.values():
             tensors.pop(ref.name, None)
         for role, ref in new_entry.tensors.items():
             tensors[ref.name] = new_tensors[role]
         manifest.modules[target] = new_entry
-        report.add(target, status, f"{entry.method} -> {to}" + (f": {note}" if note else ""))
+        reference = result = None
+        if not method.needs_base and not get_method(to).needs_base:
+            # Measure what the conversion did to ΔW (fp64 comparison in the report).
+            reference = method.delta(entry, old_tensors)
+            result = get_method(to).delta(new_entry, new_tensors)
+        report.add(target, status, f"{entry.method} -> {to}" + (f": {note}" if note else ""),
+                   reference=reference, result=result)
     return Adapter(manifest=manifest, tensors=tensors, version=adapter.version)
 
 
 def convert(src: Path | str, dst: Path | str, *, to: str = "adapterfmt", source_format: str | None = None,
             base: Path | str | None = None, method: str | None = None, allow_pickle: bool = False,
             overwrite: bool = False, strict: bool = False, method_options: dict[str, Any] | None = None,
-            write_options: dict[str, Any] | None = None) -> ConversionReport:
+            write_options: dict[str, Any] | None = None, resize: dict[str, Any] | None = None) -> ConversionReport:
     """Convert an adapter between formats (and methods); returns the per-module report.
 
     Example:
@@ -65,8 +71,13 @@ def convert(src: Path | str, dst: Path | str, *, to: str = "adapterfmt", source_
         if foreign:
             wanted = "lora"
             report.notes.append(f"{writer.name} cannot hold {', '.join(foreign)}: materialised as LoRA")
+    if wanted is None and resize is not None and set(adapter.manifest.methods()) - {"lora", "dora"}:
+        wanted = "lora"  # rank changes work on LoRA factors
     if wanted is not None:
         adapter = convert_methods(adapter, wanted, dict(method_options or {}), method_report)
+    if resize is not None:  # {} = exact compaction; {"rank": N} or {"energy": F} truncate
+        from .rank import resize_adapter
+        adapter = resize_adapter(adapter, method_report, **resize)
     if strict and method_report.worst == LOSSY:
         lossy = [m.module for m in method_report.modules if m.status == LOSSY]
         raise LossyConversionError(f"conversion is lossy for {len(lossy)} module(s) (first: {lossy[0]}) "

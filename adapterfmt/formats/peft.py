@@ -161,10 +161,9 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
     """Turn a PEFT config and state dict into an adapterfmt :class:`Adapter`."""
     init = config.get("init_lora_weights", True)
     if init not in PLAIN_INITS:
-        raise ForeignFormatError(
-            f"init_lora_weights={init!r}: the adapter is relative to a base that PEFT modified at init",
-            path=path, hint="convert with the original base so the init can be reconstructed, or save it "
-                            "with PEFT's path_initial_model_for_weight_conversion")
+        # OLoRA/PiSSA (and refusals for other mutating inits) live in their own module.
+        from .peft_mutating import read_mutating
+        return read_mutating(config, state, path, options, report, peft_to_adapter)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     payload_keys: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():

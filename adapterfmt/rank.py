@@ -1,0 +1,124 @@
+"""Rank changes: exact compaction / lossy resize of LoRA modules, and LoRA extraction from a fine-tune.
+
+``convert --compact`` keeps the numerical rank (status exact); ``--rank N`` / ``--energy F``
+truncate (status lossy unless nothing above the numerical-rank threshold was dropped).
+``extract`` turns tuned − base into LoRA by truncated SVD, like ``mergekit-extract-lora``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .atomic import check_output_path
+from .engine.checkpoint import BaseCheckpoint
+from .errors import UsageError
+from .format import Adapter, BaseWeight, Manifest, ModuleEntry, write_adapter
+from .lowrank import compact, plain_alpha, truncated_svd
+from .methods._principal import tensor_refs
+from .methods.lora import lora_params
+from .report import EXACT_MATH, LOSSY, ConversionReport
+
+RESIZABLE = ("lora", "dora")
+
+
+def resize_adapter(adapter: Adapter, report: ConversionReport, *, rank: int | None = None,
+                   energy: float | None = None, device: str = "auto") -> Adapter:
+    """Re-factor every LoRA/DoRA module: exact compaction by default, else truncate to rank/energy.
+
+    Example:
+        >>> small = resize_adapter(adapter, ConversionReport())  # doctest: +SKIP
+    """
+    if energy is not None and not 0 < energy <= 1:
+        raise UsageError(f"--energy must be in (0, 1], got {energy}")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+    tensors = dict(adapter.tensors)
+    for target, entry in adapter.manifest.modules.items():
+        if entry.method not in RESIZABLE:
+            raise UsageError(f"module {target!r} is {entry.method}; only LoRA/DoRA ranks can be changed",
+                             hint="convert it to LoRA first (--method lora)")
+        module = adapter.module_tensors(target)
+        a, b = module["lora_A"], module["lora_B"]
+        a2, b2, keep, exact = compact(a.float(), b.float(), rank=rank, energy=energy, device=device)
+        a2, b2 = a2.to(a.dtype), b2.to(b.dtype)
+        p = entry.params
+        params = dict(p, **lora_params(keep, plain_alpha(p["scale"], keep, p["use_rslora"]), p["use_rslora"]))
+        new = dict(module, lora_A=a2, lora_B=b2)
+        refs = tensor_refs(target, {"lora_A": a2, "lora_B": b2})
+        new_entry = ModuleEntry(method=entry.method, base_weight=entry.base_weight, shape=list(entry.shape),
+                                params=params, tensors=dict(entry.tensors, **refs),
+                                fan_in_fan_out=entry.fan_in_fan_out, layer=entry.layer)
+        for role in ("lora_A", "lora_B"):
+            tensors.pop(entry.tensors[role].name, None)
+            tensors[refs[role].name] = new[role]
+        # ΔW of LoRA-style factors alone (DoRA's magnitude is untouched by a re-factoring).
+        ref = (b.float() @ a.float()) * p["scale"]
+        res = (b2.float() @ a2.float()) * params["scale"]
+        report.add(target, EXACT_MATH if exact else LOSSY, f"rank {p['rank']} -> {keep}",
+                   reference=ref, result=res)
+        adapter.manifest.modules[target] = new_entry
+    adapter.tensors = tensors
+    return adapter
+
+
+def _default_targets(base: BaseCheckpoint, tuned: BaseCheckpoint) -> list[str]:
+    skip = ("embed", "wte", "wpe", "lm_head", "shared")
+    return [n for n in base.names() if n.endswith(".weight") and len(base.shape(n)) == 2 and n in tuned
+            and not any(s in n for s in skip)]
+
+
+def extract(base_dir: Path | str, tuned_dir: Path | str, out: Path | str, *, rank: int, device: str = "auto",
+            overwrite: bool = False) -> ConversionReport:
+    """Extract a rank-``rank`` LoRA from a full fine-tune (tuned − base) into an adapterfmt file.
+
+    Linear-like 2-D ``.weight`` tensors that changed are extracted (embeddings and heads are
+    skipped); each module's error is reported. Other changed tensors are listed in the notes.
+
+    Example:
+        >>> report = extract("base", "tuned", "lora.safetensors", rank=16)  # doctest: +SKIP
+    """
+    if rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+    out = Path(out)
+    check_output_path(out, [Path(base_dir), Path(tuned_dir)])
+    if out.exists() and not overwrite:
+        raise UsageError("output exists", path=out, hint="pass --overwrite to replace it")
+    base, tuned = BaseCheckpoint(base_dir), BaseCheckpoint(tuned_dir)
+    report = ConversionReport(source_format="full fine-tune", target_format="adapterfmt")
+    manifest, tensors = Manifest(), {}
+    targets = set(_default_targets(base, tuned))
+    skipped = []
+    for name in base.names():
+        if name not in tuned or base.shape(name) != tuned.shape(name):
+            continue
+        w0, w1 = base.get(name), tuned.get(name)
+        if torch.equal(w0, w1):
+            continue
+        if name not in targets:
+            skipped.append(name)
+            continue
+        delta = w1.float() - w0.float()
+        a, b, sigma = truncated_svd(delta, rank, device)
+        target = name[: -len(".weight")]
+        new = {"lora_A": a, "lora_B": b}
+        entry = ModuleEntry(method="lora", base_weight=name, shape=list(delta.shape),
+                            params=lora_params(a.shape[0], float(a.shape[0]), False), tensors=tensor_refs(target, new))
+        manifest.modules[target] = entry
+        manifest.base.weights[name] = BaseWeight(shape=list(w0.shape), dtype=base.dtype_name(name),
+                                                 fingerprint=base.fingerprint(name))
+        tensors.update({ref.name: new[role] for role, ref in entry.tensors.items()})
+        kept = float((sigma[: a.shape[0]] ** 2).sum() / (sigma ** 2).sum())
+        report.add(target, EXACT_MATH if a.shape[0] >= int((sigma > sigma[0] * max(delta.shape) * 1.2e-7).sum())
+                   else LOSSY, f"rank {a.shape[0]}, energy kept {kept:.4f}", reference=delta, result=b @ a)
+    if not manifest.modules:
+        raise UsageError("no linear weight differs between base and tuned", path=tuned_dir,
+                         hint="check that --tuned is a fine-tune of --base")
+    if skipped:
+        report.notes.append(f"{len(skipped)} changed tensor(s) not extracted (not 2-D linear weights): "
+                            + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    manifest.base.name_or_path = base.name_or_path
+    manifest.base.architecture = base.architecture
+    manifest.source = {"format": "extract", "tuned": str(tuned_dir), "rank": rank}
+    write_adapter(Adapter(manifest=manifest, tensors=tensors), out)
+    return report
