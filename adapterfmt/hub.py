@@ -76,9 +76,11 @@ def resolve_path(spec: str | os.PathLike | None) -> Path | None:
         root = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                  cache_dir=os.environ.get("HF_HUB_CACHE") or None, local_files_only=_offline())
     except Exception as exc:  # the hub client raises many types (HTTP, offline, cache, validation)
-        offline = " (offline: HF_HUB_OFFLINE is set and it is not in the cache)" if _offline() else ""
-        raise InputIOError(f"cannot get {repo_id}{'@' + revision if revision else ''} from the Hub{offline}: "
-                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+        if _offline():
+            detail = "HF_HUB_OFFLINE is set and it is not in the cache"
+        else:  # first sentence only: hub errors run to several lines
+            detail = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        raise InputIOError(f"cannot get {repo_id}{'@' + revision if revision else ''} from the Hub ({detail})",
                            path=where, hint="check the repo id, revision and your network or cache") from None
     path = Path(root) / sub if sub else Path(root)
     if not path.exists():
