@@ -150,3 +150,56 @@ def test_strict_accepts_scale_folding_and_json_reports_errors(native, workdir):
     folded = [m for m in report["modules"] if m["status"] == "scale_folded"]
     assert report["overall"] == "scale_folded" and len(folded) == 2
     assert all(m["rel_error"] < 1e-6 and m["max_abs_error"] is not None for m in folded)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tensors_round_trip_bit_exact(dtype, native, workdir):
+    from adapterfmt.format import read_adapter, write_adapter
+    from adapterfmt.format.fingerprint import dtype_name
+    adapter = read_adapter(native["rslora"])
+    adapter.tensors = {k: v.to(dtype) for k, v in adapter.tensors.items()}
+    for entry in adapter.manifest.modules.values():
+        for ref in entry.tensors.values():
+            ref.dtype = dtype_name(dtype)
+    half = write_adapter(adapter, workdir / f"half-{dtype_name(dtype)}.safetensors")
+    out, back = workdir / f"half-{dtype_name(dtype)}.gguf", workdir / f"half-{dtype_name(dtype)}-back.safetensors"
+    report = convert(half, out, to="gguf")
+    convert(out, back)
+    again = read_adapter(back)
+    for target, status in ((m.module, m.status) for m in report.modules):
+        if status == "lossless":
+            for role, tensor in adapter.module_tensors(target).items():
+                assert tensor.dtype == dtype and torch.equal(tensor, again.module_tensors(target)[role])
+
+
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "Qwen2ForCausalLM"])
+def test_other_covered_architectures(arch, tmp_path):
+    import transformers
+
+    from tests.helpers import make_peft_adapter
+    torch.manual_seed(0)
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False)
+    getattr(transformers, arch)(config).save_pretrained(tmp_path / "base")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = make_peft_adapter(tmp_path / "base", tmp_path / "peft", r=2, lora_alpha=4,
+                                 target_modules=["q_proj", "k_proj", "v_proj"])
+    convert(peft, tmp_path / "a.safetensors", base=tmp_path / "base")
+    report = convert(tmp_path / "a.safetensors", tmp_path / "a.gguf", to="gguf")
+    assert report.worst == "lossless"
+    reader = gguf.GGUFReader(tmp_path / "a.gguf")
+    assert reader.get_field("general.architecture").contents() == ("qwen2" if "Qwen" in arch else "llama")
+    convert(tmp_path / "a.gguf", tmp_path / "b.safetensors")
+    from adapterfmt.format import read_adapter
+    a, b = read_adapter(tmp_path / "a.safetensors"), read_adapter(tmp_path / "b.safetensors")
+    assert b.manifest.base.architecture == arch
+    for name, tensor in a.tensors.items():
+        assert torch.equal(tensor, b.tensors[name]), name
+    # The k rows in the file are permuted over the kv heads for Mistral, untouched for Qwen2.
+    k_b = torch.from_numpy(np.array(next(t.data for t in reader.tensors if t.name == "blk.0.attn_k.weight.lora_b")))
+    k_ref = a.tensors["model.layers.0.self_attn.k_proj.lora_B"]
+    expect = torch.from_numpy(hf_permute(k_ref.numpy(), 4, 2)) if "Mistral" in arch else k_ref
+    assert torch.equal(k_b, expect)
