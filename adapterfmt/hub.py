@@ -87,3 +87,31 @@ def resolve_path(spec: str | os.PathLike | None) -> Path | None:
         raise InputIOError(f"{sub!r} is not in the repo (snapshot {Path(root).name[:12]})", path=where,
                            hint="check the subfolder/file name; only .json/.safetensors/.gguf files are fetched")
     return path
+
+
+def push_to_hub(path: str | os.PathLike, repo_id: str) -> str:
+    """Upload a converted file or directory to a Hub model repo (created if missing); returns its URL.
+
+    Example:
+        >>> push_to_hub("adapter.gguf", "me/my-lora-gguf")  # doctest: +SKIP
+        'https://huggingface.co/me/my-lora-gguf'
+    """
+    path = Path(path)
+    if not _REPO_RE.match(repo_id):
+        raise UsageError(f"{repo_id!r} is not a repo id (owner/name)")
+    if _offline():
+        raise UsageError("--push-to-hub needs the network, but HF_HUB_OFFLINE is set", path=path)
+    from huggingface_hub import HfApi
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        if path.is_dir():
+            api.upload_folder(repo_id=repo_id, folder_path=str(path), commit_message="Upload adapter (adapterfmt)")
+        else:
+            api.upload_file(repo_id=repo_id, path_or_fileobj=str(path), path_in_repo=path.name,
+                            commit_message="Upload adapter (adapterfmt)")
+    except Exception as exc:  # HTTP, auth and validation errors from the hub client
+        line = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise InputIOError(f"upload to {repo_id} failed ({type(exc).__name__}: {line})", path=path,
+                           hint="check `huggingface-cli login` and the repo name; the local output is kept") from None
+    return f"https://huggingface.co/{repo_id}"

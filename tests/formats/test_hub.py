@@ -76,3 +76,27 @@ def test_missing_repo_or_file_is_one_line(hub, spec, words):
     assert words in line and "\n" not in line
     result = CliRunner().invoke(main, ["inspect", spec])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and result.output.startswith("error: ")
+
+
+def test_push_to_hub_uploads_the_output(native, tmp_path, monkeypatch):
+    import huggingface_hub
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok):
+            calls.append(("create", repo_id))
+
+        def upload_file(self, **kw):
+            calls.append(("file", kw["repo_id"], kw["path_in_repo"]))
+
+        def upload_folder(self, **kw):
+            calls.append(("folder", kw["repo_id"]))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    result = CliRunner().invoke(main, ["convert", str(native["patterns"]), str(tmp_path / "x.gguf"), "--to", "gguf",
+                                       "--push-to-hub", "me/x-gguf"])
+    assert result.exit_code == 0, result.output
+    assert calls == [("create", "me/x-gguf"), ("file", "me/x-gguf", "x.gguf")]
+    assert "uploaded to https://huggingface.co/me/x-gguf" in result.output
