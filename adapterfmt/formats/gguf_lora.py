@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_file
-from ..errors import ForeignFormatError, InputIOError, UsageError
+from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, Manifest
 from ..methods.lora import lora_params
 from ..report import LOSSLESS
@@ -157,8 +157,8 @@ class GgufLoraFormat(AdapterFormat):
         gguf = _gguf()
         try:
             reader = gguf.GGUFReader(path)
-        except (ValueError, OSError, IndexError) as exc:
-            raise ForeignFormatError(f"not a readable GGUF file ({exc})", path=path,
+        except Exception as exc:  # the reader raises many types (struct, numpy, enum) on damaged files
+            raise ForeignFormatError(f"not a readable GGUF file ({type(exc).__name__}: {str(exc)[:120]})", path=path,
                                      hint="the file is truncated or corrupt") from None
         check_header(reader, str(path))
         arch = _field(reader, "general.architecture")

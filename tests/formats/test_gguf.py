@@ -203,3 +203,14 @@ def test_other_covered_architectures(arch, tmp_path):
     k_ref = a.tensors["model.layers.0.self_attn.k_proj.lora_B"]
     expect = torch.from_numpy(hf_permute(k_ref.numpy(), 4, 2)) if "Mistral" in arch else k_ref
     assert torch.equal(k_b, expect)
+
+
+def test_truncated_file_is_one_error(native, workdir):
+    good = workdir / "trunc-src.gguf"
+    convert(native["patterns"], good, to="gguf")
+    data = good.read_bytes()
+    for cut in (8, 64, len(data) // 2, len(data) - 3):
+        bad = workdir / f"trunc-{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ForeignFormatError):
+            convert(bad, workdir / f"trunc-{cut}.safetensors")
