@@ -115,7 +115,8 @@ def validate(file: Path, base: Path | None, as_json: bool):
 @click.option("--method", default=None, help="Convert every module to this method (e.g. lora).")
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt inputs (torch.load(weights_only=True)).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (atomically).")
-@click.option("--strict", is_flag=True, help="Fail, writing nothing, if any module would be lossy.")
+@click.option("--strict", is_flag=True, help="Fail, writing nothing, if any module would be lossy "
+              "(scale folding is exact up to fp32 rounding and is allowed).")
 @click.option("--init-snapshot", type=click.Path(path_type=Path), default=None,
               help="Saved untrained init (PEFT adapter dir or SORSA post-init snapshot) for OLoRA/PiSSA/SORSA.")
 @click.option("--compact", is_flag=True, help="Re-factor LoRA modules at their numerical rank (exact).")
@@ -123,12 +124,16 @@ def validate(file: Path, base: Path | None, as_json: bool):
 @click.option("--energy", type=float, default=None, help="Keep this fraction of each ΔW's energy (lossy).")
 @click.option("--device", default="auto", show_default=True, help="Device for the SVDs (auto: GPU if present).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
+@click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO",
+              help="Upload DST to this Hugging Face model repo afterwards (needs a login token).")
 def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, strict, init_snapshot, compact,
-            new_rank, energy, device, as_json):
+            new_rank, energy, device, as_json, push_to_hub):
     """Convert an adapter between formats and methods, printing a per-module report.
 
+    Formats (--to/--from): adapterfmt, peft, gguf (llama.cpp), kohya (A1111/ComfyUI), mlx (MLX-LM).
+    SRC and --base may be hf://owner/repo[@revision][/subfolder] (Hub cache; HF_HUB_OFFLINE honoured).
     Every module is reported as lossless (bit-exact), exact (same maths, fp32 rounding),
-    scale_folded (scale moved into B) or lossy (with measured error).
+    scale_folded (scale moved into B; ΔW error measured) or lossy (with measured error).
 
     \b
     Examples:
@@ -136,6 +141,8 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
       adapterfmt convert adapter.safetensors ./peft-out --to peft
       adapterfmt convert ./raw-pissa pissa.safetensors --base ./original-base
       adapterfmt convert pissa.safetensors small.safetensors --compact
+      adapterfmt convert hf://org/lora adapter.gguf --to gguf --base hf://org/base-model
+      adapterfmt convert adapter.safetensors ./mlx-adapter --to mlx --json
     """
     from .convert import convert as run_convert
     if sum([compact, new_rank is not None, energy is not None]) > 1:
@@ -148,6 +155,9 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
     report = run_convert(src, dst, to=to, source_format=source_format, base=base, method=method,
                          allow_pickle=allow_pickle, overwrite=overwrite, strict=strict, method_options=options,
                          resize=resize)
+    if push_to_hub:
+        from .hub import push_to_hub as run_push
+        report.notes.append(f"uploaded to {run_push(dst, push_to_hub)}")
     if as_json:
         _emit_json(report.to_dict())
     else:

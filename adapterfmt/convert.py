@@ -8,6 +8,8 @@ from .atomic import check_output_path
 from .engine.checkpoint import BaseCheckpoint
 from .errors import LossyConversionError
 from .format import Adapter
+from .formats._lowrank import base_config_summary
+from .hub import is_hub, resolve_path
 from .formats import ReadOptions, detect_format, get_format
 from .methods import get_method
 from .report import LOSSLESS, LOSSY, ConversionReport
@@ -53,15 +55,18 @@ def convert(src: Path | str, dst: Path | str, *, to: str = "adapterfmt", source_
         >>> report.worst  # doctest: +SKIP
         'lossless'
     """
-    src, dst = Path(src), Path(dst)
-    check_output_path(dst, [src] + ([Path(base)] if base else []))
+    src, dst = resolve_path(src), Path(dst)
+    check_output_path(dst, [src] + ([Path(base)] if base and not is_hub(base) else []))
     reader = get_format(source_format) if source_format else detect_format(src)
     writer = get_format(to)
     report = ConversionReport(source_format=reader.name, target_format=writer.name)
     read_report = ConversionReport()
-    options = ReadOptions(base=BaseCheckpoint(base) if base else None, allow_pickle=allow_pickle,
-                          extra=dict(method_options or {}))
+    checkpoint = BaseCheckpoint(base) if base else None
+    options = ReadOptions(base=checkpoint, allow_pickle=allow_pickle, extra=dict(method_options or {}))
     adapter = reader.read(src, options, read_report)
+    if checkpoint is not None and checkpoint.config:
+        # Head counts, layer count etc. travel with the adapter (GGUF/MLX export need them later).
+        adapter.manifest.source.setdefault("base_config", base_config_summary(checkpoint.config))
     report.notes += read_report.notes
     statuses = {m.module: m for m in read_report.modules}
     method_report = ConversionReport()
@@ -84,7 +89,7 @@ def convert(src: Path | str, dst: Path | str, *, to: str = "adapterfmt", source_
                                    "and --strict was given; nothing was written", path=src,
                                    hint="drop --strict to accept the measured loss")
     write_report = ConversionReport()
-    writer.write(adapter, dst, write_report, overwrite=overwrite, **(write_options or {}))
+    writer.write(adapter, dst, write_report, overwrite=overwrite, base=checkpoint, **(write_options or {}))
     order = [LOSSLESS, "exact", "scale_folded", LOSSY]
     for stage in (method_report, write_report):
         for m in stage.modules:

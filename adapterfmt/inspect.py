@@ -19,6 +19,8 @@ def inspect_adapter(path: Path | str) -> dict[str, Any]:
         >>> info["parameter_count"]  # doctest: +SKIP
         12288
     """
+    from .hub import resolve_path
+    path = resolve_path(path)
     adapter = read_adapter(path)
     manifest = adapter.manifest
     modules = []

@@ -26,7 +26,8 @@ class BaseCheckpoint:
     """
 
     def __init__(self, path: Path | str):
-        self.path = Path(path)
+        from ..hub import resolve_path
+        self.path = resolve_path(path)  # hf://owner/repo[@rev][/sub] comes from the Hub cache
         if not self.path.exists():
             raise InputIOError("base model not found", path=self.path, hint="check the --base path")
         if self.path.is_file():

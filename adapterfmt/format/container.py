@@ -116,7 +116,8 @@ def read_adapter(path: Path | str) -> Adapter:
         >>> list(adapter.manifest.modules)[:1]  # doctest: +SKIP
         ['model.layers.0.self_attn.q_proj']
     """
-    path = Path(path)
+    from ..hub import resolve_path
+    path = resolve_path(path)  # hf://owner/repo[@rev]/file.safetensors comes from the Hub cache
     metadata, info = read_header(path)
     manifest, version = parse_manifest(metadata, str(path))
     check_tensors_against_manifest(manifest, info, str(path))

@@ -1,0 +1,178 @@
+"""kohya sd-scripts / A1111 / ComfyUI LoRA files: one safetensors with ``<name>.lora_down.weight``,
+``<name>.lora_up.weight`` and a 0-d ``<name>.alpha`` (scale = alpha / rank; no alpha means scale 1).
+
+Names are kohya's rule applied to the transformers module path: prefix + "_" + path with every
+"." replaced by "_". For LLMs we write the prefix ``lora_transformer`` (as DiT trainers do for a
+``transformer`` component), e.g. ``lora_transformer_model_layers_0_self_attn_q_proj``; reading
+accepts ``lora_transformer``, ``lora_te[N]``, ``lora_unet`` and ``lora_llm``. Because module names
+contain "_", mapping back needs the base's module list (``--base``) or the name table adapterfmt
+writes into the header (``adapterfmt.kohya_names``). rsLoRA has no kohya flag: alpha = scale·rank.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..atomic import atomic_file
+from ..errors import ForeignFormatError, UsageError
+from ..format import Adapter, Manifest
+from ..methods.lora import lora_params
+from ..report import EXACT_MATH, LOSSLESS
+from ._lowrank import add_lowrank_module, most_common, require_linear
+from .base import AdapterFormat, register_format
+
+PREFIX = "lora_transformer"
+READ_PREFIXES = ("lora_transformer", "lora_te", "lora_te1", "lora_te2", "lora_te3", "lora_unet", "lora_llm")
+NAMES_KEY = "adapterfmt.kohya_names"
+ROLES = {"lora_down.weight": "lora_A", "lora_up.weight": "lora_B", "alpha": "alpha"}
+KEY_RE = re.compile(r"^(?P<name>lora_[A-Za-z0-9]+_.+?)\.(?P<suffix>lora_down\.weight|lora_up\.weight|alpha)$")
+LYCORIS = ("hada_", "lokr_", "lora_mid", "dora_scale", "oft_", "diff")
+
+
+def kohya_name(module: str, prefix: str = PREFIX) -> str:
+    """kohya's name for a module: dots become underscores.
+
+    Example:
+        >>> kohya_name("model.layers.0.self_attn.q_proj")
+        'lora_transformer_model_layers_0_self_attn_q_proj'
+    """
+    return f"{prefix}_{module.replace('.', '_')}"
+
+
+def alpha_tensor(alpha: float) -> torch.Tensor:
+    """A 0-d alpha: float32 when that is exact (as kohya writes), float64 otherwise (consumers use .item())."""
+    as32 = torch.tensor(alpha, dtype=torch.float32)
+    return as32 if float(as32) == alpha else torch.tensor(alpha, dtype=torch.float64)
+
+
+class KohyaFormat(AdapterFormat):
+    name = "kohya"
+    summary = "kohya / A1111 / ComfyUI LoRA safetensors (lora_down/lora_up/alpha, underscored names)"
+    priority = 30
+    writes_methods = ("lora",)
+
+    def detect(self, path: Path) -> bool:
+        if not (path.is_file() and path.suffix == ".safetensors"):
+            return False
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return any(k.endswith(".lora_down.weight") for k in handle.keys())
+        except (SafetensorError, OSError):
+            return False
+
+    # ---------------------------------------------------------------- reading
+    def read(self, path: Path, options, report) -> Adapter:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                state = {k: handle.get_tensor(k) for k in handle.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise ForeignFormatError(f"not a valid safetensors file ({exc})", path=path,
+                                     hint="the file is truncated or corrupt") from None
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            match = KEY_RE.match(key)
+            if not match:
+                kind = next((m for m in LYCORIS if m in key), None)
+                raise ForeignFormatError(f"key {key!r} is not a kohya LoRA tensor"
+                                         + (f" (LyCORIS {kind.rstrip('_')} is not supported)" if kind else ""),
+                                         path=path, hint="only plain LoRA (lora_down/lora_up/alpha) is supported")
+            grouped.setdefault(match["name"], {})[ROLES[match["suffix"]]] = tensor
+        lookup = _name_table(metadata, options.base, path)
+        manifest, tensors = Manifest(), {}
+        for name, parts in sorted(grouped.items()):
+            module = lookup.get(name)
+            if module is None:
+                raise ForeignFormatError(f"{name!r} matches no module of the base", path=path,
+                                         hint="pass the base model the LoRA was trained on with --base")
+            if "lora_A" not in parts or "lora_B" not in parts:
+                raise ForeignFormatError(f"{name!r} lacks lora_down or lora_up", path=path, hint="the file is incomplete")
+            a, b = parts["lora_A"], parts["lora_B"]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                raise ForeignFormatError(f"{name!r}: lora_down {list(a.shape)} / lora_up {list(b.shape)} are not a "
+                                         "linear low-rank pair (conv LoRA is not supported)", path=path,
+                                         hint="only Linear targets are supported")
+            rank = a.shape[0]
+            # kohya, A1111, ComfyUI: scale = alpha / rank; a file without alpha means scale 1.
+            alpha = float(parts["alpha"].double()) if "alpha" in parts else float(rank)
+            if "alpha" not in parts:
+                report.notes.append(f"{name}: no alpha, scale 1 (alpha = rank)")
+            add_lowrank_module(manifest, tensors, module, a, b, lora_params(rank, alpha, False))
+            report.add(module, LOSSLESS)
+        if not manifest.modules:
+            raise ForeignFormatError("no LoRA tensors found", path=path, hint="the file is empty")
+        manifest.base.name_or_path = metadata.get("adapterfmt.base_name_or_path")
+        manifest.source = {"format": "kohya", "metadata": {k: v for k, v in metadata.items() if k.startswith("ss_")}}
+        adapter = Adapter(manifest=manifest, tensors=tensors)
+        if options.base is not None:
+            from ..validate import bind_base
+            bind_base(adapter, options.base, str(path))
+        return adapter
+
+    # ---------------------------------------------------------------- writing
+    def write(self, adapter: Adapter, path: Path, report, **options) -> Path:
+        require_linear(adapter, "kohya", report, options.get("base"))
+        prefix = options.get("kohya_prefix") or PREFIX
+        names, state = {}, {}
+        for target, entry in adapter.manifest.modules.items():
+            name = kohya_name(target, prefix)
+            if name in names:
+                raise UsageError(f"modules {names[name]!r} and {target!r} get the same kohya name {name!r}")
+            names[name] = target
+            rank, scale = int(entry.params["rank"]), float(entry.params["scale"])
+            alpha = scale * rank
+            tensors = adapter.module_tensors(target)
+            state[f"{name}.lora_down.weight"] = tensors["lora_A"].contiguous()
+            state[f"{name}.lora_up.weight"] = tensors["lora_B"].contiguous()
+            state[f"{name}.alpha"] = alpha_tensor(alpha)
+            note = "rsLoRA stored as alpha = scale*rank" if entry.params["use_rslora"] else ""
+            back = float(state[f"{name}.alpha"]) / rank
+            if back == scale:
+                report.add(target, LOSSLESS, note)
+            else:  # scale*rank/rank need not round-trip in floating point
+                a, b = tensors["lora_A"].double(), tensors["lora_B"].double()
+                report.add(target, EXACT_MATH, "; ".join(filter(None, [note, f"scale {scale!r} -> {back!r}"])),
+                           reference=(b @ a) * scale, result=(b @ a) * back)
+        entries = adapter.manifest.modules.values()
+        metadata = {"format": "pt", "ss_network_module": "networks.lora",
+                    "ss_network_dim": str(most_common([int(e.params["rank"]) for e in entries])),
+                    "ss_network_alpha": str(most_common([e.params["scale"] * e.params["rank"] for e in entries])),
+                    NAMES_KEY: json.dumps(names, sort_keys=True)}
+        if adapter.manifest.base.name_or_path:
+            metadata["adapterfmt.base_name_or_path"] = adapter.manifest.base.name_or_path
+        with atomic_file(path) as tmp:
+            save_file(state, str(tmp), metadata=metadata)
+        return path
+
+
+def _name_table(metadata: dict[str, str], base, path: Path) -> dict[str, str]:
+    """kohya name -> module path, from the header table adapterfmt writes, else from the base's modules."""
+    if NAMES_KEY in metadata:
+        try:
+            table = json.loads(metadata[NAMES_KEY])
+        except ValueError:
+            raise ForeignFormatError(f"header {NAMES_KEY} is not valid JSON", path=path,
+                                     hint="the file was damaged") from None
+        if isinstance(table, dict) and all(isinstance(v, str) for v in table.values()):
+            return table
+    if base is None:
+        raise UsageError("kohya names replace '.' by '_', so the module names cannot be recovered without the "
+                         "base model", path=path, hint="pass --base (the model the LoRA was trained on)")
+    table: dict[str, str] = {}
+    modules = {n.removesuffix(".weight") for n in base.names() if n.endswith(".weight")}
+    for module in sorted(modules):
+        for prefix in READ_PREFIXES:
+            name = kohya_name(module, prefix)
+            if table.get(name, module) != module:
+                raise ForeignFormatError(f"base modules {table[name]!r} and {module!r} share the kohya name "
+                                         f"{name!r}", path=path, hint="the mapping is ambiguous for this base")
+            table[name] = module
+    return table
+
+
+register_format(KohyaFormat())
