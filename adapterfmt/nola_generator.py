@@ -10,9 +10,9 @@ Normative spec: ``spec/nola-generator.md``.  Summary:
 Why Philox: it is counter based, so any element range can be generated
 independently (chunking, fingerprinting, any device) with identical bits.
 torch has no usable uint32 arithmetic, so all words live in int64 tensors
-holding values in [0, 2**32); each 32x32-bit product is formed exactly (as
-uint64, or from 16-bit halves where torch lacks uint64 mul), never relying on
-signed overflow, hence the same bits on CPU, CUDA and numpy.
+holding values in [0, 2**32); 32x32-bit products use int64 modular
+multiplication where a one-time probe confirms it wraps, else 16-bit halves
+that never overflow; both are exact, hence the same bits on CPU, CUDA, numpy.
 
 >>> [f"{w:08x}" for w in philox4x32_10(torch.zeros(4, dtype=torch.int64),
 ...                                    torch.zeros(2, dtype=torch.int64)).tolist()]
@@ -36,44 +36,58 @@ MASK32 = 0xFFFFFFFF
 ROUNDS = 10
 
 #: Counters (4 outputs each) processed per chunk.  Bounds the temporaries
-#: (~a dozen int64 tensors of this length) and keeps them cache-resident on
+#: (7 int64 buffers of this length, ~7 MiB) and keeps them cache-resident on
 #: CPU; tests shrink it to exercise chunk boundaries.
-CHUNK_COUNTERS = 1 << 16
+CHUNK_COUNTERS = 1 << 17
 #: Number of leading basis elements hashed by :func:`basis_fingerprint`.
 FINGERPRINT_ELEMENTS = 4096
 
 
-#: Per-device-type cache: does torch support in-place uint64 ``mul_`` there?
-_UINT64_MUL: dict[str, bool] = {}
-#: Set False to force the 16-bit-split multiply everywhere (tests use this).
-USE_UINT64_MUL = True
+#: Per-device-type cache: does int64 ``mul_`` wrap modulo 2**64 there?
+_WRAPPING_MUL: dict[str, bool] = {}
+#: Set False to force the overflow-free 16-bit-split multiply (tests use this).
+USE_WRAPPING_MUL = True
 
 
-def _uint64_mul_ok(device: torch.device) -> bool:
-    """Probe once per device type; torch's unsigned dtypes are barebones."""
-    if device.type not in _UINT64_MUL:
-        try:
-            t = torch.full((2,), MASK32, dtype=torch.int64, device=device)
-            t.view(torch.uint64).mul_(M0)
-            ok = t.view(torch.int64).tolist() == [(MASK32 * M0) - 2**64] * 2
-        except (NotImplementedError, RuntimeError, TypeError):
-            ok = False
-        _UINT64_MUL[device.type] = ok
-    return _UINT64_MUL[device.type]
+def _wrapping_mul_ok(device: torch.device) -> bool:
+    """Probe once per device type that int64 products wrap modulo 2**64.
+
+    torch's int64 kernels wrap in practice (vectorised CPU code and CUDA alike),
+    but C++ does not promise it, so we check against exact Python integers on
+    extreme operands, on a length (67) that hits vector body and scalar tail.
+    Where the check fails we use the split path, which never overflows.
+    (torch.uint64 would make this well defined, but its CPU mul is not
+    vectorised: no faster than the split path.)
+    """
+    if device.type not in _WRAPPING_MUL:
+        vals = [MASK32, MASK32 - 1, 1 << 31, (1 << 31) - 1, 1, 0, 0x12345678] * 10
+        vals = vals[:67]
+        ok = True
+        for a in (M0, M1):
+            try:
+                p = torch.tensor(vals, dtype=torch.int64, device=device).mul_(a)
+                got = p.cpu().tolist()
+            except (RuntimeError, NotImplementedError):
+                ok = False
+                break
+            want = [((a * v) + 2**63) % 2**64 - 2**63 for v in vals]
+            ok = ok and got == want
+        _WRAPPING_MUL[device.type] = ok
+    return _WRAPPING_MUL[device.type]
 
 
 def _mulhilo_(a: int, b: torch.Tensor, lo: torch.Tensor, tmp: torch.Tensor) -> None:
     """In place: ``b`` <- hi32(a*b), ``lo`` <- lo32(a*b); ``tmp`` is scratch.
 
-    Fast path: a*b < 2**64 is formed exactly as *unsigned* uint64 (no overflow,
-    no UB), then read back through an int64 view: an arithmetic shift plus a
-    mask recovers hi32 bit-exactly.  Fallback (devices without uint64 mul):
-    b = bh*2**16 + bl, both partial products a*bh, a*bl < 2**48 are exact in
-    int64; hi = (a*bh + (a*bl >> 16)) >> 16 (nested floor division is exact),
+    Fast path (probed, see :func:`_wrapping_mul_ok`): the int64 product holds
+    a*b mod 2**64, so lo = p & 0xffffffff and hi = (p >> 32) & 0xffffffff
+    (the mask undoes sign extension).  Split path: b = bh*2**16 + bl, both
+    partial products a*bh, a*bl < 2**48 are exact in int64;
+    hi = (a*bh + (a*bl >> 16)) >> 16 (nested floor division is exact),
     lo = (((a*bh) & 0xffff) << 16) + a*bl, masked.
     """
-    if USE_UINT64_MUL and _uint64_mul_ok(b.device):
-        b.view(torch.uint64).mul_(a)
+    if USE_WRAPPING_MUL and _wrapping_mul_ok(b.device):
+        b.mul_(a)
         torch.bitwise_and(b, MASK32, out=lo)
         b.bitwise_right_shift_(32).bitwise_and_(MASK32)
         return

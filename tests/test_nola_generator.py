@@ -21,12 +21,23 @@ KATS = [
 SEEDS = [0, 1, 2**32 - 1, 2**32, 2**40 + 12345, 2**64 - 1]
 SHAPES = [(3, 5, 7), (1, 1, 1), (2, 3), (5,), (4, 8), (0,), (2, 0, 3)]
 
+# adapterfmt-level vectors, copied from spec/nola-generator.md section 5.
+VECTORS = [
+    (0, (2, 3), "-0x1.9d818p-3 0x1.85a714p-1 0x1.e2bd6p-2 0x1.b00dbp-3 0x1.e3933p-1 -0x1.1a7p-2",
+     "2e00c97a0fd037cfeda51427a96b663ad572373627bd25d2af20d48232b228fb"),
+    (2**40 + 12345, (5,), "0x1.66e65p-2 -0x1.01a7ap-1 0x1.aaefep-1 0x1.2eb534p-1 -0x1.c71ae8p-1",
+     "1b0d128d6411e922fa60b045fdc1c41cb33d5f55cc7b3de3b55a4bbfaef06467"),
+    (2**64 - 1, (1, 2, 3), "-0x1.ab712p-4 -0x1.aae2e4p-1 0x1.f41bp-3 -0x1.761998p-1 "
+     "-0x1.9804acp-1 -0x1.a4c1p-2",
+     "a3e02d828a158052d0b6655c03cdc640f4fa121f1e34c035eb5e3682a844affc"),
+]
 
 
-@pytest.fixture(params=[True, False], ids=["uint64mul", "split16"])
+
+@pytest.fixture(params=[True, False], ids=["wrapmul", "split16"])
 def mul_path(request, monkeypatch):
     """Run a test under both exact multiply strategies."""
-    monkeypatch.setattr(g, "USE_UINT64_MUL", request.param)
+    monkeypatch.setattr(g, "USE_WRAPPING_MUL", request.param)
     return request.param
 
 
@@ -62,12 +73,20 @@ def test_torch_matches_numpy(seed, shape, mul_path):
     assert t.numpy().tobytes() == n.tobytes()
 
 
+@pytest.mark.parametrize("seed,shape,hexes,fp", VECTORS)
+def test_spec_vectors(seed, shape, hexes, fp, mul_path):
+    want = [float.fromhex(h) for h in hexes.split()]
+    assert nola_basis(seed, shape).reshape(-1).tolist() == want
+    assert nola_basis_numpy(seed, shape).reshape(-1).tolist() == want
+    assert basis_fingerprint(seed, shape) == fp
+
+
 def test_mul_paths_agree_on_extremes(monkeypatch):
     # Products near 2**64 (all-ones words) are where a sloppy mul-hi breaks.
     c = torch.tensor([[0xFFFFFFFF, 0, 0xFFFFFFFF, 0], [0x80000000, 1, 0xFFFFFFFE, 2]])
     k = torch.tensor([0xFFFFFFFF, 0xFFFFFFFF])
     fast = philox4x32_10(c, k)
-    monkeypatch.setattr(g, "USE_UINT64_MUL", False)
+    monkeypatch.setattr(g, "USE_WRAPPING_MUL", False)
     assert torch.equal(philox4x32_10(c, k), fast)
     assert fast.tolist() == philox4x32_10_numpy(c.numpy(), k.numpy()).astype(np.int64).tolist()
 
