@@ -115,7 +115,16 @@ def validate(file: Path, base: Path | None, as_json: bool):
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (atomically).")
 @click.option("--strict", is_flag=True, help="Fail, writing nothing, if any module would be lossy.")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
-def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, strict, as_json):
+@click.option("--nola-basis", default=None, metavar="K[,L]", help="NOLA basis sizes for --method nola.")
+@click.option("--seed", type=int, default=None, help="Master seed for NOLA bases (per-module seeds are derived).")
+@click.option("--nola-rank", type=int, default=None, help="Official NOLA import: rank r (not stored by ViT/GPT-2).")
+@click.option("--nola-alpha", type=float, default=None, help="Official NOLA GPT-2 import: lora alpha (not stored).")
+@click.option("--cuda-sm-count", type=int, default=None, help="Official NOLA GPT-2/LLaMA: the training GPU's SM count.")
+@click.option("--cuda-threads-per-sm", type=int, default=None, help="... and its max threads per SM (e.g. 2048).")
+@click.option("--nola-materialise", is_flag=True,
+              help="Official NOLA GPT-2/LLaMA without GPU geometry: regenerate on this CUDA device, store LoRA.")
+def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, strict, as_json, nola_basis, seed,
+            nola_rank, nola_alpha, cuda_sm_count, cuda_threads_per_sm, nola_materialise):
     """Convert an adapter between formats and methods, printing a per-module report.
 
     Every module is reported as lossless (bit-exact), exact (same maths, fp32 rounding),
@@ -125,15 +134,39 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
     Examples:
       adapterfmt convert ./peft-adapter adapter.safetensors --base ./base-model
       adapterfmt convert adapter.safetensors ./peft-out --to peft
+      adapterfmt convert lora.safetensors nola.safetensors --method nola --nola-basis 1024 --seed 7
+      adapterfmt convert vit_nola.safetensors out.safetensors --from nola_official --nola-rank 1
     """
     from .convert import convert as run_convert
+    options = _nola_options(nola_basis, seed, nola_rank, nola_alpha, cuda_sm_count, cuda_threads_per_sm,
+                            nola_materialise)
     report = run_convert(src, dst, to=to, source_format=source_format, base=base, method=method,
-                         allow_pickle=allow_pickle, overwrite=overwrite, strict=strict)
+                         allow_pickle=allow_pickle, overwrite=overwrite, strict=strict, method_options=options)
     if as_json:
         _emit_json(report.to_dict())
     else:
         click.echo("\n".join(report.lines()))
         click.echo(f"wrote {dst}")
+
+
+def _nola_options(basis, seed, rank, alpha, sm_count, threads_per_sm, materialise) -> dict:
+    """NOLA-related convert options as ``method_options`` (only those given)."""
+    from .errors import UsageError
+    options: dict = {}
+    if basis:
+        try:
+            sizes = [int(v) for v in basis.split(",")]
+        except ValueError:
+            sizes = []
+        if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
+            raise UsageError(f"--nola-basis {basis!r} must be K or K,L with positive integers")
+        options["nola_basis"] = (sizes[0], sizes[-1])
+    given = {"seed": seed, "nola_rank": rank, "nola_alpha": alpha, "cuda_sm_count": sm_count,
+             "cuda_threads_per_sm": threads_per_sm}
+    options.update({k: v for k, v in given.items() if v is not None})
+    if materialise:
+        options["nola_materialise"] = True
+    return options
 
 
 def _parse_adapter_arg(value: str) -> tuple[str, float]:
