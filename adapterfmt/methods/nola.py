@@ -129,6 +129,38 @@ class NOLA(AdapterMethod):
         return lora_to_nola(target, entry, tensors, options)
 
 
+def nola_module(target: str, base_weight: str, shape: list[int], rank: int, scale: float,
+                sides: dict[str, dict], tensors: dict[str, torch.Tensor], generator: dict | None = None,
+                **extra) -> tuple[ModuleEntry, dict[str, torch.Tensor]]:
+    """Build a NOLA module entry; fills basis_scale (fl32(1/sqrt(k))) and fingerprints when absent.
+
+    ``sides`` maps "A"/"B" to at least ``{"seed": int, "num_basis": k}``; ``tensors`` holds
+    ``coef_A``, ``coef_B`` and optionally ``offset_A``/``offset_B``; ``extra`` goes into params
+    (``rows``, ``provenance``, ``layer``/``fan_in_fan_out`` go to the entry).
+
+    Example:
+        >>> e, t = nola_module("m", "m.weight", [4, 3], 2, 1.0, {"A": {"seed": 1, "num_basis": 2},
+        ...     "B": {"seed": 2, "num_basis": 2}}, {"coef_A": torch.zeros(2), "coef_B": torch.zeros(2)})
+        >>> e.params["A"]["seed"]
+        '1'
+    """
+    layer = extra.pop("layer", "linear")
+    fifo = extra.pop("fan_in_fan_out", False)
+    params = {"rank": int(rank), "scale": float(scale),
+              "generator": dict(generator or {"id": GENERATOR_ID, "version": GENERATOR_VERSION})}
+    params.update(extra)
+    entry = ModuleEntry(method="nola", base_weight=base_weight, shape=list(shape), params=params,
+                        tensors={role: TensorRef(f"{target}.{role}", dtype_name(t.dtype), list(t.shape))
+                                 for role, t in tensors.items()}, fan_in_fan_out=fifo, layer=layer)
+    for side in SIDES:
+        info = dict(sides[side])
+        info["seed"] = str(int(info["seed"]))
+        info.setdefault("basis_scale", fl32(1.0 / math.sqrt(int(info["num_basis"]))))
+        params[side] = info
+        info.setdefault("fingerprint", fingerprint(params["generator"], info, side_dims(entry, side)))
+    return entry, dict(tensors)
+
+
 def nola_to_lora(target: str, entry: ModuleEntry, tensors: dict[str, torch.Tensor]):
     """Materialise A and B (rank r, same scale); rows outside ``rows`` get zero B rows (exact)."""
     b, a = NOLA().factors(entry, tensors)
@@ -187,21 +219,15 @@ def lora_to_nola(target: str, entry: ModuleEntry, tensors: dict[str, torch.Tenso
         raise UsageError("converting to NOLA needs the basis sizes", hint="pass --nola-basis K[,L]")
     master = int(options.get("seed") or 0)
     rank = int(entry.params["rank"])
-    params = {"rank": rank, "scale": float(entry.params["scale"]),
-              "generator": {"id": GENERATOR_ID, "version": GENERATOR_VERSION}}
-    new_tensors = {}
     targets = {"A": tensors["lora_A"].double(), "B": tensors["lora_B"].double()}
-    dims = {"A": (rank, entry.shape[1]), "B": (entry.shape[0], rank)}
-    for side, count in (("A", int(k)), ("B", int(l or k))):
-        info = {"seed": str(derive_seed(master, target, side)), "num_basis": count,
-                "basis_scale": fl32(1.0 / math.sqrt(count))}
-        info["fingerprint"] = fingerprint(params["generator"], info, dims[side])
-        params[side] = info
-        new_tensors[f"coef_{side}"] = _project(params["generator"], info, dims[side], targets[side])
-    new = ModuleEntry(method="nola", base_weight=entry.base_weight, shape=list(entry.shape), params=params,
-                      tensors={role: TensorRef(f"{target}.{role}", dtype_name(t.dtype), list(t.shape))
-                               for role, t in new_tensors.items()},
-                      fan_in_fan_out=entry.fan_in_fan_out, layer=entry.layer)
+    sides = {side: {"seed": derive_seed(master, target, side), "num_basis": count}
+             for side, count in (("A", int(k)), ("B", int(l or k)))}
+    placeholder = {f"coef_{s}": torch.zeros(sides[s]["num_basis"]) for s in SIDES}
+    new, _ = nola_module(target, entry.base_weight, entry.shape, rank, float(entry.params["scale"]), sides,
+                         placeholder, fan_in_fan_out=entry.fan_in_fan_out, layer=entry.layer)
+    params = new.params
+    new_tensors = {f"coef_{s}": _project(params["generator"], params[s], side_dims(new, s), targets[s])
+                   for s in SIDES}
     reference = (targets["B"] @ targets["A"]) * params["scale"]
     result = NOLA().delta(new, new_tensors).double()
     norm = float(torch.linalg.norm(reference))
