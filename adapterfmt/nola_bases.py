@@ -20,6 +20,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from typing import Callable
@@ -110,17 +111,26 @@ def _philox(generator, side, dims, start, stop):
     return flat.view(stop - start, dims[0], dims[1])
 
 
-def _kaiming_cpu(generator, side, dims, start, stop):
+@functools.lru_cache(maxsize=4)
+def _kaiming_draw(seed: int, after: tuple, shape: tuple) -> torch.Tensor:
+    # Cached: the official ViT reuses one basis pair for every fc1 (and one for every fc2).
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(side["seed"]))
-    for shape in side.get("draw_after", []):
-        torch.nn.init.kaiming_uniform_(torch.zeros(shape), a=math.sqrt(5), generator=gen)
-    drawn = torch.zeros(side["draw_shape"])
+    gen.manual_seed(seed)
+    for prior in after:
+        torch.nn.init.kaiming_uniform_(torch.zeros(prior), a=math.sqrt(5), generator=gen)
+    drawn = torch.zeros(shape)
     torch.nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=gen)
+    return drawn
+
+
+def _kaiming_cpu(generator, side, dims, start, stop):
+    drawn = _kaiming_draw(int(side["seed"]), tuple(tuple(s) for s in side.get("draw_after", [])),
+                          tuple(side["draw_shape"]))
     canon = drawn.transpose(1, 2) if side.get("transpose", True) else drawn
-    if list(canon.shape[1:]) != list(dims):
-        raise ValueError(f"draw_shape {side['draw_shape']} does not give a ({dims[0]}, {dims[1]}) basis")
-    return canon[start:stop].contiguous()
+    if list(canon.shape[1:]) != list(dims) or canon.shape[0] != int(side["num_basis"]):
+        raise ValueError(f"draw_shape {side['draw_shape']} does not give {side['num_basis']} ({dims[0]}, {dims[1]}) "
+                         "basis matrices")
+    return canon[start:stop].clone(memory_format=torch.contiguous_format)
 
 
 def _cuda_grid(generator, side, dims, start, stop):

@@ -111,9 +111,9 @@ class NOLA(AdapterMethod):
                 problems.append(f"basis {side} regenerated from seed {info['seed']} does not match its fingerprint "
                                 f"(generator {gen['id']}/v{gen['version']}); this machine's generator differs "
                                 "from the one that made the adapter")
-        if gen.get("verified") is False:
-            problems.append(f"basis generator {gen['id']} is an unverified emulation (see the provenance); "
-                            "ΔW may differ from the original training run")
+        # An unverified emulation (legacy CUDA imports) is self-consistent, so not a problem;
+        # it is surfaced as a measurement so that callers can flag it.
+        measures["basis_generator_unverified"] = float(gen.get("verified") is False)
         return problems, measures
 
     def parameter_count(self, entry):
