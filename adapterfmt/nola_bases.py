@@ -61,16 +61,22 @@ def basis_chunk(generator: dict, side: dict, dims: tuple[int, int], start: int, 
     return fn(generator, side, dims, 0, int(side["num_basis"]))[start:stop]
 
 
-def basis_chunks(generator: dict, side: dict, dims: tuple[int, int]):
-    """Yield (start, chunk) over the whole basis with bounded memory (one chunk for sequential ones)."""
+def basis_chunks(generator: dict, side: dict, dims: tuple[int, int], device=None):
+    """Yield (start, chunk) over the whole basis with bounded memory (one chunk for sequential ones).
+
+    ``device``: where the chunks should live; only the Philox generator draws there directly.
+    """
     fn, chunkable = _lookup(generator)
     k = int(side["num_basis"])
     if not chunkable:
-        yield 0, fn(generator, side, dims, 0, k)
+        yield 0, fn(generator, side, dims, 0, k).to(device)
         return
     step = max(1, CHUNK_ELEMENTS // max(1, dims[0] * dims[1]))
+    on_device = fn is _philox and device is not None
     for start in range(0, k, step):
-        yield start, fn(generator, side, dims, start, min(k, start + step))
+        stop = min(k, start + step)
+        yield start, (_philox(generator, side, dims, start, stop, device) if on_device
+                      else fn(generator, side, dims, start, stop).to(device))
 
 
 def combine(generator: dict, side: dict, dims: tuple[int, int], coef: torch.Tensor,
@@ -83,11 +89,11 @@ def combine(generator: dict, side: dict, dims: tuple[int, int], coef: torch.Tens
     """
     rows, cols = dims
     coef = coef.float().reshape(-1)
-    acc = torch.zeros(rows * cols, dtype=torch.float32)
-    for start, chunk in basis_chunks(generator, side, dims):
+    acc = torch.zeros(rows * cols, dtype=torch.float32, device=coef.device)
+    for start, chunk in basis_chunks(generator, side, dims, coef.device):
         acc += coef[start:start + chunk.shape[0]] @ chunk.reshape(chunk.shape[0], -1)
-    out = (acc * torch.tensor(float(side["basis_scale"]), dtype=torch.float32)).reshape(rows, cols)
-    return out + offset.float() if offset is not None else out
+    out = (acc * torch.tensor(float(side["basis_scale"]), dtype=torch.float32, device=acc.device)).reshape(rows, cols)
+    return out + offset.float().to(out.device) if offset is not None else out
 
 
 def fingerprint(generator: dict, side: dict, dims: tuple[int, int]) -> str:
@@ -105,9 +111,9 @@ def fingerprint(generator: dict, side: dict, dims: tuple[int, int]) -> str:
 
 
 # ------------------------------------------------------------------ generators
-def _philox(generator, side, dims, start, stop):
+def _philox(generator, side, dims, start, stop, device=None):
     per = dims[0] * dims[1]
-    flat = philox._basis_range(int(side["seed"]), start * per, stop * per)
+    flat = philox._basis_range(int(side["seed"]), start * per, stop * per, device=device)
     return flat.view(stop - start, dims[0], dims[1])
 
 

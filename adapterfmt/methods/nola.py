@@ -92,7 +92,7 @@ class NOLA(AdapterMethod):
         rows = entry.params.get("rows")
         if not rows or rows == [0, entry.shape[0]]:
             return part
-        full = torch.zeros(entry.shape, dtype=torch.float32)
+        full = torch.zeros(entry.shape, dtype=torch.float32, device=part.device)
         full[rows[0]:rows[1]] = part
         return full
 
