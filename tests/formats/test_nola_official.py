@@ -162,6 +162,10 @@ def test_gpt2_import_and_merge(tmp_path):
         ref = official_llm_delta({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, 8.0, 1, 256)
         assert torch.allclose(after[:, cols] - before[:, cols], ref.T, atol=1e-5)
     assert torch.equal(after[:, 32:64], before[:, 32:64])
+    # PEFT keys adapters by module name: the fused-block modules are refused, not written wrongly.
+    with pytest.raises(UsageError, match="fused"):
+        convert(dst, tmp_path / "peft", to="peft")
+    assert not (tmp_path / "peft").exists()
 
 
 def test_llama_import(tmp_path):
