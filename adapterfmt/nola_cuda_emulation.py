@@ -16,7 +16,9 @@ contiguous ``(k, out, in)`` tensor with ``uniform_(-1, 1)``. What torch's CUDA k
 * ``curand_uniform``: ``float(u) * 2**-32 + 2**-33`` in fp32 (u -> float rounds to nearest;
   the product is exact so FMA contraction does not matter), a value in (0, 1];
 * torch: ``v = fl32(rand * 2 + (-1))`` (again exact product, one rounding), and ``v == 1``
-  is replaced by ``-1`` (the "reverse bounds" step).
+  is replaced by ``-1`` (the "reverse bounds" step). Older torch releases instead mapped
+  ``rand == 1`` to 0 before the affine step; for fp32 U(-1, 1) both give the same values
+  (fl32(2r - 1) < 1 for every fp32 r < 1).
 
 Uncertainties (why imports using this are marked unverified): not checked against a GPU
 here; torch versions may change the grid (pytorch/pytorch#194828 divides it by the unroll
