@@ -126,8 +126,17 @@ def validate(file: Path, base: Path | None, as_json: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO",
               help="Upload DST to this Hugging Face model repo afterwards (needs a login token).")
+@click.option("--nola-basis", default=None, metavar="K[,L]", help="NOLA basis sizes for --method nola.")
+@click.option("--seed", type=int, default=None, help="Master seed for NOLA bases (per-module seeds are derived).")
+@click.option("--nola-rank", type=int, default=None, help="Official NOLA import: rank r (not stored by ViT/GPT-2).")
+@click.option("--nola-alpha", type=float, default=None, help="Official NOLA GPT-2 import: lora alpha (not stored).")
+@click.option("--cuda-sm-count", type=int, default=None, help="Official NOLA GPT-2/LLaMA: the training GPU's SM count.")
+@click.option("--cuda-threads-per-sm", type=int, default=None, help="... and its max threads per SM (e.g. 2048).")
+@click.option("--nola-materialise", is_flag=True,
+              help="Official NOLA GPT-2/LLaMA without GPU geometry: regenerate on this CUDA device, store LoRA.")
 def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, strict, init_snapshot, compact,
-            new_rank, energy, device, as_json, push_to_hub):
+            new_rank, energy, device, as_json, push_to_hub, nola_basis, seed, nola_rank, nola_alpha, cuda_sm_count,
+            cuda_threads_per_sm, nola_materialise):
     """Convert an adapter between formats and methods, printing a per-module report.
 
     Formats (--to/--from): adapterfmt, peft, gguf (llama.cpp), kohya (A1111/ComfyUI), mlx (MLX-LM).
@@ -143,6 +152,8 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
       adapterfmt convert pissa.safetensors small.safetensors --compact
       adapterfmt convert hf://org/lora adapter.gguf --to gguf --base hf://org/base-model
       adapterfmt convert adapter.safetensors ./mlx-adapter --to mlx --json
+      adapterfmt convert lora.safetensors nola.safetensors --method nola --nola-basis 1024 --seed 7
+      adapterfmt convert vit_nola.safetensors out.safetensors --from nola_official --nola-rank 1
     """
     from .convert import convert as run_convert
     if sum([compact, new_rank is not None, energy is not None]) > 1:
@@ -151,7 +162,10 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
     resize = None
     if compact or new_rank is not None or energy is not None:
         resize = {"rank": new_rank, "energy": energy, "device": device}
-    options = {"init_snapshot": init_snapshot} if init_snapshot else None
+    options = _nola_options(nola_basis, seed, nola_rank, nola_alpha, cuda_sm_count, cuda_threads_per_sm,
+                            nola_materialise)
+    if init_snapshot:
+        options["init_snapshot"] = init_snapshot
     report = run_convert(src, dst, to=to, source_format=source_format, base=base, method=method,
                          allow_pickle=allow_pickle, overwrite=overwrite, strict=strict, method_options=options,
                          resize=resize)
@@ -187,6 +201,26 @@ def extract(base, tuned, rank, device, overwrite, as_json, out):
     else:
         click.echo("\n".join(report.lines(limit=10**6)))
         click.echo(f"wrote {out}")
+
+
+def _nola_options(basis, seed, rank, alpha, sm_count, threads_per_sm, materialise) -> dict:
+    """NOLA-related convert options as ``method_options`` (only those given)."""
+    from .errors import UsageError
+    options: dict = {}
+    if basis:
+        try:
+            sizes = [int(v) for v in basis.split(",")]
+        except ValueError:
+            sizes = []
+        if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
+            raise UsageError(f"--nola-basis {basis!r} must be K or K,L with positive integers")
+        options["nola_basis"] = (sizes[0], sizes[-1])
+    given = {"seed": seed, "nola_rank": rank, "nola_alpha": alpha, "cuda_sm_count": sm_count,
+             "cuda_threads_per_sm": threads_per_sm}
+    options.update({k: v for k, v in given.items() if v is not None})
+    if materialise:
+        options["nola_materialise"] = True
+    return options
 
 
 def _parse_adapter_arg(value: str) -> tuple[str, float]:

@@ -81,6 +81,8 @@ def format_inspection(info: dict[str, Any], limit: int = 20) -> list[str]:
         lines.append(f"  payload {p['target']} ({p['kind']}) {p['shape']}")
     for m in info["modules"][:limit]:
         extra = " fan_in_fan_out" if m["fan_in_fan_out"] else ""
+        if m["method"] == "nola":
+            extra += f" k={m['params']['A']['num_basis']} l={m['params']['B']['num_basis']}"
         lines.append(f"    {m['name']}: {m['method']} {m['shape'][0]}x{m['shape'][1]} "
                      f"r={m['rank']} scale={m['scale']:.6g} params={m['parameter_count']:,}{extra}"
                      if m["scale"] is not None else

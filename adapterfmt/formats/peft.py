@@ -254,6 +254,12 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
         raise UsageError(f"PEFT export needs all modules to be LoRA or all DoRA, got {sorted(methods)}",
                          hint="convert other methods to LoRA first (adapterfmt convert ... --method lora)")
     entries = manifest.modules
+    for target, e in entries.items():
+        if e.base_weight != f"{target}.weight":
+            # e.g. NOLA GPT-2 imports: q and v blocks of the fused c_attn are separate modules.
+            raise UsageError(f"module {target!r} adapts {e.base_weight!r} under another name (a block of a fused "
+                             "weight); PEFT keys adapters by module name and cannot express it",
+                             hint="merge it with adapterfmt merge, or keep the adapterfmt file")
     fifo = {e.fan_in_fan_out for e in entries.values() if e.layer != "embedding"}
     if len(fifo) > 1:
         raise UsageError("PEFT has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",

@@ -54,14 +54,25 @@ class AdapterMethod:
                        options: dict) -> tuple[ModuleEntry, dict[str, torch.Tensor], str, str]:
         """Convert one module to method ``to``: (entry, tensors by role, report status, note).
 
-        Methods override this for the conversions they support; the default refuses.
+        Methods override this for the conversions they support; otherwise the target method's
+        ``convert_from`` is used when it lists this method in ``converts_from``; else refused.
         """
         from ..errors import UsageError
+        into = _REGISTRY.get(to)
+        if into is not None and self.name in into.converts_from:
+            return into.convert_from(target, entry, tensors, options)
         raise UsageError(f"module {target!r}: no conversion from {self.name} to {to}",
                          hint=f"supported targets from {self.name}: {', '.join(self.converts_to) or 'none'}")
 
     #: Methods ``convert_module`` can produce.
     converts_to: ClassVar[tuple[str, ...]] = ()
+    #: Methods this one can be made from by ``convert_from`` (e.g. NOLA from LoRA).
+    converts_from: ClassVar[tuple[str, ...]] = ()
+
+    def convert_from(self, target: str, entry: ModuleEntry, tensors: dict[str, torch.Tensor],
+                     options: dict) -> tuple[ModuleEntry, dict[str, torch.Tensor], str, str]:
+        """Build this method's module from another method's (see ``converts_from``)."""
+        raise NotImplementedError
 
     def parameter_count(self, entry: ModuleEntry) -> int:
         """Number of stored scalars for this module (what training updates or the file holds)."""

@@ -1,0 +1,255 @@
+"""Official NOLA checkpoints (UCDvision/NOLA): ViT ``*.safetensors``, GPT-2 ``model.{step}.pt``,
+LLaMA/QLoRA ``adapter_config.json`` (``use_nola: true``) + ``adapter_model.{safetensors,bin}``.
+
+GPT-2 and LLaMA modules are ``NOLALinear`` pairs: per side an int64 seed, coefficients and the
+layer's own frozen weight (dense offset A0 or B0). Their bases came from torch's CUDA
+generator, whose values depend on the GPU (SM count, threads per SM): with
+``--cuda-sm-count``/``--cuda-threads-per-sm`` the import records generator
+``torch-cuda-philox-grid`` (a CPU emulation, marked unverified); without them it is refused,
+or with ``--nola-materialise`` on a CUDA machine the bases are drawn there and stored as LoRA.
+Reference: ``/work/shared/reference/nola-official.md`` §§4-12.
+"""
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import ForeignFormatError, InputIOError, PickleRefusedError, UsageError
+from ..format import Adapter, BaseWeight, Manifest
+from ..methods.nola import SIDES, fl32, nola_module, nola_to_lora
+from ..report import EXACT_MATH, LOSSY
+from .base import AdapterFormat, register_format
+from .nola_official_vit import is_vit_state, vit_to_adapter
+
+GPT2_RE = re.compile(r"^(?:module\.)?(?:transformer\.)?h\.(\d+)\.(attn\.nola_query|attn\.nola_value|mlp\.p1_nola|"
+                     r"mlp\.p2_nola)\.lora_([AB])\.(weight|seed|coefficients)$")
+LLAMA_RE = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.(weight|seed|coefficients)$")
+#: GPT-2 role -> (HF module, which third of c_attn's output rows, or None for a whole MLP layer).
+GPT2_TARGETS = {"attn.nola_query": ("attn.c_attn", 0), "attn.nola_value": ("attn.c_attn", 2),
+                "mlp.p1_nola": ("mlp.c_fc", None), "mlp.p2_nola": ("mlp.c_proj", None)}
+
+
+class NolaOfficialFormat(AdapterFormat):
+    name = "nola_official"
+    summary = "official UCDvision/NOLA checkpoints (ViT safetensors, GPT-2 .pt, LLaMA QLoRA dir), read only"
+    priority = 15
+
+    def detect(self, path: Path) -> bool:
+        if path.is_dir():
+            try:
+                return json.loads((path / "adapter_config.json").read_text()).get("use_nola") is True
+            except (OSError, ValueError, AttributeError):
+                return False
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    return "adapterfmt.format" not in (handle.metadata() or {}) and is_vit_state(handle.keys())
+            except (SafetensorError, OSError):
+                return False
+        return path.suffix in (".pt", ".pth", ".bin") and _pickle_mentions_nola(path)
+
+    def read(self, path: Path, options, report) -> Adapter:
+        if path.is_dir():
+            adapter = _read_llama(path, options, report)
+        elif path.suffix == ".safetensors":
+            adapter = vit_to_adapter(_load_safetensors(path), path, options, report)
+        else:
+            adapter = _read_gpt2(path, options, report)
+        if options.base is not None:
+            from ..validate import bind_base
+            bind_base(adapter, options.base, str(path))
+        return adapter
+
+
+def _pickle_mentions_nola(path: Path) -> bool:
+    # Peek at the pickle bytes inside torch's zip container without unpickling anything.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pkl = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            return pkl is not None and b"nola_" in archive.read(pkl)
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ForeignFormatError(f"not a valid safetensors file ({exc})", path=path,
+                                 hint="the file is truncated or corrupt") from None
+
+
+def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if not allow_pickle:
+        raise PickleRefusedError("official NOLA GPT-2/LLaMA checkpoints are pickles", path=path,
+                                 hint="pickle can execute code; pass --allow-pickle if you trust it "
+                                      "(loaded with torch.load(weights_only=True))")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for hostile or broken pickles
+        raise ForeignFormatError(f"refused by the safe unpickler ({type(exc).__name__})", path=path,
+                                 hint="the file is not a plain tensor dict") from None
+    if isinstance(data, dict) and isinstance(data.get("model_state_dict"), dict):
+        data = data["model_state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ForeignFormatError("pickle does not hold a dict of tensors", path=path,
+                                 hint="not an official NOLA checkpoint")
+    return data
+
+
+def _generator(options, path) -> dict | None:
+    """The CUDA-grid generator from the user's GPU geometry, or None (materialise or refuse)."""
+    sm, tps = options.extra.get("cuda_sm_count"), options.extra.get("cuda_threads_per_sm")
+    if sm and tps:
+        return {"id": "torch-cuda-philox-grid", "version": 1, "sm_count": int(sm), "threads_per_sm": int(tps),
+                "verified": False}
+    if options.extra.get("nola_materialise"):
+        if not torch.cuda.is_available():
+            raise UsageError("--nola-materialise needs a CUDA device to redraw the official bases", path=path,
+                             hint="run on the training GPU type, or give --cuda-sm-count/--cuda-threads-per-sm")
+        return None
+    raise UsageError("the official NOLA bases were drawn by torch's CUDA generator, whose values depend on the "
+                     "training GPU's SM count and threads per SM, which the checkpoint does not record", path=path,
+                     hint="pass --cuda-sm-count N --cuda-threads-per-sm M (e.g. 108 and 2048 for an A100), or "
+                          "--nola-materialise on a machine with the training GPU")
+
+
+def _module(target: str, base_weight: str, shape: list[int], parts: dict, scale: float, gen: dict | None,
+            path: Path, rank: int, **extra):
+    """One NOLA (or, without a generator, materialised LoRA) module from NOLALinear tensors."""
+    sides, tensors = {}, {}
+    for side in SIDES:
+        p = parts.get(side, {})
+        if set(p) != {"weight", "seed", "coefficients"}:
+            raise ForeignFormatError(f"{target}: lora_{side} has {sorted(p)}, needs weight, seed, coefficients",
+                                     path=path, hint="the checkpoint is incomplete")
+        seed = int(p["seed"].reshape(-1)[0])
+        if seed < 0:
+            raise ForeignFormatError(f"{target}: negative seed {seed}", path=path, hint="the checkpoint is damaged")
+        k = p["coefficients"].numel()
+        sides[side] = {"seed": seed, "num_basis": k, "basis_scale": fl32(k ** -0.5)}
+        tensors[f"coef_{side}"] = p["coefficients"].reshape(-1)
+        if bool(p["weight"].any()):  # an all-zero offset (LLaMA's B0) adds nothing: dropped exactly
+            tensors[f"offset_{side}"] = p["weight"]
+    provenance = {"id": "torch-cuda-philox-grid", "torch_uniform": "uniform_(-1,1) then *fl32(1/sqrt(k))",
+                  "dtype": str(parts["A"]["coefficients"].dtype).replace("torch.", "")}
+    if gen is not None:
+        provenance.update(sm_count=gen["sm_count"], threads_per_sm=gen["threads_per_sm"], verified=False)
+        return nola_module(target, base_weight, shape, rank, scale, sides, tensors, generator=gen,
+                           provenance=provenance, **extra)
+    cuda_gen = {"id": "torch-cuda-device", "version": 1}
+    entry, tensors = nola_module(target, base_weight, shape, rank, scale,
+                                 {s: dict(v, fingerprint="sha256:" + "0" * 64) for s, v in sides.items()},
+                                 tensors, generator=cuda_gen, **extra)
+    _register_device_generator()
+    lora_entry, lora_tensors, _, _ = nola_to_lora(target, entry, tensors)
+    return lora_entry, lora_tensors
+
+
+def _register_device_generator() -> None:
+    """Draws exactly what the official code drew on this CUDA device (torch.manual_seed + uniform_)."""
+    from ..nola_bases import register_generator
+
+    def draw(generator, side, dims, start, stop):
+        state = torch.cuda.get_rng_state()
+        try:
+            torch.cuda.manual_seed(int(side["seed"]))
+            full = torch.zeros(int(side["num_basis"]), *dims, device="cuda").uniform_(-1, 1)
+        finally:
+            torch.cuda.set_rng_state(state)
+        return full[start:stop].cpu()
+
+    register_generator("torch-cuda-device", 1, draw, chunkable=False)
+
+
+def _finish(manifest: Manifest, tensors: dict, entry, parts: dict, target: str, report, gen, note: str) -> None:
+    manifest.modules[target] = entry
+    tensors.update({entry.tensors[r].name: t for r, t in parts.items()})
+    if gen is None:
+        report.add(target, EXACT_MATH, f"{note}; bases drawn on this CUDA device and materialised as LoRA")
+    else:
+        status = LOSSY if note.startswith("bf16") else EXACT_MATH
+        report.add(target, status, f"{note}; basis = UNVERIFIED CPU emulation of torch CUDA uniform_ for "
+                                   f"{gen['sm_count']} SMs x {gen['threads_per_sm']} threads")
+
+
+def _read_gpt2(path: Path, options, report) -> Adapter:
+    state = _load_pickle(path, options.allow_pickle)
+    groups: dict[tuple[int, str], dict] = {}
+    for key, tensor in state.items():
+        m = GPT2_RE.match(key)
+        if m:
+            groups.setdefault((int(m[1]), m[2]), {}).setdefault(m[3], {})[m[4]] = tensor
+    if not groups:
+        raise ForeignFormatError("no NOLA keys (h.N.attn.nola_query.lora_A.seed, ...) found", path=path,
+                                 hint="not an official NOLA GPT-2 checkpoint")
+    alpha = options.extra.get("nola_alpha")
+    if alpha is None:
+        raise UsageError("official NOLA GPT-2 checkpoints store no alpha", path=path,
+                         hint="pass --nola-alpha (the scripts: 8 for GPT-2 M, 2 for GPT-2 L)")
+    gen = _generator(options, path)
+    manifest, tensors = Manifest(), {}
+    for (layer, role), parts in sorted(groups.items()):
+        a0, b0 = parts.get("A", {}).get("weight"), parts.get("B", {}).get("weight")
+        if a0 is None or b0 is None:
+            raise ForeignFormatError(f"h.{layer}.{role} lacks lora_A.weight or lora_B.weight", path=path,
+                                     hint="the checkpoint is incomplete")
+        rank, n_in, n_out = a0.shape[0], a0.shape[1], b0.shape[0]
+        if options.extra.get("nola_rank") not in (None, rank):
+            raise UsageError(f"--nola-rank {options.extra['nola_rank']} but the checkpoint has rank {rank}", path=path)
+        hf_module, third = GPT2_TARGETS[role]
+        base_weight = f"transformer.h.{layer}.{hf_module}.weight"
+        extra = {"fan_in_fan_out": True, "layer": "conv1d"}
+        shape = [n_out, n_in]
+        if third is not None:  # fused c_attn: q and v own row blocks of the (3n, n) canonical ΔW
+            shape = [3 * n_out, n_in]
+            extra["rows"] = [third * n_out, (third + 1) * n_out]
+        target = f"transformer.h.{layer}.{hf_module}" + ({0: ".q", 2: ".v"}[third] if third is not None else "")
+        entry, module_tensors = _module(target, base_weight, shape, parts, alpha / rank, gen, path, rank, **extra)
+        manifest.base.weights[base_weight] = BaseWeight(shape=[shape[1], shape[0]])
+        _finish(manifest, tensors, entry, module_tensors, target, report, gen, "fp32 basis")
+    manifest.source = {"format": "nola_official", "variant": "gpt2", "alpha": alpha}
+    report.notes.append(f"GPT-2 alpha {alpha} supplied by the user (the checkpoint stores none)")
+    return Adapter(manifest=manifest, tensors=tensors)
+
+
+def _read_llama(path: Path, options, report) -> Adapter:
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputIOError(f"cannot read adapter_config.json ({exc})", path=path) from None
+    st, pkl = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    state = _load_safetensors(st) if st.is_file() else _load_pickle(pkl, options.allow_pickle)
+    groups: dict[str, dict] = {}
+    for key, tensor in state.items():
+        m = LLAMA_RE.match(key)
+        if not m:
+            raise ForeignFormatError(f"key {key!r} is not a NOLA key", path=path, hint="not an official NOLA save")
+        groups.setdefault(m[1], {}).setdefault(m[2], {})[m[3]] = tensor
+    rank, alpha, k = int(config["r"]), float(config["lora_alpha"]), config.get("nola_num_basis")
+    gen = _generator(options, path)
+    manifest, tensors = Manifest(), {}
+    for module, parts in sorted(groups.items()):
+        coef = parts.get("A", {}).get("coefficients")
+        if k is not None and coef is not None and coef.numel() != int(k):
+            raise ForeignFormatError(f"{module}: {coef.numel()} coefficients but nola_num_basis is {k}", path=path,
+                                     hint="the config does not match the weights")
+        a0, b0 = parts["A"]["weight"], parts["B"]["weight"]
+        entry, module_tensors = _module(module, f"{module}.weight", [b0.shape[0], a0.shape[1]], parts,
+                                        alpha / rank, gen, path, rank)
+        manifest.base.weights[f"{module}.weight"] = BaseWeight(shape=[b0.shape[0], a0.shape[1]])
+        note = "bf16 training basis approximated by fp32 draws" if coef.dtype == torch.bfloat16 else "fp32 basis"
+        _finish(manifest, tensors, entry, module_tensors, module, report, gen, note)
+    manifest.base.name_or_path = config.get("base_model_name_or_path")
+    manifest.source = {"format": "nola_official", "variant": "llama", "config": config}
+    report.notes.append("base was 4/8-bit quantised during training; merging into a float base differs from it")
+    return Adapter(manifest=manifest, tensors=tensors)
+
+
+register_format(NolaOfficialFormat())
