@@ -42,9 +42,12 @@ class StreamStats:
     device: str = "cpu"
     out: str = ""
     notes: list[str] = field(default_factory=list)
+    verification: dict | None = None  # unmerge --base: restored vs original
 
     def to_dict(self) -> dict:
         data = dict(self.__dict__)
+        if data["verification"] is None:
+            data.pop("verification")
         data["write_gb_per_s"] = round(self.bytes_written / 1e9 / self.seconds, 3) if self.seconds else None
         return data
 
