@@ -74,5 +74,8 @@ def synthetic_lora(weights: dict[str, torch.Tensor], rank: int, rel_norm: float,
 
 
 def tree_hash(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (or of ``path`` itself)."""
+    if Path(path).is_file():
+        return {Path(path).name: hashlib.sha256(Path(path).read_bytes()).hexdigest()}
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(path).rglob("*")) if p.is_file()}
