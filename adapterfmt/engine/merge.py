@@ -7,6 +7,7 @@ this is fp32(W) + (B@A)·s rounded once, bit-identical to PEFT's ``merge_and_unl
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -33,6 +34,14 @@ class MathContext:
         self.device = device
         self.pool = BufferPool()
         self._tensors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+
+    def reserve(self, jobs: list[TensorJob]) -> None:
+        """Allocate the reused buffers at their final size up front (no regrowth, no fragmentation)."""
+        work = [job for job in jobs if not job.raw_copy]
+        if work:
+            largest = max(math.prod(job.span.shape) for job in work)
+            self.pool.get("base32", torch.float32, (largest,), self.device)
+            self.pool.get("out", torch.uint8, (max(job.out.nbytes for job in work),))
 
     def module_tensors(self, update: Update) -> dict[str, torch.Tensor]:
         key = (id(update.adapter), update.target)
@@ -106,9 +115,10 @@ def merge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> torc
     if len(job.updates) == 1 and first.weight == 1.0 and type(method).merged is not AdapterMethod.merged:
         result = method.merged(first.entry, ctx.module_tensors(first), ctx.canonical32(stored, fan))
     else:
-        # fp32(W) + Δ: adding the stored tensor into the fp32 delta upcasts each element exactly,
-        # which is the same sum as PEFT's in-place `weight += delta` without an fp32 copy of W.
-        result = delta_sum(job.updates, stored, ctx, fan).add_(stored.t() if fan else stored)
+        # fp32(W) + Δ in a reused fp32 buffer: the same sum as PEFT's in-place `weight += delta`.
+        # Δ first: a method needing the base uses the same buffer while computing it.
+        total = delta_sum(job.updates, stored, ctx, fan)
+        result = ctx.canonical32(stored, fan).add_(total)
     return ctx.to_output(result, job.out.dtype, fan)
 
 
@@ -136,6 +146,7 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
     check_adapters(loaded, base, force)
     plan = shard_jobs(make_jobs(base, loaded, dtype), shard_size)
     ctx = MathContext(torch_device)
+    ctx.reserve(plan.jobs)
     stats = StreamStats(device=str(torch_device))
     with exact_math(torch_device), torch.no_grad():
         execute(plan, base, out_dir, lambda job, stored: merge_tensor(job, stored, ctx), stats,

@@ -4,6 +4,7 @@ Shared by merge and unmerge; they differ only in the per-tensor ``compute`` func
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import resource
 import shutil
@@ -70,6 +71,22 @@ class BufferPool:
         return buf[:nbytes].view(dtype).view(tuple(shape))
 
 
+def keep_freed_memory() -> None:
+    """Make glibc reuse freed multi-MB blocks instead of returning them to the kernel.
+
+    By default every allocation above the (at most 32 MiB) mmap threshold is a fresh
+    mapping, so each ΔW page-faults again: measured 562 ms vs 114 ms for one 11008x4096
+    B@A. Keeping freed blocks in the heap does not raise the peak, which is set by the
+    largest tensor's working set anyway. Process-wide and permanent; no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -105,6 +122,7 @@ def execute(plan: Plan, base: StreamingCheckpoint, out_dir: Path, compute: Compu
     Example:
         >>> execute(plan, base, Path("merged"), compute, StreamStats())  # doctest: +SKIP
     """
+    keep_freed_memory()
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     with bar, atomic_directory(out_dir, overwrite=overwrite) as tmp:

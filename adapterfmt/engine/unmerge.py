@@ -98,8 +98,8 @@ def unmerge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext, base:
                 total = delta_sum(job.updates, ctx.on_device(orig), ctx, fan)
         else:
             total = delta_sum(job.updates, stored, ctx, fan)
-        # (−Δ) + W' is exactly W' − Δ in IEEE arithmetic; one rounding in to_output.
-        result = ctx.to_output(total.neg_().add_(stored.t() if fan else stored), job.out.dtype, fan)
+        # fp32(W') − Δ in the reused fp32 buffer; one rounding in to_output.
+        result = ctx.to_output(ctx.canonical32(stored, fan).sub_(total), job.out.dtype, fan)
     if check is not None and base is not None and job.changed:
         with mapped_tensor(base.spans[job.span.name]) as original:
             if original.dtype == result.dtype and original.shape == result.shape:
@@ -131,6 +131,7 @@ def unmerge(merged_dir: Path | str, adapters, out_dir: Path | str, *, base: Path
         _check_same_layout(merged, original)
     plan = shard_jobs(make_jobs(merged, loaded, "keep"), shard_size)
     ctx = MathContext(torch_device)
+    ctx.reserve(plan.jobs)
     check = Verification() if original is not None else None
     stats = StreamStats(device=str(torch_device))
     with exact_math(torch_device), torch.no_grad():
