@@ -1,4 +1,4 @@
-"""The ``adapterfmt`` command line: inspect | validate | convert | extract | merge | demo."""
+"""The ``adapterfmt`` command line: inspect | validate | convert | extract | merge | unmerge | demo."""
 from __future__ import annotations
 
 import json
@@ -233,16 +233,53 @@ def _parse_adapter_arg(value: str) -> tuple[str, float]:
     return value, 1.0
 
 
+def _parse_size(value: str | None) -> int | None:
+    """``--shard-size``: bytes, optionally with a unit (5GB, 500MB, 2GiB)."""
+    if value is None:
+        return None
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = value.strip().upper()
+    number = text.rstrip("KMGIB")
+    try:
+        size = int(float(number) * units[text[len(number):]])
+    except (KeyError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a size (e.g. 5000000000, 5GB, 500MiB)") from None
+    if size <= 0:
+        raise click.BadParameter("must be positive")
+    return size
+
+
+def _print_stream_summary(summary, verb: str, out: Path, as_json: bool) -> None:
+    if as_json:
+        _emit_json(summary.to_dict())
+        return
+    click.echo(f"{verb} {summary.tensors_changed} of {summary.tensors_total} tensors into {out} "
+               f"({summary.shards} shard(s), {summary.bytes_written / 1e9:.2f} GB written) "
+               f"in {summary.seconds:.2f}s, peak RSS {summary.peak_rss_bytes / 2**20:.0f} MiB")
+    for note in summary.notes:
+        click.echo(f"note: {note}")
+
+
+_DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                       help="Where ΔW is computed (auto: CUDA when available).")
+_SHARD = click.option("--shard-size", "shard_size", default=None, metavar="BYTES",
+                      help="Re-shard the output (bytes, or 5GB / 500MiB); default: like the input.")
+
+
 @main.command()
 @click.option("--base", required=True, type=click.Path(path_type=Path), help="Base model directory.")
 @click.option("--adapter", "adapters", required=True, multiple=True, help="FILE[:WEIGHT], repeatable.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model directory.")
+@_DEVICE
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True)
+@_SHARD
 @click.option("--force", is_flag=True, help="Merge even if the base fingerprints do not match.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def merge(base, adapters, out, dtype, force, overwrite, as_json):
-    """Merge adapters into a base model (fp32 maths, one rounding) and write a model directory.
+def merge(base, adapters, out, device, dtype, shard_size, force, overwrite, as_json):
+    """Merge adapters into a base model (fp32 maths, one rounding), streaming tensor by tensor.
+
+    With several adapters, ΔW = Σ weight·ΔW of each, all computed against the original base.
 
     \b
     Examples:
@@ -251,12 +288,42 @@ def merge(base, adapters, out, dtype, force, overwrite, as_json):
     """
     from .engine.merge import merge as run_merge
     summary = run_merge(base, [_parse_adapter_arg(a) for a in adapters], out, dtype=dtype, force=force,
-                        overwrite=overwrite, progress=not as_json and sys.stderr.isatty())
-    if as_json:
-        _emit_json(summary.to_dict())
-    else:
-        click.echo(f"merged {summary.tensors_changed} of {summary.tensors_total} tensors into {out} "
-                   f"in {summary.seconds:.2f}s")
+                        overwrite=overwrite, progress=not as_json and sys.stderr.isatty(), device=device,
+                        shard_size=_parse_size(shard_size))
+    _print_stream_summary(summary, "merged", out, as_json)
+
+
+@main.command()
+@click.option("--merged", required=True, type=click.Path(path_type=Path), help="Merged model directory.")
+@click.option("--adapter", "adapters", required=True, multiple=True, help="FILE[:WEIGHT] as merged, repeatable.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model directory.")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="Original base: verify the result against it (needed for DoRA and replaced tensors).")
+@_DEVICE
+@_SHARD
+@click.option("--force", is_flag=True, help="Skip the fingerprint check against --base.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def unmerge(merged, adapters, out, base, device, shard_size, force, overwrite, as_json):
+    """Subtract merged adapters again: W = round(fp32(W') − Σ weight·ΔW), rounded once.
+
+    Low-precision unmerge is approximate (at most one ulp of the merged value per element);
+    with --base the fraction restored bit-exactly and the worst error in ulps are reported.
+
+    \b
+    Examples:
+      adapterfmt unmerge --merged ./merged --adapter adapter.safetensors --out ./restored
+      adapterfmt unmerge --merged ./merged --adapter adapter.safetensors --out ./restored --base ./base-model
+    """
+    from .engine.unmerge import unmerge as run_unmerge
+    summary = run_unmerge(merged, [_parse_adapter_arg(a) for a in adapters], out, base=base, force=force,
+                          overwrite=overwrite, progress=not as_json and sys.stderr.isatty(), device=device,
+                          shard_size=_parse_size(shard_size))
+    _print_stream_summary(summary, "unmerged", out, as_json)
+    if summary.verification and not as_json:
+        v = summary.verification
+        click.echo(f"verified against {base}: {v['fraction_exact']:.4%} of {v['elements_compared']} changed "
+                   f"elements restored bit-exactly; largest error {v['max_error_ulps']} ulp(s)")
 
 
 @main.command()

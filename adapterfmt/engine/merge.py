@@ -1,121 +1,161 @@
-"""Merging adapters into a base checkpoint: fp32 arithmetic, one rounding, atomic output."""
+"""Streaming merge: W' = round(fp32(W) + Σ wᵢ·ΔWᵢ(W)), one tensor at a time, one rounding.
+
+Every ΔWᵢ is computed by its method from the ORIGINAL base weight (canonical fp32
+orientation), so a mix of methods and weights does not depend on their order. With one
+adapter at weight 1 the method's own ``merged`` is used (DoRA's normalisation); for LoRA
+this is fp32(W) + (B@A)·s rounded once, bit-identical to PEFT's ``merge_and_unload``.
+"""
 from __future__ import annotations
 
-import shutil
+import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
 
-from ..atomic import atomic_directory, check_output_path
+from ..atomic import check_output_path
 from ..errors import UsageError
 from ..format import Adapter, read_adapter
 from ..methods import get_method
-from .checkpoint import INDEX_FILE, BaseCheckpoint
+from ..methods.base import AdapterMethod
+from .devices import exact_math, resolve_device
+from .plan import (OUT_DTYPES, StreamingCheckpoint, TensorJob, Update, check_adapters, make_jobs,
+                   shard_jobs)
+from .stream import BufferPool, StreamStats, execute, peak_rss_bytes
+from ..format.fingerprint import DTYPE_FROM_NAME
 
-OUT_DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass
-class MergeSummary:
-    tensors_changed: int = 0
-    tensors_total: int = 0
-    seconds: float = 0.0
-    out: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+MergeSummary = StreamStats
 
 
-def apply_adapters(name: str, weight: torch.Tensor, updates: list[tuple[Adapter, float, str]],
-                   out_dtype: torch.dtype | None) -> torch.Tensor:
-    """Merge every (adapter, weight, target) touching base tensor ``name``; round once."""
-    base32 = weight.float()
-    merged = base32
-    for adapter, scale, target in updates:
-        entry = adapter.manifest.modules[target]
-        method = get_method(entry.method)
-        canon = base32.t() if entry.fan_in_fan_out else base32
-        tensors = adapter.module_tensors(target)
-        if scale == 1.0 and len(updates) == 1:
-            new = method.merged(entry, tensors, canon)
-            merged = new.t() if entry.fan_in_fan_out else new
-        else:
-            delta = method.delta(entry, tensors, canon) * scale
-            merged = merged + (delta.t() if entry.fan_in_fan_out else delta)
-    return merged.to(out_dtype or weight.dtype)
+class MathContext:
+    """Device, reused buffers and adapter tensors already moved to the device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pool = BufferPool()
+        self._tensors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+
+    def reserve(self, jobs: list[TensorJob]) -> None:
+        """Allocate the reused buffers at their final size up front (no regrowth, no fragmentation)."""
+        work = [job for job in jobs if not job.raw_copy]
+        if work:
+            largest = max(math.prod(job.span.shape) for job in work)
+            self.pool.get("base32", torch.float32, (largest,), self.device)
+            self.pool.get("out", torch.uint8, (max(job.out.nbytes for job in work),))
+
+    def module_tensors(self, update: Update) -> dict[str, torch.Tensor]:
+        key = (id(update.adapter), update.target)
+        if key not in self._tensors:
+            self._tensors[key] = {role: t.to(self.device) for role, t in
+                                  update.adapter.module_tensors(update.target).items()}
+        return self._tensors[key]
+
+    def on_device(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored if stored.device == self.device else stored.to(self.device)
+
+    def canonical32(self, stored: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+        """The stored weight upcast into a reused fp32 buffer, in canonical (out, in) orientation."""
+        canon = stored.t() if fan_in_fan_out else stored
+        return self.pool.get("base32", torch.float32, canon.shape, self.device).copy_(canon)
+
+    def to_output(self, result: torch.Tensor, dtype: str, fan_in_fan_out: bool) -> torch.Tensor:
+        """Round once into the output dtype, back in the stored orientation, on the CPU."""
+        result = result.t() if fan_in_fan_out else result
+        out_dtype = DTYPE_FROM_NAME[dtype]
+        if result.dtype == out_dtype and result.device.type == "cpu" and result.is_contiguous():
+            return result
+        return self.pool.get("out", out_dtype, result.shape).copy_(result)
 
 
-def plan_updates(adapters: list[tuple[Adapter, float]], base: BaseCheckpoint, force: bool
-                 ) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
-    """Map base tensor names to the module updates and payload replacements that touch them."""
-    from ..validate import bind_base
-    updates: dict[str, list] = {}
-    replacements: dict[str, torch.Tensor] = {}
-    for adapter, scale in adapters:
-        if not force:
-            bind_base(adapter, base, None, check_only=True)
-        for target, entry in adapter.manifest.modules.items():
-            updates.setdefault(entry.base_weight, []).append((adapter, scale, target))
-        for payload in adapter.manifest.payloads.values():
-            tensor = adapter.tensors[payload.tensor.name]
-            if payload.kind == "bias_delta":
-                replacements[payload.target] = base.get(payload.target).float() + scale * tensor.float()
-            else:
-                if scale != 1.0:
-                    raise UsageError(f"payload {payload.target!r} replaces a whole tensor and cannot be weighted",
-                                     hint="merge this adapter with weight 1")
-                replacements[payload.target] = tensor
-    return updates, replacements
+def _owned(delta: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``delta`` as fp32 that may be modified in place (a method may return one of its inputs)."""
+    delta = delta.float()
+    ptr = delta.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() == ptr for t in inputs):
+        delta = delta.clone()
+    return delta
+
+
+def delta_sum(updates: list[Update], base_weight: torch.Tensor, ctx: MathContext, fan: bool) -> torch.Tensor:
+    """Σ wᵢ·ΔWᵢ in fp32, canonical orientation; each ΔWᵢ from ``base_weight`` (the original, stored layout)."""
+    total = None
+    for update in updates:
+        method = get_method(update.entry.method)
+        tensors = ctx.module_tensors(update)
+        base32 = ctx.canonical32(base_weight, fan) if method.needs_base else None
+        delta = _owned(method.delta(update.entry, tensors, base32),
+                       list(tensors.values()) + ([base32] if base32 is not None else []))
+        if update.weight != 1.0:
+            delta.mul_(update.weight)
+        total = delta if total is None else total.add_(delta)
+    return total
+
+
+def _fan(job: TensorJob) -> bool:
+    fans = {u.entry.fan_in_fan_out for u in job.updates}
+    if len(fans) > 1:
+        raise UsageError(f"adapters disagree on the orientation of {job.span.name!r} (fan_in_fan_out)")
+    return fans.pop() if fans else False
+
+
+def merge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> torch.Tensor:
+    """The output tensor for one job (CPU, output dtype, stored layout)."""
+    stored = ctx.on_device(stored)
+    if job.replacement is not None:
+        rep = job.replacement
+        tensor = rep.adapter.tensors[rep.payload.tensor.name].to(ctx.device)
+        if rep.payload.kind == "bias_delta":
+            tensor = ctx.canonical32(stored, False).add_(tensor.float(), alpha=rep.weight)
+        if not job.updates:
+            return ctx.to_output(tensor, job.out.dtype, False)
+        # A saved full tensor (PEFT's base_layer of a targeted embedding) is what modules adapt.
+        stored = tensor.to(stored.dtype)
+    if not job.updates:
+        return ctx.to_output(stored, job.out.dtype, False)
+    fan = _fan(job)
+    first = job.updates[0]
+    method = get_method(first.entry.method)
+    if len(job.updates) == 1 and first.weight == 1.0 and type(method).merged is not AdapterMethod.merged:
+        result = method.merged(first.entry, ctx.module_tensors(first), ctx.canonical32(stored, fan))
+    else:
+        # fp32(W) + Δ in a reused fp32 buffer: the same sum as PEFT's in-place `weight += delta`.
+        # Δ first: a method needing the base uses the same buffer while computing it.
+        total = delta_sum(job.updates, stored, ctx, fan)
+        result = ctx.canonical32(stored, fan).add_(total)
+    return ctx.to_output(result, job.out.dtype, fan)
+
+
+def load_adapters(adapters) -> list[tuple[Adapter, float]]:
+    return [(a if isinstance(a, Adapter) else read_adapter(a), float(w)) for a, w in adapters]
 
 
 def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float]], out_dir: Path | str, *,
-          dtype: str = "keep", force: bool = False, overwrite: bool = False, progress: bool = False) -> MergeSummary:
-    """Merge adapters into a base model directory and write a new model directory.
+          dtype: str = "keep", force: bool = False, overwrite: bool = False, progress: bool = False,
+          device: str = "auto", shard_size: int | None = None) -> StreamStats:
+    """Merge adapters (each with a weight) into a base model directory, streaming, into a new directory.
 
     Example:
-        >>> merge("tiny-llama", [("adapter.safetensors", 1.0)], "merged")  # doctest: +SKIP
+        >>> merge("tiny-llama", [("a.safetensors", 0.7), ("b.safetensors", 0.3)], "merged")  # doctest: +SKIP
     """
     start = time.perf_counter()
-    base = BaseCheckpoint(base_dir)
+    if dtype not in OUT_DTYPES:
+        from ..errors import UsageError
+        raise UsageError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(OUT_DTYPES)}")
     out_dir = Path(out_dir)
-    inputs = [Path(base_dir)] + [Path(a) for a, _ in adapters if not isinstance(a, Adapter)]
-    check_output_path(out_dir, inputs)
-    loaded = [(a if isinstance(a, Adapter) else read_adapter(a), float(w)) for a, w in adapters]
-    updates, replacements = plan_updates(loaded, base, force)
-    out_dtype = OUT_DTYPES[dtype]
-    summary = MergeSummary(out=str(out_dir))
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        bar = tqdm(total=len(base.names()), unit="tensor", disable=not progress, desc="merge")
-        for shard, names in base.iter_shards():
-            out_tensors = {}
-            for name in names:
-                tensor = base.get(name)
-                if name in replacements:
-                    # A replaced tensor (modules_to_save, saved base_layer) is what adapters apply to.
-                    tensor = replacements[name].to(tensor.dtype)
-                if name in updates:
-                    tensor = apply_adapters(name, tensor, updates[name], out_dtype)
-                elif name in replacements and out_dtype is not None:
-                    tensor = tensor.to(out_dtype)
-                elif out_dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(out_dtype)
-                summary.tensors_changed += name in replacements or name in updates
-                out_tensors[name] = tensor
-                bar.update(1)
-            save_file(out_tensors, str(tmp / shard.name), metadata={"format": "pt"})
-            summary.tensors_total += len(names)
-        bar.close()
-        for item in base.root.iterdir():
-            if item.is_file() and item not in base.shard_files and not item.name.startswith("."):
-                if item.suffix in (".bin", ".pt", ".pth", ".safetensors") and item.name != INDEX_FILE:
-                    continue
-                shutil.copy2(item, tmp / item.name)
-        if base.path.is_file():
-            summary.notes.append("base was a single file; no config copied")
-    summary.seconds = time.perf_counter() - start
-    return summary
+    check_output_path(out_dir, [Path(base_dir)] + [Path(a) for a, _ in adapters if not isinstance(a, Adapter)])
+    torch_device = resolve_device(device)
+    base = StreamingCheckpoint(base_dir)
+    loaded = load_adapters(adapters)
+    check_adapters(loaded, base, force)
+    plan = shard_jobs(make_jobs(base, loaded, dtype), shard_size)
+    ctx = MathContext(torch_device)
+    ctx.reserve(plan.jobs)
+    stats = StreamStats(device=str(torch_device))
+    with exact_math(torch_device), torch.no_grad():
+        execute(plan, base, out_dir, lambda job, stored: merge_tensor(job, stored, ctx), stats,
+                overwrite=overwrite, progress=progress, out_dtype=OUT_DTYPES[dtype], desc="merge")
+    if base.path.is_file():
+        stats.notes.append("base was a single file; no config copied")
+    stats.seconds = time.perf_counter() - start
+    stats.peak_rss_bytes = peak_rss_bytes()
+    return stats

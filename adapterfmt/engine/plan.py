@@ -1,0 +1,200 @@
+"""Meta-only planning of a merge or unmerge: which tensor gets what, which output shard it lands in.
+
+Nothing here reads tensor data (except the fingerprint samples of targeted weights), so
+the whole output header is known before the first byte is written.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import BaseMismatchError, UsageError
+from ..format import Adapter, Payload
+from ..format.fingerprint import dtype_name
+from .checkpoint import BaseCheckpoint
+from .tensorio import TensorSpan, read_spans, span_fingerprint
+from .writer import OutTensor
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+OUT_DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+
+
+class StreamingCheckpoint(BaseCheckpoint):
+    """A BaseCheckpoint that also knows every tensor's byte span, and fingerprints by mapping one tensor.
+
+    Example:
+        >>> ckpt = StreamingCheckpoint("tiny-llama")  # doctest: +SKIP
+        >>> ckpt.spans["lm_head.weight"].nbytes  # doctest: +SKIP
+        32768
+    """
+
+    def __init__(self, path: Path | str):
+        super().__init__(path)
+        self.spans: dict[str, TensorSpan] = {}
+        for shard in self.shard_files:
+            self.spans.update(read_spans(shard)[0])
+
+    def fingerprint(self, name: str) -> str:
+        self._require(name)
+        return span_fingerprint(self.spans[name])
+
+    def ordered(self) -> list[TensorSpan]:
+        """Spans in shard order, then file order (sequential reads)."""
+        rank = {p: i for i, p in enumerate(self.shard_files)}
+        return sorted(self.spans.values(), key=lambda s: (rank[s.path], s.start))
+
+
+@dataclass
+class Update:
+    """One adapter module applied to one base tensor with a weight."""
+
+    adapter: Adapter
+    weight: float
+    target: str
+
+    @property
+    def entry(self):
+        return self.adapter.manifest.modules[self.target]
+
+
+@dataclass
+class Replacement:
+    """A payload applied to one base tensor (bias delta, or a whole new tensor)."""
+
+    adapter: Adapter
+    weight: float
+    payload: Payload
+
+
+@dataclass
+class TensorJob:
+    """What happens to one tensor: copied raw, converted, merged (updates) or replaced."""
+
+    span: TensorSpan
+    out: OutTensor
+    updates: list[Update] = field(default_factory=list)
+    replacement: Replacement | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.updates) or self.replacement is not None
+
+    @property
+    def raw_copy(self) -> bool:
+        return not self.changed and self.out.dtype == self.span.dtype and self.out.shape == self.span.shape
+
+
+@dataclass
+class Plan:
+    """Output shards (file name, jobs) in write order."""
+
+    shards: list[tuple[str, list[TensorJob]]]
+
+    @property
+    def jobs(self) -> list[TensorJob]:
+        return [job for _, jobs in self.shards for job in jobs]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(job.out.nbytes for job in self.jobs)
+
+
+def check_adapters(adapters: list[tuple[Adapter, float]], base: StreamingCheckpoint, force: bool) -> None:
+    """Refuse adapters that do not fit ``base`` (names, shapes; fingerprints unless ``force``)."""
+    from ..validate import bind_base
+    for adapter, _ in adapters:
+        for target, entry in adapter.manifest.modules.items():
+            shape = base.shape(entry.base_weight)
+            want = list(reversed(entry.shape)) if entry.fan_in_fan_out else list(entry.shape)
+            if list(shape) != want:
+                raise BaseMismatchError(f"module {target!r}: base parameter {entry.base_weight!r} has shape "
+                                        f"{shape}, the adapter expects {want}", path=base.path,
+                                        hint="this adapter is for a different model")
+        if not force:
+            bind_base(adapter, base, None, check_only=True)
+
+
+def output_dtype(span: TensorSpan, dtype: str) -> str:
+    want = OUT_DTYPES[dtype]
+    return want if want is not None and span.dtype in FLOAT_DTYPES else span.dtype
+
+
+def make_jobs(base: StreamingCheckpoint, adapters: list[tuple[Adapter, float]], dtype: str = "keep"
+              ) -> list[TensorJob]:
+    """One job per base tensor, in read order, with the updates and replacements that touch it."""
+    updates: dict[str, list[Update]] = {}
+    replacements: dict[str, Replacement] = {}
+    for adapter, weight in adapters:
+        for target, entry in adapter.manifest.modules.items():
+            updates.setdefault(entry.base_weight, []).append(Update(adapter, float(weight), target))
+        for payload in adapter.manifest.payloads.values():
+            base._require(payload.target)
+            if payload.target in replacements:
+                raise UsageError(f"two adapters replace {payload.target!r}", hint="merge them one at a time")
+            if payload.kind != "bias_delta" and weight != 1.0:
+                raise UsageError(f"payload {payload.target!r} replaces a whole tensor and cannot be weighted",
+                                 hint="merge this adapter with weight 1")
+            replacements[payload.target] = Replacement(adapter, float(weight), payload)
+    jobs = []
+    for span in base.ordered():
+        rep = replacements.get(span.name)
+        if rep is not None and rep.payload.kind == "bias_delta" and updates.get(span.name):
+            raise UsageError(f"{span.name!r} gets both a bias delta and a module update",
+                             hint="merge these adapters one at a time")
+        shape = tuple(rep.payload.tensor.shape) if rep and rep.payload.kind != "bias_delta" else span.shape
+        out = OutTensor(span.name, output_dtype(span, dtype), shape)
+        jobs.append(TensorJob(span, out, updates.get(span.name, []), rep))
+    return jobs
+
+
+def shard_names(count: int) -> list[str]:
+    """transformers' shard names: ``model.safetensors`` or ``model-00001-of-0000N.safetensors``."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def shard_jobs(jobs: list[TensorJob], shard_size: int | None) -> Plan:
+    """Group jobs into output shards: like the source when ``shard_size`` is None, else greedily by bytes.
+
+    A tensor larger than ``shard_size`` gets a shard of its own.
+
+    Example:
+        >>> shard_jobs(jobs, 5 * 10**9)  # doctest: +SKIP
+    """
+    groups: list[list[TensorJob]] = []
+    if shard_size is None:
+        by_file: dict[Path, list[TensorJob]] = {}
+        for job in jobs:
+            by_file.setdefault(job.span.path, []).append(job)
+        groups = list(by_file.values())
+    else:
+        if shard_size <= 0:
+            raise UsageError(f"--shard-size must be positive, got {shard_size}")
+        size = 0
+        for job in jobs:
+            if not groups or size + job.out.nbytes > shard_size and size > 0:
+                groups.append([])
+                size = 0
+            groups[-1].append(job)
+            size += job.out.nbytes
+    groups = groups or [[]]
+    return Plan(list(zip(shard_names(len(groups)), groups)))
+
+
+def index_json(plan: Plan) -> dict:
+    """The ``model.safetensors.index.json`` for a multi-shard plan."""
+    params = sum(math.prod(job.out.shape) for job in plan.jobs)
+    return {"metadata": {"total_size": plan.total_bytes, "total_parameters": params},
+            "weight_map": {job.out.name: name for name, jobs in plan.shards for job in jobs}}
+
+
+def torch_dtype_name(name: str) -> str:
+    """``BF16`` -> ``bfloat16`` (the spelling config.json uses)."""
+    from ..format.fingerprint import DTYPE_FROM_NAME
+    return str(DTYPE_FROM_NAME[name]).removeprefix("torch.")
+
+
+__all__ = ["StreamingCheckpoint", "Update", "Replacement", "TensorJob", "Plan", "check_adapters", "make_jobs",
+           "shard_jobs", "index_json", "output_dtype", "torch_dtype_name", "dtype_name"]
