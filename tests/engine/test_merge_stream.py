@@ -14,7 +14,7 @@ from adapterfmt.engine.merge import merge
 from adapterfmt.engine.unmerge import ulp_distance
 from adapterfmt.errors import BaseMismatchError
 from adapterfmt.format import read_adapter
-from adapterfmt.methods import all_methods
+from adapterfmt.methods import all_methods, get_method
 from tests.engine.common import LLAMA_LINEAR, load_dir, peft_to_native, reference_merge
 from tests.helpers import load_model, logits, peft_merged_state, tiny_gpt2, tiny_llama
 
@@ -73,22 +73,60 @@ def test_gpt2_conv1d_fan_in_fan_out_bit_identical(tmp_path):
     assert_equal_states(got, reference_merge(base, [(read_adapter(native), 1.0)]))
 
 
+def derived_adapter(method: str, lora_path, out):
+    """An adapter of ``method`` on the same modules as a real PEFT LoRA (for methods PEFT lacks)."""
+    from adapterfmt.convert import convert_methods
+    from adapterfmt.format import write_adapter
+    from adapterfmt.methods._principal import init_relative_params, tensor_refs
+    from adapterfmt.methods.sorsa import sorsa_params
+    from adapterfmt.report import ConversionReport
+    adapter = read_adapter(lora_path)
+    if method == "nola":
+        adapter = convert_methods(adapter, "nola", {"nola_basis": (24, 24), "seed": 5}, ConversionReport())
+        return write_adapter(adapter, out)
+    gen = torch.Generator().manual_seed(11)
+    tensors = {}
+    for target, entry in adapter.manifest.modules.items():
+        a, b = adapter.module_tensors(target)["lora_A"], adapter.module_tensors(target)["lora_B"]
+        r = a.shape[0]
+        if method == "sorsa":
+            roles = {"U_p": b, "S_p": torch.rand(r, generator=gen) + 0.5, "Vt_p": a,
+                     "U_p0": torch.randn(b.shape, generator=gen) * 0.1,
+                     "S_p0": torch.sort(torch.rand(r, generator=gen) + 0.5, descending=True).values,
+                     "Vt_p0": torch.randn(a.shape, generator=gen) * 0.1}
+            entry.method, entry.params = "sorsa", sorsa_params(r, 2.0 * r)
+        else:
+            roles = {"lora_A": a, "lora_B": b, "lora_A0": torch.randn(a.shape, generator=gen) * 0.1,
+                     "lora_B0": torch.randn(b.shape, generator=gen) * 0.1}
+            entry.method, entry.params = method, init_relative_params(r, entry.params["alpha"], False, method)
+        entry.tensors = tensor_refs(target, roles)
+        tensors.update({entry.tensors[role].name: t for role, t in roles.items()})
+    adapter.tensors = tensors
+    return write_adapter(adapter, out)
+
+
+def lora_equivalent_fp64(entry, tensors, base):
+    """base + ΔW in float64, ΔW from the method's exact LoRA equivalent (rank r or 2r)."""
+    lora_entry, lora_tensors, _, _ = get_method(entry.method).convert_module("m", entry, tensors, "lora", {})
+    return fp64_reference(lora_entry, lora_tensors, base)
+
+
 @pytest.mark.parametrize("method", sorted(all_methods()))
 def test_every_method_streams_like_reference_and_within_1ulp_of_fp64(tmp_path, llama, method):
-    if method not in FACTORIES:
-        pytest.skip(f"no adapter factory for {method!r} in tests/engine/test_merge_stream.py FACTORIES")
-    _, native = peft_to_native(llama, tmp_path, method, **FACTORIES[method])
+    if method in FACTORIES:
+        _, native = peft_to_native(llama, tmp_path, method, **FACTORIES[method])
+    else:
+        _, lora = peft_to_native(llama, tmp_path, "lora", **FACTORIES["lora"])
+        native = derived_adapter(method, lora, tmp_path / f"{method}.safetensors")
     merge(llama, [(native, 1.0)], tmp_path / "out")
     got = load_dir(tmp_path / "out")
     adapter = read_adapter(native)
     assert_equal_states(got, reference_merge(llama, [(adapter, 1.0)]))
-    if method not in FP64:
-        return
     base = load_dir(llama)
     for target, entry in adapter.manifest.modules.items():
         stored = base[entry.base_weight]
         canon = stored.t() if entry.fan_in_fan_out else stored
-        exact = FP64[method](entry, adapter.module_tensors(target), canon)
+        exact = FP64.get(method, lora_equivalent_fp64)(entry, adapter.module_tensors(target), canon)
         exact = (exact.t() if entry.fan_in_fan_out else exact).to(stored.dtype)
         assert int(ulp_distance(got[entry.base_weight], exact).max()) <= 1, target
 
