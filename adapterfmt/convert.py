@@ -8,6 +8,7 @@ from .atomic import check_output_path
 from .engine.checkpoint import BaseCheckpoint
 from .errors import LossyConversionError
 from .format import Adapter
+from .format.container import require_finite
 from .formats import ReadOptions, detect_format, get_format
 from .methods import get_method
 from .report import LOSSLESS, LOSSY, ConversionReport
@@ -56,6 +57,7 @@ def convert(src: Path | str, dst: Path | str, *, to: str = "adapterfmt", source_
     options = ReadOptions(base=BaseCheckpoint(base) if base else None, allow_pickle=allow_pickle,
                           extra=dict(method_options or {}))
     adapter = reader.read(src, options, read_report)
+    require_finite(adapter, src)
     report.notes += read_report.notes
     statuses = {m.module: m for m in read_report.modules}
     method_report = ConversionReport()

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..atomic import atomic_directory, check_output_path
 from ..errors import UsageError
 from ..format import Adapter, read_adapter
+from ..format.container import require_finite
 from ..methods import get_method
 from .checkpoint import INDEX_FILE, BaseCheckpoint
 
@@ -86,6 +87,8 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
     inputs = [Path(base_dir)] + [Path(a) for a, _ in adapters if not isinstance(a, Adapter)]
     check_output_path(out_dir, inputs)
     loaded = [(a if isinstance(a, Adapter) else read_adapter(a), float(w)) for a, w in adapters]
+    for (adapter, _), (source, _) in zip(loaded, adapters):
+        require_finite(adapter, None if isinstance(source, Adapter) else source)
     updates, replacements = plan_updates(loaded, base, force)
     out_dtype = OUT_DTYPES[dtype]
     summary = MergeSummary(out=str(out_dir))

@@ -64,6 +64,11 @@ def read_header(path: Path | str) -> tuple[dict[str, str], dict[str, tuple[str, 
     return metadata, info
 
 
+def reject_json_constant(name: str):
+    """``json.loads(parse_constant=...)`` hook: NaN/Infinity are not JSON and would poison scales."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_manifest(metadata: dict[str, str], path: str | None = None) -> tuple[Manifest, tuple[int, int]]:
     """Check the format keys and version, parse and schema-check the manifest."""
     if metadata.get(KEY_FORMAT) != FORMAT_NAME:
@@ -78,8 +83,8 @@ def parse_manifest(metadata: dict[str, str], path: str | None = None) -> tuple[M
         raise ManifestError(f"manifest is {len(text)} bytes, over the {MAX_MANIFEST_BYTES} limit", path=path,
                             hint="the file is malformed or hostile")
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        data = json.loads(text, parse_constant=reject_json_constant)
+    except (ValueError, RecursionError) as exc:
         raise ManifestError(f"manifest is not valid JSON ({exc})", path=path,
                             hint="the file was damaged; re-export it") from None
     validate_manifest_dict(data, path, lenient=version[1] > FORMAT_VERSION[1])
@@ -131,6 +136,31 @@ def read_adapter(path: Path | str) -> Adapter:
         raise HeaderError(f"cannot read tensor data ({exc})", path=path,
                           hint="the file is truncated or corrupt; re-export it") from None
     return Adapter(manifest=manifest, tensors=tensors, version=version)
+
+
+def nonfinite_tensors(adapter: Adapter) -> dict[str, int]:
+    """{tensor name: count of NaN/Inf values} for every floating tensor that has any."""
+    counts = {}
+    for name, tensor in adapter.tensors.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                counts[name] = bad
+    return counts
+
+
+def require_finite(adapter: Adapter, path: Path | str | None = None) -> None:
+    """Refuse NaN/Inf tensors before they are converted or merged into a model.
+
+    Example:
+        >>> require_finite(read_adapter("adapter.safetensors"), "adapter.safetensors")  # doctest: +SKIP
+    """
+    bad = nonfinite_tensors(adapter)
+    if bad:
+        name = next(iter(bad))
+        raise TensorError(f"tensor {name!r} has {bad[name]} NaN/Inf value(s)"
+                          + (f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""), path=path,
+                          hint="the adapter is corrupt or training diverged; nothing was written")
 
 
 def refs_for(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
