@@ -16,6 +16,14 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def _shard_name(name, index: Path) -> str:
+    # A hostile index must not make us read files outside the model directory.
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise InputIOError(f"shard name {name!r} is not a file name in the model directory", path=index,
+                           hint="the checkpoint index is damaged or hostile")
+    return name
+
+
 class BaseCheckpoint:
     """A base model on disk, read tensor by tensor through memory maps.
 
@@ -38,7 +46,8 @@ class BaseCheckpoint:
             if not isinstance(weight_map, dict):
                 raise InputIOError("index has no weight_map", path=self.path / INDEX_FILE,
                                    hint="the checkpoint index is damaged")
-            shard_files = [self.path / f for f in dict.fromkeys(weight_map.values())]
+            shard_files = [self.path / _shard_name(f, self.path / INDEX_FILE)
+                           for f in dict.fromkeys(weight_map.values())]
         elif (self.path / SINGLE_FILE).is_file():
             self.root, shard_files = self.path, [self.path / SINGLE_FILE]
         elif any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
@@ -63,7 +72,7 @@ class BaseCheckpoint:
     def _read_json(path: Path):
         try:
             return json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise InputIOError(f"cannot read JSON ({exc})", path=path, hint="the file is damaged") from None
 
     def _open(self, shard: Path):

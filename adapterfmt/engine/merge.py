@@ -51,15 +51,18 @@ def apply_adapters(name: str, weight: torch.Tensor, updates: list[tuple[Adapter,
     return merged.to(out_dtype or weight.dtype)
 
 
-def plan_updates(adapters: list[tuple[Adapter, float]], base: BaseCheckpoint, force: bool
-                 ) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
-    """Map base tensor names to the module updates and payload replacements that touch them."""
+def plan_updates(adapters: list[tuple[Adapter, float]], base: BaseCheckpoint, force: bool,
+                 paths: list[str | None] | None = None) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
+    """Map base tensor names to the module updates and payload replacements that touch them.
+
+    ``paths`` name the adapters in error messages.
+    """
     from ..validate import bind_base
     updates: dict[str, list] = {}
     replacements: dict[str, torch.Tensor] = {}
-    for adapter, scale in adapters:
+    for (adapter, scale), path in zip(adapters, paths or [None] * len(adapters)):
         if not force:
-            bind_base(adapter, base, None, check_only=True)
+            bind_base(adapter, base, path, check_only=True)
         for target, entry in adapter.manifest.modules.items():
             updates.setdefault(entry.base_weight, []).append((adapter, scale, target))
         for payload in adapter.manifest.payloads.values():
@@ -87,9 +90,10 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
     inputs = [Path(base_dir)] + [Path(a) for a, _ in adapters if not isinstance(a, Adapter)]
     check_output_path(out_dir, inputs)
     loaded = [(a if isinstance(a, Adapter) else read_adapter(a), float(w)) for a, w in adapters]
-    for (adapter, _), (source, _) in zip(loaded, adapters):
-        require_finite(adapter, None if isinstance(source, Adapter) else source)
-    updates, replacements = plan_updates(loaded, base, force)
+    paths = [None if isinstance(a, Adapter) else str(a) for a, _ in adapters]
+    for (adapter, _), path in zip(loaded, paths):
+        require_finite(adapter, path)
+    updates, replacements = plan_updates(loaded, base, force, paths)
     out_dtype = OUT_DTYPES[dtype]
     summary = MergeSummary(out=str(out_dir))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
