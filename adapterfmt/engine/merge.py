@@ -1,6 +1,7 @@
 """Merging adapters into a base checkpoint: fp32 arithmetic, one rounding, atomic output."""
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -87,6 +88,11 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
     start = time.perf_counter()
     base = BaseCheckpoint(base_dir)
     out_dir = Path(out_dir)
+    for source, weight in adapters:
+        if not math.isfinite(float(weight)):
+            raise UsageError(f"adapter weight {weight} is not a finite number",
+                             path=None if isinstance(source, Adapter) else source,
+                             hint="give --adapter FILE:WEIGHT with a finite WEIGHT such as 0.5")
     inputs = [Path(base_dir)] + [Path(a) for a, _ in adapters if not isinstance(a, Adapter)]
     check_output_path(out_dir, inputs)
     loaded = [(a if isinstance(a, Adapter) else read_adapter(a), float(w)) for a, w in adapters]

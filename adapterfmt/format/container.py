@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,9 +65,25 @@ def read_header(path: Path | str) -> tuple[dict[str, str], dict[str, tuple[str, 
     return metadata, info
 
 
-def reject_json_constant(name: str):
-    """``json.loads(parse_constant=...)`` hook: NaN/Infinity are not JSON and would poison scales."""
+def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} overflows a float")
+    return value
+
+
+def strict_json_loads(text: str | bytes):
+    """``json.loads`` that refuses NaN/Infinity and overflowing numbers, which would poison scales.
+
+    Example:
+        >>> strict_json_loads('{"alpha": 8}')
+        {'alpha': 8}
+    """
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def parse_manifest(metadata: dict[str, str], path: str | None = None) -> tuple[Manifest, tuple[int, int]]:
@@ -83,7 +100,7 @@ def parse_manifest(metadata: dict[str, str], path: str | None = None) -> tuple[M
         raise ManifestError(f"manifest is {len(text)} bytes, over the {MAX_MANIFEST_BYTES} limit", path=path,
                             hint="the file is malformed or hostile")
     try:
-        data = json.loads(text, parse_constant=reject_json_constant)
+        data = strict_json_loads(text)
     except (ValueError, RecursionError) as exc:
         raise ManifestError(f"manifest is not valid JSON ({exc})", path=path,
                             hint="the file was damaged; re-export it") from None

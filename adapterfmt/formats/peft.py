@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from ..atomic import atomic_directory
 from ..errors import ForeignFormatError, InputIOError, PickleRefusedError, UsageError
 from ..format import Adapter, BaseWeight, Manifest, ModuleEntry, Payload, TensorRef
-from ..format.container import reject_json_constant
+from ..format.container import strict_json_loads
 from ..format.fingerprint import dtype_name
 from ..methods.lora import lora_params
 from ..report import EXACT_MATH, LOSSLESS
@@ -114,7 +114,7 @@ class PeftFormat(AdapterFormat):
 def _read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / CONFIG_FILE
     try:
-        config = json.loads(cfg_path.read_text(), parse_constant=reject_json_constant)
+        config = strict_json_loads(cfg_path.read_text())
     except OSError as exc:
         raise InputIOError(f"cannot read ({exc.strerror})", path=cfg_path, hint="check the path") from None
     except (ValueError, RecursionError) as exc:

@@ -148,6 +148,13 @@ CASES = [
     Case("manifest NaN constant", manifest_edit(
         lambda m: first_module(m)["params"].update(alpha=float("nan"), scale=float("nan"))), 1,
          rf"{F}: manifest is not valid JSON .*NaN"),
+    Case("manifest number overflows (1e400)", manifest_edit(
+        lambda m: first_module(m)["params"].update(alpha="ALPHA"), "convert"), 1,
+         rf"{F}: manifest is not valid JSON \(number 1e400 overflows a float\)"),
+    Case("merge weight NaN", lambda env: ["merge", "--base", env.shared.base, "--adapter",
+                                          f"{env.copy(env.shared.adapter, 'bad.safetensors')}:nan",
+                                          "--out", env.tmp / "merged"], 2,
+         rf"{F}: adapter weight nan is not a finite number; give --adapter FILE:WEIGHT"),
     Case("manifest shape disagrees with tensor", manifest_edit(
         lambda m: first_module(m)["tensors"]["lora_A"].update(shape=[5, 64])), 1, rf"{F}: tensor .* manifest says"),
     Case("manifest dtype disagrees with tensor", manifest_edit(

@@ -28,7 +28,7 @@ def config_edit(edit, text: str | None = None):
         else:
             config = json.loads(cfg.read_text())
             edit(config)
-            cfg.write_text(json.dumps(config))
+            cfg.write_text(json.dumps(config).replace('"ALPHA"', "1e400"))
         return ["convert", src, out]
     return build
 
@@ -120,6 +120,8 @@ CASES = [
          rf"{CFG}: config field r must be a number, got '4'"),
     Case("peft config lora_alpha NaN", config_edit(lambda c: c.update(lora_alpha=float("nan"))), 1,
          rf"{CFG}: not valid JSON.*NaN"),
+    Case("peft config lora_alpha 1e400", config_edit(lambda c: c.update(lora_alpha="ALPHA")), 1,
+         rf"{CFG}: not valid JSON \(number 1e400 overflows a float\)"),
     Case("peft config unknown field", config_edit(lambda c: c.update(use_magic=True)), 1,
          rf"{CFG}: config field\(s\) not understood: use_magic"),
     Case("peft config fan_in_fan_out is a string", config_edit(lambda c: c.update(fan_in_fan_out="false")), 1,

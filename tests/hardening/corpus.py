@@ -103,7 +103,8 @@ def edit_manifest(path: Path, edit: Callable[[dict], None], *, version: str | No
     meta = header["__metadata__"]
     manifest = json.loads(meta["adapterfmt.manifest"])
     edit(manifest)
-    meta["adapterfmt.manifest"] = json.dumps(manifest)
+    # "ALPHA" stands for a literal JSON number Python cannot produce (1e400).
+    meta["adapterfmt.manifest"] = json.dumps(manifest).replace('"ALPHA"', "1e400")
     if version is not None:
         meta["adapterfmt.version"] = version
     path.write_bytes(st_bytes(header, data))
