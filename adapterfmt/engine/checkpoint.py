@@ -64,6 +64,10 @@ class BaseCheckpoint:
         for shard in shard_files:
             handle = self._open(shard)
             for name in handle.keys():
+                if name in self._where:
+                    # Last-wins would merge into one copy and write a model whose index disagrees.
+                    raise InputIOError(f"tensor {name!r} is in two shards ({self._where[name].name}, "
+                                       f"{shard.name})", path=self.path, hint="the checkpoint is damaged")
                 sl = handle.get_slice(name)
                 self._where[name] = shard
                 self._info[name] = (sl.get_dtype(), list(sl.get_shape()))

@@ -57,6 +57,16 @@ def first_shard_is(name: str):
     return apply
 
 
+def duplicate_shard(base):
+    """Two shards both holding q_proj of layer 0."""
+    shard(base, {})
+    save_file({Q0: torch.zeros(64, 64)}, str(base / "model-extra.safetensors"))
+    path = base / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    index["weight_map"]["extra.weight"] = "model-extra.safetensors"
+    path.write_text(json.dumps(index))
+
+
 def perturb(tensors):
     tensors[Q0] = tensors[Q0].clone()
     tensors[Q0].view(-1)[0] += 1.0
@@ -98,6 +108,9 @@ CASES = [
          r"model-00002-of-00002\.safetensors: shard listed in the index is missing"),
     Case("base index shard path escapes the directory", with_base(first_shard_is("../../adapter.safetensors")), 2,
          r"model\.safetensors\.index\.json: shard name '\.\./\.\./adapter\.safetensors' is not a file name"),
+    Case("base tensor in two shards", with_base(duplicate_shard, "merge"), 2,
+         r"base: tensor '.*q_proj\.weight' is in two shards \(model-00001-of-00001\.safetensors, "
+         r"model-extra\.safetensors\); the checkpoint is damaged"),
     Case("base config.json not JSON", with_base(lambda b: (b / "config.json").write_text("{"), "convert"), 2,
          r"config\.json: cannot read JSON"),
     Case("wrong base: shape", with_base(edit_weights(wrong_shape)), 1,
