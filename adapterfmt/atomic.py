@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from .errors import InputIOError, UsageError
 
 TEMP_PREFIX = ".adapterfmt-tmp-"
+OLD_PREFIX = ".adapterfmt-old-"  # holds a replaced output for the instant between two renames
 # Temp names carry the writer's host and pid, so that a later writer can remove what a killed
 # one left (SIGKILL, power loss) without touching a live writer's temp on this or another host.
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
@@ -43,7 +44,12 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_stale_temps(parent: Path) -> list[Path]:
-    """Remove temps in ``parent`` left by dead adapterfmt writers of this host; returns them."""
+    """Remove temps in ``parent`` left by dead adapterfmt writers of this host; returns them.
+
+    Example:
+        >>> sweep_stale_temps(Path("."))  # doctest: +SKIP
+        [PosixPath('.adapterfmt-tmp-1a2b3c4d-4242-k3j2h1')]
+    """
     removed = []
     try:
         entries = list(parent.iterdir())
@@ -169,12 +175,14 @@ def atomic_directory(dest: Path | str, *, overwrite: bool = False) -> Iterator[P
         _normal_mode(tmp, True)
         fsync_path(tmp)
         if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=parent))
+            # Not a sweepable temp name: if we die between the renames, the old output survives there.
+            old = Path(tempfile.mkdtemp(prefix=OLD_PREFIX, dir=parent))
             os.replace(dest, old / "old")
             try:
                 os.replace(tmp, dest)
             except OSError:
                 os.replace(old / "old", dest)  # put the previous output back before reporting
+                old.rmdir()
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:
