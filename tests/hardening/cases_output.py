@@ -104,11 +104,14 @@ def big_base(env):
 
 
 def _partial_temp(parent: Path) -> Path | None:
-    for entry in parent.iterdir():
-        if entry.name.startswith(TEMP_PREFIX) and entry.is_dir():
-            for item in entry.iterdir():
-                if item.stat().st_size > 0:
-                    return item
+    try:  # entries come and go while the writer runs
+        for entry in parent.iterdir():
+            if entry.name.startswith(TEMP_PREFIX) and entry.is_dir():
+                for item in entry.iterdir():
+                    if item.stat().st_size > 0:
+                        return item
+    except OSError:
+        pass
     return None
 
 
