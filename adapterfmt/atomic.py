@@ -6,15 +6,74 @@ mistakes for a finished file or model directory.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from safetensors import SafetensorError
+
 from .errors import InputIOError, UsageError
 
 TEMP_PREFIX = ".adapterfmt-tmp-"
+OLD_PREFIX = ".adapterfmt-old-"  # holds a replaced output for the instant between two renames
+# Temp names carry the writer's host and pid, so that a later writer can remove what a killed
+# one left (SIGKILL, power loss) without touching a live writer's temp on this or another host.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_OWNED_RE = re.compile(rf"^{re.escape(TEMP_PREFIX)}([0-9a-f]{{8}})-([0-9]+)-")
+# Errors of a failed write: the OS's, and safetensors' (its Rust writer wraps EFBIG, ENOSPC, ...).
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def _temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{_HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale_temps(parent: Path) -> list[Path]:
+    """Remove temps in ``parent`` left by dead adapterfmt writers of this host; returns them.
+
+    Example:
+        >>> sweep_stale_temps(Path("."))  # doctest: +SKIP
+        [PosixPath('.adapterfmt-tmp-1a2b3c4d-4242-k3j2h1')]
+    """
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _OWNED_RE.match(entry.name)
+        if not match or match.group(1) != _HOST or _alive(int(match.group(2))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+def _write_failed(dest: Path, exc: BaseException) -> InputIOError:
+    text = getattr(exc, "strerror", None) or str(exc)
+    # safetensors: "Error while serializing: I/O error: File too large (os error 27)"
+    match = re.search(r"I/O error: (.*?) \(os error \d+\)", text)
+    return InputIOError(f"writing output failed: {match.group(1) if match else text}", path=dest,
+                        hint="check free disk space and permissions; nothing was left behind")
 
 
 def fsync_path(path: Path) -> None:
@@ -63,7 +122,8 @@ def atomic_file(dest: Path | str, *, overwrite: bool = True) -> Iterator[Path]:
     parent = dest.parent if str(dest.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=parent)
+        sweep_stale_temps(parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(), dir=parent)
         os.close(fd)
     except OSError as exc:
         raise InputIOError(f"cannot create output: {exc.strerror}", path=dest,
@@ -75,9 +135,8 @@ def atomic_file(dest: Path | str, *, overwrite: bool = True) -> Iterator[Path]:
         fsync_path(tmp)
         os.replace(tmp, dest)
         fsync_path(parent)
-    except OSError as exc:
-        raise InputIOError(f"writing output failed: {exc.strerror or exc}", path=dest,
-                           hint="check free disk space and permissions; nothing was left behind") from None
+    except WRITE_ERRORS as exc:
+        raise _write_failed(dest, exc) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -100,7 +159,8 @@ def atomic_directory(dest: Path | str, *, overwrite: bool = False) -> Iterator[P
     parent = dest.parent if str(dest.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
+        sweep_stale_temps(parent)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=parent))
     except OSError as exc:
         raise InputIOError(f"cannot create output: {exc.strerror}", path=dest,
                            hint="check the directory exists and is writable") from None
@@ -115,16 +175,21 @@ def atomic_directory(dest: Path | str, *, overwrite: bool = False) -> Iterator[P
         _normal_mode(tmp, True)
         fsync_path(tmp)
         if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
+            # Not a sweepable temp name: if we die between the renames, the old output survives there.
+            old = Path(tempfile.mkdtemp(prefix=OLD_PREFIX, dir=parent))
             os.replace(dest, old / "old")
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                os.replace(old / "old", dest)  # put the previous output back before reporting
+                old.rmdir()
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
         fsync_path(parent)
-    except OSError as exc:
-        raise InputIOError(f"writing output failed: {exc.strerror or exc}", path=dest,
-                           hint="check free disk space and permissions; nothing was left behind") from None
+    except WRITE_ERRORS as exc:
+        raise _write_failed(dest, exc) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

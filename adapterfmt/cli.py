@@ -101,8 +101,9 @@ def validate(file: Path, base: Path | None, as_json: bool):
         click.echo(f"{file}: valid ({result.checked_modules} module(s)"
                    f"{', base checked' if result.base_checked else ''})")
     else:
+        prefix = "invalid" if result.exit_code == 1 else "error"  # 2: the input could not be read
         for problem in result.problems:
-            click.echo(f"invalid: {problem}", err=True)
+            click.echo(f"{prefix}: {problem}", err=True)
     sys.exit(result.exit_code)
 
 

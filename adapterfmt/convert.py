@@ -10,6 +10,7 @@ from .errors import LossyConversionError
 from .format import Adapter
 from .formats._lowrank import base_config_summary
 from .hub import is_hub, resolve_path
+from .format.container import require_finite
 from .formats import ReadOptions, detect_format, get_format
 from .methods import get_method
 from .report import LOSSLESS, LOSSY, ConversionReport
@@ -67,6 +68,7 @@ def convert(src: Path | str, dst: Path | str, *, to: str = "adapterfmt", source_
     if checkpoint is not None and checkpoint.config:
         # Head counts, layer count etc. travel with the adapter (GGUF/MLX export need them later).
         adapter.manifest.source.setdefault("base_config", base_config_summary(checkpoint.config))
+    require_finite(adapter, src)
     report.notes += read_report.notes
     statuses = {m.module: m for m in read_report.modules}
     method_report = ConversionReport()

@@ -9,6 +9,7 @@ import torch
 from .engine.checkpoint import BaseCheckpoint
 from .errors import AdapterFmtError, BaseMismatchError
 from .format import Adapter, read_adapter
+from .format.container import nonfinite_tensors
 from .methods import get_method
 
 
@@ -91,11 +92,10 @@ def validate(path: Path | str, base: Path | str | BaseCheckpoint | None = None) 
         result.problems.append(exc.one_line())
         result.exit_code = exc.exit_code
         return result
-    for name, tensor in adapter.tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            result.problems.append(f"{path}: tensor {name!r} has {bad} NaN/Inf value(s); the adapter is "
-                                   "corrupt or training diverged")
+    bad_tensors = nonfinite_tensors(adapter)
+    for name, count in bad_tensors.items():
+        result.problems.append(f"{path}: tensor {name!r} has {count} NaN/Inf value(s); the adapter is "
+                               "corrupt or training diverged")
     manifest = adapter.manifest
     for target, entry in manifest.modules.items():
         method = get_method(entry.method)
@@ -110,13 +110,17 @@ def validate(path: Path | str, base: Path | str | BaseCheckpoint | None = None) 
         try:
             delta = method.delta(entry, tensors, weight)
         except (RuntimeError, ValueError) as exc:
-            result.problems.append(f"{path}: module {target!r}: ΔW cannot be computed ({exc})")
+            result.problems.append(f"{path}: module {target!r}: ΔW cannot be computed ({exc}); "
+                                   "the adapter is damaged, re-export it")
             continue
         if list(delta.shape) != list(entry.shape):
             result.problems.append(f"{path}: module {target!r}: ΔW has shape {list(delta.shape)}, "
                                    f"manifest says {entry.shape}")
-        elif not bool(torch.isfinite(delta).all()):
-            result.problems.append(f"{path}: module {target!r}: ΔW has NaN/Inf values")
+        elif not bool(torch.isfinite(delta).all()) and not any(
+                ref.name in bad_tensors for ref in entry.tensors.values()):
+            # A NaN/Inf tensor was already reported; one cause, one line.
+            result.problems.append(f"{path}: module {target!r}: ΔW has NaN/Inf values; the adapter is "
+                                   "corrupt or training diverged")
         problems, measures = method.validate_module(target, entry, tensors, weight)
         result.problems += [f"{path}: module {target!r}: {p}" for p in problems]
         if measures:

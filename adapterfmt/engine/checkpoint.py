@@ -1,7 +1,6 @@
 """Read-only, lazy access to a transformers checkpoint (single file or index + shards)."""
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
@@ -9,11 +8,20 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..jsonio import read_json_file
 from ..errors import BaseMismatchError, InputIOError, PickleRefusedError
 from ..format.fingerprint import tensor_fingerprint
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+def _shard_name(name, index: Path) -> str:
+    # A hostile index must not make us read files outside the model directory.
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise InputIOError(f"shard name {name!r} is not a file name in the model directory", path=index,
+                           hint="the checkpoint index is damaged or hostile")
+    return name
 
 
 class BaseCheckpoint:
@@ -39,7 +47,8 @@ class BaseCheckpoint:
             if not isinstance(weight_map, dict):
                 raise InputIOError("index has no weight_map", path=self.path / INDEX_FILE,
                                    hint="the checkpoint index is damaged")
-            shard_files = [self.path / f for f in dict.fromkeys(weight_map.values())]
+            shard_files = [self.path / _shard_name(f, self.path / INDEX_FILE)
+                           for f in dict.fromkeys(weight_map.values())]
         elif (self.path / SINGLE_FILE).is_file():
             self.root, shard_files = self.path, [self.path / SINGLE_FILE]
         elif any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
@@ -56,16 +65,17 @@ class BaseCheckpoint:
         for shard in shard_files:
             handle = self._open(shard)
             for name in handle.keys():
+                if name in self._where:
+                    # Last-wins would merge into one copy and write a model whose index disagrees.
+                    raise InputIOError(f"tensor {name!r} is in two shards ({self._where[name].name}, "
+                                       f"{shard.name})", path=self.path, hint="the checkpoint is damaged")
                 sl = handle.get_slice(name)
                 self._where[name] = shard
                 self._info[name] = (sl.get_dtype(), list(sl.get_shape()))
 
     @staticmethod
     def _read_json(path: Path):
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise InputIOError(f"cannot read JSON ({exc})", path=path, hint="the file is damaged") from None
+        return read_json_file(path, what="file", error=InputIOError, expect_object=False)
 
     def _open(self, shard: Path):
         if shard not in self._handles:

@@ -16,6 +16,7 @@ import torch
 from ..atomic import check_output_path
 from ..errors import UsageError
 from ..format import Adapter, read_adapter
+from ..format.container import require_finite
 from ..methods import get_method
 from ..methods.base import AdapterMethod
 from .devices import exact_math, resolve_device
@@ -125,8 +126,25 @@ def merge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> torc
     return ctx.to_output(result, job.out.dtype, fan)
 
 
+def adapter_paths(adapters) -> list[str | None]:
+    return [None if isinstance(a, Adapter) else str(a) for a, _ in adapters]
+
+
+def check_weights(adapters) -> None:
+    """Refuse NaN/Inf merge weights before anything is read."""
+    for source, weight in adapters:
+        if not math.isfinite(float(weight)):
+            raise UsageError(f"adapter weight {weight} is not a finite number",
+                             path=None if isinstance(source, Adapter) else source,
+                             hint="give --adapter FILE:WEIGHT with a finite WEIGHT such as 0.5")
+
+
 def load_adapters(adapters) -> list[tuple[Adapter, float]]:
-    return [(a if isinstance(a, Adapter) else read_adapter(a), float(w)) for a, w in adapters]
+    """Read the adapters, refusing NaN/Inf tensors (they would poison the merged model)."""
+    loaded = [(a if isinstance(a, Adapter) else read_adapter(a), float(w)) for a, w in adapters]
+    for (adapter, _), path in zip(loaded, adapter_paths(adapters)):
+        require_finite(adapter, path)
+    return loaded
 
 
 def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float]], out_dir: Path | str, *,
@@ -142,11 +160,12 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
         from ..errors import UsageError
         raise UsageError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(OUT_DTYPES)}")
     out_dir = Path(out_dir)
+    check_weights(adapters)
     check_output_path(out_dir, [Path(base_dir)] + [Path(a) for a, _ in adapters if not isinstance(a, Adapter)])
     torch_device = resolve_device(device)
     base = StreamingCheckpoint(base_dir)
     loaded = load_adapters(adapters)
-    check_adapters(loaded, base, force)
+    check_adapters(loaded, base, force, adapter_paths(adapters))
     plan = shard_jobs(make_jobs(base, loaded, dtype), shard_size)
     ctx = MathContext(torch_device)
     ctx.reserve(plan.jobs)

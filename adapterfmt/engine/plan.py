@@ -100,19 +100,23 @@ class Plan:
         return sum(job.out.nbytes for job in self.jobs)
 
 
-def check_adapters(adapters: list[tuple[Adapter, float]], base: StreamingCheckpoint, force: bool) -> None:
-    """Refuse adapters that do not fit ``base`` (names, shapes; fingerprints unless ``force``)."""
+def check_adapters(adapters: list[tuple[Adapter, float]], base: StreamingCheckpoint, force: bool,
+                   paths: list[str | None] | None = None) -> None:
+    """Refuse adapters that do not fit ``base`` (names, shapes; fingerprints unless ``force``).
+
+    ``paths`` name the adapter files in the messages.
+    """
     from ..validate import bind_base
-    for adapter, _ in adapters:
+    for (adapter, _), path in zip(adapters, paths or [None] * len(adapters)):
         for target, entry in adapter.manifest.modules.items():
             shape = base.shape(entry.base_weight)
             want = list(reversed(entry.shape)) if entry.fan_in_fan_out else list(entry.shape)
             if list(shape) != want:
                 raise BaseMismatchError(f"module {target!r}: base parameter {entry.base_weight!r} has shape "
-                                        f"{shape}, the adapter expects {want}", path=base.path,
+                                        f"{shape}, the adapter expects {want}", path=path or base.path,
                                         hint="this adapter is for a different model")
         if not force:
-            bind_base(adapter, base, None, check_only=True)
+            bind_base(adapter, base, path, check_only=True)
 
 
 def output_dtype(span: TensorSpan, dtype: str) -> str:

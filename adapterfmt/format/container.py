@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..atomic import atomic_file
+from ..jsonio import strict_json_loads
 from ..errors import HeaderError, InputIOError, ManifestError, TensorError
 from .fingerprint import dtype_name
 from .manifest import Manifest
@@ -78,8 +79,8 @@ def parse_manifest(metadata: dict[str, str], path: str | None = None) -> tuple[M
         raise ManifestError(f"manifest is {len(text)} bytes, over the {MAX_MANIFEST_BYTES} limit", path=path,
                             hint="the file is malformed or hostile")
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        data = strict_json_loads(text)
+    except (ValueError, RecursionError) as exc:
         raise ManifestError(f"manifest is not valid JSON ({exc})", path=path,
                             hint="the file was damaged; re-export it") from None
     validate_manifest_dict(data, path, lenient=version[1] > FORMAT_VERSION[1])
@@ -132,6 +133,31 @@ def read_adapter(path: Path | str) -> Adapter:
         raise HeaderError(f"cannot read tensor data ({exc})", path=path,
                           hint="the file is truncated or corrupt; re-export it") from None
     return Adapter(manifest=manifest, tensors=tensors, version=version)
+
+
+def nonfinite_tensors(adapter: Adapter) -> dict[str, int]:
+    """{tensor name: count of NaN/Inf values} for every floating tensor that has any."""
+    counts = {}
+    for name, tensor in adapter.tensors.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                counts[name] = bad
+    return counts
+
+
+def require_finite(adapter: Adapter, path: Path | str | None = None) -> None:
+    """Refuse NaN/Inf tensors before they are converted or merged into a model.
+
+    Example:
+        >>> require_finite(read_adapter("adapter.safetensors"), "adapter.safetensors")  # doctest: +SKIP
+    """
+    bad = nonfinite_tensors(adapter)
+    if bad:
+        name = next(iter(bad))
+        raise TensorError(f"tensor {name!r} has {bad[name]} NaN/Inf value(s)"
+                          + (f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""), path=path,
+                          hint="the adapter is corrupt or training diverged; nothing was written")
 
 
 def refs_for(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_directory
-from ..errors import ForeignFormatError, InputIOError, UsageError
+from ..jsonio import read_json_file
+from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, Manifest
 from ..report import LOSSLESS
 from ._lowrank import (add_lowrank_module, fold_to_global, known_base_config, lora_params_exact, most_common,
@@ -44,7 +45,7 @@ class MlxFormat(AdapterFormat):
 
     # ---------------------------------------------------------------- reading
     def read(self, path: Path, options, report) -> Adapter:
-        config = _read_config(path)
+        config = read_json_file(path / CONFIG_FILE)
         params = config.get("lora_parameters")
         kind = config.get("fine_tune_type", "lora")
         if kind not in ("lora", "dora") or not isinstance(params, dict) or "num_layers" not in config:
@@ -137,19 +138,6 @@ class MlxFormat(AdapterFormat):
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=4, sort_keys=True) + "\n")
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "mlx"})
         return path
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except OSError as exc:
-        raise InputIOError(f"cannot read ({exc.strerror})", path=path / CONFIG_FILE, hint="check the path") from None
-    except ValueError as exc:
-        raise ForeignFormatError(f"not valid JSON ({exc})", path=path / CONFIG_FILE,
-                                 hint="the config is damaged") from None
-    if not isinstance(config, dict):
-        raise ForeignFormatError("config is not a JSON object", path=path / CONFIG_FILE, hint="the config is damaged")
-    return config
 
 
 def _read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -11,7 +11,6 @@ Reference: ``/work/shared/reference/nola-official.md`` §§4-12.
 """
 from __future__ import annotations
 
-import json
 import re
 import zipfile
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import ForeignFormatError, InputIOError, PickleRefusedError, UsageError
+from ..jsonio import peek_json_object, read_json_file
+from ..errors import ForeignFormatError, PickleRefusedError, UsageError
 from ..format import Adapter, BaseWeight, Manifest
 from ..methods.nola import SIDES, fl32, nola_module, nola_to_lora
 from ..report import EXACT_MATH, LOSSY
@@ -41,10 +41,7 @@ class NolaOfficialFormat(AdapterFormat):
 
     def detect(self, path: Path) -> bool:
         if path.is_dir():
-            try:
-                return json.loads((path / "adapter_config.json").read_text()).get("use_nola") is True
-            except (OSError, ValueError, AttributeError):
-                return False
+            return (peek_json_object(path / "adapter_config.json") or {}).get("use_nola") is True
         if path.suffix == ".safetensors":
             try:
                 with safe_open(str(path), framework="pt") as handle:
@@ -220,10 +217,7 @@ def _read_gpt2(path: Path, options, report) -> Adapter:
 
 
 def _read_llama(path: Path, options, report) -> Adapter:
-    try:
-        config = json.loads((path / "adapter_config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise InputIOError(f"cannot read adapter_config.json ({exc})", path=path) from None
+    config = read_json_file(path / "adapter_config.json")
     st, pkl = path / "adapter_model.safetensors", path / "adapter_model.bin"
     state = _load_safetensors(st) if st.is_file() else _load_pickle(pkl, options.allow_pickle)
     groups: dict[str, dict] = {}

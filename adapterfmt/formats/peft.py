@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from ..atomic import atomic_directory
 from ..errors import ForeignFormatError, InputIOError, PickleRefusedError, UsageError
 from ..format import Adapter, BaseWeight, Manifest, ModuleEntry, Payload, TensorRef
+from ..jsonio import read_json_file
 from ..format.fingerprint import dtype_name
 from ..methods.lora import lora_params
 from ..report import EXACT_MATH, LOSSLESS
@@ -45,6 +46,17 @@ NEUTRAL = {"trainable_token_indices": (None, {}, []), "alora_invocation_tokens":
            "monteclora_config": (None,)}
 # init_lora_weights values after which the base is untouched (the rest mutate it: PiSSA, OLoRA, ...).
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "loftq")
+
+# Types of the fields we honour; a wrong type would silently change the meaning (bool("false")).
+FIELD_TYPES = {"r": ((int, float), "a number"), "lora_alpha": ((int, float), "a number"),
+               "use_rslora": ((bool,), "true or false"), "use_dora": ((bool,), "true or false"),
+               "fan_in_fan_out": ((bool,), "true or false"),
+               "rank_pattern": ((dict, type(None)), "an object or null"),
+               "alpha_pattern": ((dict, type(None)), "an object or null"),
+               "base_model_name_or_path": ((str, type(None)), "a string or null"),
+               "revision": ((str, type(None)), "a string or null")}
+# A module name must be a dotted parameter path (what the manifest schema allows, no '/' or '..').
+MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
                     r"lora_embedding_B|lora_magnitude_vector(?:\.weight)?)$")
@@ -101,14 +113,7 @@ class PeftFormat(AdapterFormat):
 
 def _read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / CONFIG_FILE
-    try:
-        config = json.loads(cfg_path.read_text())
-    except OSError as exc:
-        raise InputIOError(f"cannot read ({exc.strerror})", path=cfg_path, hint="check the path") from None
-    except ValueError as exc:
-        raise ForeignFormatError(f"not valid JSON ({exc})", path=cfg_path, hint="the config is damaged") from None
-    if not isinstance(config, dict):
-        raise ForeignFormatError("config is not a JSON object", path=cfg_path, hint="the config is damaged")
+    config = read_json_file(cfg_path)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise ForeignFormatError(f"peft_type {peft_type!r} is not supported (only LORA)", path=cfg_path,
@@ -123,10 +128,21 @@ def _read_config(path: Path) -> dict[str, Any]:
             raise ForeignFormatError(f"config field {key}={config[key]!r} is not supported", path=cfg_path,
                                      hint="this PEFT feature changes the adapter's meaning and has no "
                                           "adapterfmt representation yet")
-    for key in ("r", "lora_alpha"):
-        if key in config and (isinstance(config[key], bool) or not isinstance(config[key], (int, float))):
-            raise ForeignFormatError(f"config field {key} must be a number, got {config[key]!r}", path=cfg_path,
+    for key, (types, wanted) in FIELD_TYPES.items():
+        value = config.get(key)
+        if key in config and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+            raise ForeignFormatError(f"config field {key} must be {wanted}, got {value!r}", path=cfg_path,
                                      hint="the config is damaged")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern, value in (config.get(key) or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ForeignFormatError(f"{key}[{pattern!r}] must be a number, got {value!r}", path=cfg_path,
+                                         hint="the config is damaged")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ForeignFormatError(f"{key} key {pattern!r} is not a valid regular expression ({exc})",
+                                         path=cfg_path, hint="the config is damaged") from None
     return config
 
 
@@ -171,6 +187,10 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
             raise ForeignFormatError(f"key {key!r} does not start with {PREFIX!r}", path=path,
                                      hint="not a PEFT state dict, or saved by an incompatible tool")
         match = KEY_RE.match(key[len(PREFIX):])
+        name = match["module"] if match else key[len(PREFIX):]
+        if not MODULE_NAME_RE.match(name):
+            raise ForeignFormatError(f"module name {name!r} is not a dotted parameter name", path=path,
+                                     hint="the state dict is damaged or hostile")
         if match:
             grouped.setdefault(match["module"], {})[match.group("role")] = tensor
         else:
@@ -264,7 +284,6 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
     if len(fifo) > 1:
         raise UsageError("PEFT has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",
                          hint="export the two groups as separate adapters")
-    rslora_flags = {bool(e.params["use_rslora"]) for e in entries.values()}
     use_rslora = _common([bool(e.params["use_rslora"]) for e in entries.values()])
     ranks, alphas = {}, {}
     for target, e in entries.items():

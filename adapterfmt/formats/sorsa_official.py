@@ -10,12 +10,12 @@ The measured max|E|, E = W_res − (W − s·B0·diag(S0)·A0), is reported and 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..engine.checkpoint import BaseCheckpoint
+from ..jsonio import peek_json_object, read_json_file
 from ..errors import ForeignFormatError
 from ..format import Adapter, BaseWeight, Manifest, ModuleEntry
 from ..format.fingerprint import dtype_name
@@ -43,11 +43,8 @@ def sorsa_init_factors(weight: torch.Tensor, rank: int, dtype: torch.dtype
 
 def _read_config(path: Path) -> dict:
     cfg = path / "config.json"
-    try:
-        config = json.loads(cfg.read_text())
-    except (OSError, ValueError) as exc:
-        raise ForeignFormatError(f"cannot read SORSA config ({exc})", path=cfg, hint="the checkpoint is damaged")
-    if not isinstance(config, dict) or config.get("model_type") != "sorsa":
+    config = read_json_file(cfg, what="SORSA config")
+    if config.get("model_type") != "sorsa":
         raise ForeignFormatError("config.json does not say model_type 'sorsa'", path=cfg,
                                  hint="not an official SORSA checkpoint")
     return config
@@ -77,10 +74,7 @@ class SorsaOfficialFormat(AdapterFormat):
     def detect(self, path: Path) -> bool:
         if not (path.is_dir() and (path / "config.json").is_file()):
             return False
-        try:
-            return json.loads((path / "config.json").read_text()).get("model_type") == "sorsa"
-        except (OSError, ValueError, AttributeError):
-            return False
+        return (peek_json_object(path / "config.json") or {}).get("model_type") == "sorsa"
 
     def read(self, path: Path, options, report) -> Adapter:
         config = _read_config(path)

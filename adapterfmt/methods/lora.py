@@ -1,8 +1,6 @@
 """LoRA and rsLoRA: ΔW = s·B·A with s = alpha/r (alpha/sqrt(r) for rsLoRA), per module."""
 from __future__ import annotations
 
-import torch
-
 from ..errors import ManifestError
 from ..format.manifest import ModuleEntry
 from .base import AdapterMethod, expect_shape, lora_scale, register_method

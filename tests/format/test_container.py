@@ -1,7 +1,6 @@
 """The container: golden header bytes, round trips, schema, and the reader's refusals."""
 import json
 import struct
-import warnings
 
 import pytest
 import torch
