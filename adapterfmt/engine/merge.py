@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -18,7 +19,7 @@ from ..errors import UsageError
 from ..format import Adapter, read_adapter
 from ..format.container import require_finite
 from ..methods import get_method
-from ..methods.base import AdapterMethod
+from ..methods.base import AdapterMethod, take_rows
 from .devices import exact_math, resolve_device
 from .plan import (OUT_DTYPES, StreamingCheckpoint, TensorJob, Update, check_adapters, make_jobs,
                    shard_jobs)
@@ -26,6 +27,8 @@ from .stream import BufferPool, StreamStats, execute, peak_rss_bytes
 from ..format.fingerprint import DTYPE_FROM_NAME
 
 MergeSummary = StreamStats
+#: fp32 bytes of one row block (512-1024 rows of a 7B layer: large enough for fast GEMMs on 2 threads).
+ROW_BLOCK_BYTES = 16 << 20
 
 
 class MathContext:
@@ -37,12 +40,17 @@ class MathContext:
         self._tensors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
 
     def reserve(self, jobs: list[TensorJob]) -> None:
-        """Allocate the reused buffers at their final size up front (no regrowth, no fragmentation)."""
-        work = [job for job in jobs if not job.raw_copy]
+        """Allocate the reused buffers at their final size up front (no regrowth, no fragmentation).
+
+        A tensor merged in row blocks needs buffers of one block only.
+        """
+        work = [(job, _block_fraction(job)) for job in jobs if not job.raw_copy]
         if work:
-            largest = max(math.prod(job.span.shape) for job in work)
+            largest = max(math.ceil(math.prod(job.span.shape) * f) for job, f in work)
             self.pool.get("base32", torch.float32, (largest,), self.device)
-            self.pool.get("out", torch.uint8, (max(job.out.nbytes for job in work),))
+            out_bytes = max(math.ceil(job.out.nbytes * f) for job, f in work)
+            for key in ("out0", "out1"):
+                self.pool.get(key, torch.uint8, (out_bytes,))
 
     def module_tensors(self, update: Update) -> dict[str, torch.Tensor]:
         key = (id(update.adapter), update.target)
@@ -54,18 +62,24 @@ class MathContext:
     def on_device(self, stored: torch.Tensor) -> torch.Tensor:
         return stored if stored.device == self.device else stored.to(self.device)
 
-    def canonical32(self, stored: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-        """The stored weight upcast into a reused fp32 buffer, in canonical (out, in) orientation."""
-        canon = stored.t() if fan_in_fan_out else stored
+    def canonical32(self, stored: torch.Tensor, fan_in_fan_out: bool, rows: slice | None = None) -> torch.Tensor:
+        """The stored weight (or ``rows`` of it) upcast into a reused fp32 buffer, canonical (out, in)."""
+        canon = take_rows(stored.t() if fan_in_fan_out else stored, rows)
         return self.pool.get("base32", torch.float32, canon.shape, self.device).copy_(canon)
 
-    def to_output(self, result: torch.Tensor, dtype: str, fan_in_fan_out: bool) -> torch.Tensor:
-        """Round once into the output dtype, back in the stored orientation, on the CPU."""
+    def to_output(self, result: torch.Tensor, dtype: str, fan_in_fan_out: bool, slot: int | None = None
+                  ) -> torch.Tensor:
+        """Round once into the output dtype, back in the stored orientation, on the CPU.
+
+        With ``slot`` (0 or 1) the result always lands in that slot's own buffer, so a block can
+        still be in flight to the disk while the next one is computed.
+        """
         result = result.t() if fan_in_fan_out else result
         out_dtype = DTYPE_FROM_NAME[dtype]
-        if result.dtype == out_dtype and result.device.type == "cpu" and result.is_contiguous():
+        if slot is None and result.dtype == out_dtype and result.device.type == "cpu" and result.is_contiguous():
             return result
-        return self.pool.get("out", out_dtype, result.shape).copy_(result)
+        key = "out" if slot is None else f"out{slot}"
+        return self.pool.get(key, out_dtype, result.shape).copy_(result)
 
 
 def _owned(delta: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -77,14 +91,18 @@ def _owned(delta: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
     return delta
 
 
-def delta_sum(updates: list[Update], base_weight: torch.Tensor, ctx: MathContext, fan: bool) -> torch.Tensor:
-    """Σ wᵢ·ΔWᵢ in fp32, canonical orientation; each ΔWᵢ from ``base_weight`` (the original, stored layout)."""
+def delta_sum(updates: list[Update], base_weight: torch.Tensor, ctx: MathContext, fan: bool,
+              rows: slice | None = None) -> torch.Tensor:
+    """Σ wᵢ·ΔWᵢ in fp32, canonical orientation; each ΔWᵢ from ``base_weight`` (the original, stored layout).
+
+    With ``rows``, only those rows of the sum (every method is then row-separable).
+    """
     total = None
     for update in updates:
         method = get_method(update.entry.method)
         tensors = ctx.module_tensors(update)
-        base32 = ctx.canonical32(base_weight, fan) if method.needs_base else None
-        delta = _owned(method.delta(update.entry, tensors, base32),
+        base32 = ctx.canonical32(base_weight, fan, rows) if method.needs_base else None
+        delta = _owned(method.delta(update.entry, tensors, base32, rows),
                        list(tensors.values()) + ([base32] if base32 is not None else []))
         if update.weight != 1.0:
             delta.mul_(update.weight)
@@ -99,8 +117,35 @@ def _fan(job: TensorJob) -> bool:
     return fans.pop() if fans else False
 
 
-def merge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> torch.Tensor:
-    """The output tensor for one job (CPU, output dtype, stored layout)."""
+def row_blocks(job: TensorJob, fan: bool) -> list[slice | None]:
+    """Row slices to merge one at a time, or ``[None]`` for the whole tensor at once.
+
+    Blocks keep the fp32 working set at ``ROW_BLOCK_BYTES`` whatever the tensor size; the
+    per-element arithmetic is the same as for the whole tensor.
+    """
+    methods = [get_method(u.entry.method) for u in job.updates]
+    shape = job.span.shape
+    if fan or len(shape) != 2 or job.replacement is not None or not methods \
+            or not all(m.row_separable for m in methods):
+        return [None]
+    out_rows, in_cols = shape
+    step = max(1, ROW_BLOCK_BYTES // max(1, in_cols * 4))
+    if step >= out_rows:
+        return [None]
+    return [slice(start, min(out_rows, start + step)) for start in range(0, out_rows, step)]
+
+
+def _block_fraction(job: TensorJob) -> float:
+    """The share of a tensor's rows that one block holds (1.0 when merged whole)."""
+    first = row_blocks(job, _fan(job))[0] if job.updates else None
+    return 1.0 if first is None else (first.stop - first.start) / job.span.shape[0]
+
+
+def merge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> Iterator[torch.Tensor]:
+    """The output tensor for one job as consecutive row blocks (CPU, output dtype, stored layout).
+
+    Each block lives in a reused buffer: the caller must consume it before asking for the next.
+    """
     stored = ctx.on_device(stored)
     if job.replacement is not None:
         rep = job.replacement
@@ -108,22 +153,26 @@ def merge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> torc
         if rep.payload.kind == "bias_delta":
             tensor = ctx.canonical32(stored, False).add_(tensor.float(), alpha=rep.weight)
         if not job.updates:
-            return ctx.to_output(tensor, job.out.dtype, False)
+            yield ctx.to_output(tensor, job.out.dtype, False, slot=0)
+            return
         # A saved full tensor (PEFT's base_layer of a targeted embedding) is what modules adapt.
         stored = tensor.to(stored.dtype)
     if not job.updates:
-        return ctx.to_output(stored, job.out.dtype, False)
+        yield ctx.to_output(stored, job.out.dtype, False, slot=0)
+        return
     fan = _fan(job)
     first = job.updates[0]
     method = get_method(first.entry.method)
-    if len(job.updates) == 1 and first.weight == 1.0 and type(method).merged is not AdapterMethod.merged:
-        result = method.merged(first.entry, ctx.module_tensors(first), ctx.canonical32(stored, fan))
-    else:
-        # fp32(W) + Δ in a reused fp32 buffer: the same sum as PEFT's in-place `weight += delta`.
-        # Δ first: a method needing the base uses the same buffer while computing it.
-        total = delta_sum(job.updates, stored, ctx, fan)
-        result = ctx.canonical32(stored, fan).add_(total)
-    return ctx.to_output(result, job.out.dtype, fan)
+    own_merge = len(job.updates) == 1 and first.weight == 1.0 and type(method).merged is not AdapterMethod.merged
+    for index, rows in enumerate(row_blocks(job, fan)):
+        if own_merge:
+            result = method.merged(first.entry, ctx.module_tensors(first), ctx.canonical32(stored, fan, rows), rows)
+        else:
+            # fp32(W) + Δ in a reused fp32 buffer: the same sum as PEFT's in-place `weight += delta`.
+            # Δ first: a method needing the base uses the same buffer while computing it.
+            total = delta_sum(job.updates, stored, ctx, fan, rows)
+            result = ctx.canonical32(stored, fan, rows).add_(total)
+        yield ctx.to_output(result, job.out.dtype, fan, slot=index % 2)
 
 
 def adapter_paths(adapters) -> list[str | None]:

@@ -133,7 +133,11 @@ def execute(plan: Plan, base: StreamingCheckpoint, out_dir: Path, compute: Compu
                         writer.copy_span(job.out.name, job.span, None)
                     else:
                         with mapped_tensor(job.span) as stored:
-                            writer.write_tensor(job.out.name, compute(job, stored))
+                            result = compute(job, stored)
+                            if isinstance(result, torch.Tensor):
+                                writer.write_tensor(job.out.name, result)
+                            else:
+                                writer.write_blocks(job.out.name, result)
                     stats.bytes_read += job.span.nbytes
                     stats.tensors_changed += job.changed
                     stats.tensors_total += 1

@@ -77,7 +77,7 @@ def read_spans(path: Path | str) -> tuple[dict[str, TensorSpan], dict[str, str]]
 
 
 @contextlib.contextmanager
-def mapped_tensor(span: TensorSpan) -> Iterator[torch.Tensor]:
+def mapped_tensor(span: TensorSpan, readahead: bool = True) -> Iterator[torch.Tensor]:
     """Yield the tensor as a zero-copy view of a private map of just its bytes.
 
     The view must not escape the ``with`` block: the map is closed on exit.
@@ -94,7 +94,7 @@ def mapped_tensor(span: TensorSpan) -> Iterator[torch.Tensor]:
     with open(span.path, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), span.end - aligned, offset=aligned, access=mmap.ACCESS_COPY)
     try:
-        if hasattr(mm, "madvise"):
+        if readahead and hasattr(mm, "madvise"):
             # Start readahead of the whole tensor now; cold reads then overlap the page faults.
             mm.madvise(mmap.MADV_WILLNEED)
         with warnings.catch_warnings():
@@ -111,5 +111,6 @@ def mapped_tensor(span: TensorSpan) -> Iterator[torch.Tensor]:
 
 def span_fingerprint(span: TensorSpan) -> str:
     """The fingerprint of a tensor on disk (same value as ``tensor_fingerprint``), mapping only it."""
-    with mapped_tensor(span) as tensor:
+    # No readahead: the fingerprint samples 1024 elements, not the whole tensor.
+    with mapped_tensor(span, readahead=False) as tensor:
         return tensor_fingerprint(tensor)

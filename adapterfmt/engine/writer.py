@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class StreamingWriter:
         self.tensors = tensors
         self.bytes_written = 0
         self._next = 0
+        self._pool: ThreadPoolExecutor | None = None
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self._write(memoryview(build_header(tensors, metadata)))
 
@@ -81,6 +83,8 @@ class StreamingWriter:
                 # fsync now so writeback of this shard overlaps the work on the next one.
                 os.fsync(self._fd)
         finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
             os.close(self._fd)
 
     def _expect(self, name: str, nbytes: int, dtype: str | None = None) -> None:
@@ -104,6 +108,37 @@ class StreamingWriter:
         self._expect(name, flat.numel() * flat.element_size(), dtype_name(tensor.dtype))
         if flat.numel():
             self._write(memoryview(flat.view(torch.uint8).numpy()))
+
+    def write_blocks(self, name: str, blocks) -> None:
+        """Write a tensor given as consecutive CPU blocks (row blocks of the planned tensor).
+
+        Block i is written on a background thread while the caller computes block i+1
+        (``os.write`` releases the GIL), so the producer must not reuse a block's buffer
+        until the block after next: alternate two buffers.
+        """
+        planned = self.tensors[self._next] if self._next < len(self.tensors) else None
+        self._expect(name, planned.nbytes if planned and planned.name == name else -1)
+        written, pending = 0, None
+        try:
+            for block in blocks:
+                if dtype_name(block.dtype) != planned.dtype or not block.is_contiguous():
+                    raise RuntimeError(f"{self.path}: block of {name!r} is {block.dtype}, planned {planned.dtype}")
+                if pending is not None:
+                    pending.result()
+                written += block.numel() * block.element_size()
+                if block.numel():
+                    view = memoryview(block.reshape(-1).view(torch.uint8).numpy())
+                    pending = self._background().submit(self._write, view)
+        finally:
+            if pending is not None:
+                pending.result()
+        if written != planned.nbytes:
+            raise RuntimeError(f"{self.path}: {name!r} got {written} bytes, planned {planned.nbytes}")
+
+    def _background(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterfmt-write")
+        return self._pool
 
     def copy_span(self, name: str, span: TensorSpan, buffer: bytearray | None = None) -> None:
         """Copy a source tensor's raw bytes without decoding them."""

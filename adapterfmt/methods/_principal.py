@@ -14,7 +14,7 @@ from ..errors import ManifestError
 from ..format.fingerprint import dtype_name
 from ..format.manifest import ModuleEntry, TensorRef
 from ..lowrank import orthonormality_error
-from .base import AdapterMethod, expect_shape, lora_scale
+from .base import AdapterMethod, expect_shape, lora_scale, take_rows
 from .lora import lora_params
 
 MUTATING_ROLES = ("lora_A", "lora_B", "lora_A0", "lora_B0")
@@ -57,9 +57,11 @@ class InitRelativeLoRA(AdapterMethod):
             raise ManifestError(f"module {target!r}: scale {entry.params['scale']} disagrees with rank/alpha "
                                 f"(= {scale})", path=path, hint="the manifest is inconsistent; re-export it")
 
-    def delta(self, entry, tensors, base=None):
-        trained = tensors["lora_B"].float() @ tensors["lora_A"].float()
-        init = tensors["lora_B0"].float() @ tensors["lora_A0"].float()
+    row_separable = True
+
+    def delta(self, entry, tensors, base=None, rows=None):
+        trained = take_rows(tensors["lora_B"], rows).float() @ tensors["lora_A"].float()
+        init = take_rows(tensors["lora_B0"], rows).float() @ tensors["lora_A0"].float()
         return (trained - init) * float(entry.params["scale"])
 
     converts_to = ("lora",)

@@ -36,14 +36,23 @@ class AdapterMethod:
             raise ManifestError(f"module {target!r} ({self.name}) lacks tensor role(s) {missing}", path=path,
                                 hint="the manifest is damaged; re-export the adapter")
 
+    #: ``delta``/``merged`` accept ``rows`` (a slice of output rows; ``base`` is then those rows
+    #: only), so the engine can merge a large tensor in row blocks with bounded memory.
+    row_separable: ClassVar[bool] = False
+
     def delta(self, entry: ModuleEntry, tensors: dict[str, torch.Tensor],
-              base: torch.Tensor | None = None) -> torch.Tensor:
-        """ΔW in canonical (out, in) orientation, fp32. ``base`` is the canonical fp32 base weight."""
+              base: torch.Tensor | None = None, rows: slice | None = None) -> torch.Tensor:
+        """ΔW in canonical (out, in) orientation, fp32. ``base`` is the canonical fp32 base weight.
+
+        With ``rows`` (only when ``row_separable``), just those rows of ΔW, and ``base`` holds
+        just those rows of the base.
+        """
         raise NotImplementedError
 
-    def merged(self, entry: ModuleEntry, tensors: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-        """The merged weight in fp32, canonical orientation. Default: base + ΔW."""
-        return base + self.delta(entry, tensors, base)
+    def merged(self, entry: ModuleEntry, tensors: dict[str, torch.Tensor], base: torch.Tensor,
+               rows: slice | None = None) -> torch.Tensor:
+        """The merged weight in fp32, canonical orientation (``rows`` as in ``delta``). Default: base + ΔW."""
+        return base + self.delta(entry, tensors, base, rows)
 
     def validate_module(self, target: str, entry: ModuleEntry, tensors: dict[str, torch.Tensor],
                         base: torch.Tensor | None) -> tuple[list[str], dict[str, float]]:
@@ -108,6 +117,11 @@ def get_method(name: str, *, path: str | None = None, module: str | None = None)
 
 def all_methods() -> dict[str, AdapterMethod]:
     return dict(_REGISTRY)
+
+
+def take_rows(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """``tensor[rows]`` (all rows when ``rows`` is None)."""
+    return tensor if rows is None else tensor[rows]
 
 
 def lora_scale(rank: int, alpha: float, use_rslora: bool) -> float:

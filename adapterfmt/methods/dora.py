@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import expect_shape, register_method
+from .base import expect_shape, register_method, take_rows
 from .lora import LoRA
 
 
@@ -17,15 +17,16 @@ class DoRA(LoRA):
         super().check_entry(target, entry, path)
         expect_shape(target, "magnitude", entry.tensors["magnitude"].shape, [entry.shape[0]], path)
 
-    def merged(self, entry, tensors, base):
-        combined = base + super().delta(entry, tensors)
+    def merged(self, entry, tensors, base, rows=None):
+        # Row norms are per output row, so DoRA stays row-separable.
+        combined = base + super().delta(entry, tensors, rows=rows)
         norm = torch.linalg.norm(combined, dim=1)
-        return (tensors["magnitude"].float() / norm).view(-1, 1) * combined
+        return (take_rows(tensors["magnitude"], rows).float() / norm).view(-1, 1) * combined
 
-    def delta(self, entry, tensors, base=None):
+    def delta(self, entry, tensors, base=None, rows=None):
         if base is None:
             raise ValueError("DoRA's ΔW depends on the base weight; pass base")
-        return self.merged(entry, tensors, base) - base
+        return self.merged(entry, tensors, base, rows) - base
 
 
 register_method(DoRA())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import ManifestError
 from ..format.manifest import ModuleEntry
-from .base import AdapterMethod, expect_shape, lora_scale, register_method
+from .base import AdapterMethod, expect_shape, lora_scale, register_method, take_rows
 
 
 class LoRA(AdapterMethod):
@@ -24,11 +24,14 @@ class LoRA(AdapterMethod):
                                 f"{entry.params['use_rslora']} (= {scale})", path=path,
                                 hint="the manifest is inconsistent; re-export the adapter")
 
-    def delta(self, entry, tensors, base=None):
+    row_separable = True
+
+    def delta(self, entry, tensors, base=None, rows=None):
         # (B @ A) * s in fp32, the same operation order as PEFT's get_delta_weight, so that
         # merging is bit-identical to PEFT's merge_and_unload.
         # mul_ on the fresh product is the same rounding as `* s` without a second full-size buffer.
-        return (tensors["lora_B"].float() @ tensors["lora_A"].float()).mul_(float(entry.params["scale"]))
+        b = take_rows(tensors["lora_B"], rows).float()
+        return (b @ tensors["lora_A"].float()).mul_(float(entry.params["scale"]))
 
 
 def lora_params(rank: int, alpha: float, use_rslora: bool) -> dict:

@@ -86,7 +86,7 @@ class NOLA(AdapterMethod):
                         tensors.get(f"offset_{s}")) for s in SIDES)
         return b, a
 
-    def delta(self, entry, tensors, base=None):
+    def delta(self, entry, tensors, base=None, rows=None):
         b, a = self.factors(entry, tensors)
         part = (b @ a) * float(entry.params["scale"])
         rows = entry.params.get("rows")

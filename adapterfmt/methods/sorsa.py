@@ -14,7 +14,7 @@ from ..errors import ManifestError
 from ..format.manifest import ModuleEntry
 from ..lowrank import orthonormality_error
 from ._principal import tensor_refs
-from .base import AdapterMethod, expect_shape, register_method
+from .base import AdapterMethod, expect_shape, register_method, take_rows
 from .lora import lora_params
 
 TRAINED = ("U_p", "S_p", "Vt_p")
@@ -67,9 +67,11 @@ class SORSA(AdapterMethod):
             raise ManifestError(f"module {target!r}: scale {entry.params['scale']} disagrees with rank/alpha "
                                 f"(= {scale})", path=path, hint="the manifest is inconsistent; re-export it")
 
-    def delta(self, entry, tensors, base=None):
-        trained = _product(tensors["U_p"], tensors["S_p"], tensors["Vt_p"])
-        init = _product(tensors["U_p0"], tensors["S_p0"], tensors["Vt_p0"])
+    row_separable = True
+
+    def delta(self, entry, tensors, base=None, rows=None):
+        trained = _product(take_rows(tensors["U_p"], rows), tensors["S_p"], tensors["Vt_p"])
+        init = _product(take_rows(tensors["U_p0"], rows), tensors["S_p0"], tensors["Vt_p0"])
         return (trained - init) * float(entry.params["scale"])
 
     converts_to = ("lora",)

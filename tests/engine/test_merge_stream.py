@@ -218,3 +218,23 @@ def test_cli_json_dtype_side_files_and_permissions(tmp_path, llama):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     assert not list(tmp_path.glob(".adapterfmt-tmp-*"))
+
+
+@pytest.mark.parametrize("method", sorted(all_methods()))
+def test_row_block_merge_is_bit_identical_to_whole_tensor_merge(tmp_path, llama, method, monkeypatch):
+    import adapterfmt.engine.merge as merge_module
+    if method in FACTORIES:
+        peft_dir, native = peft_to_native(llama, tmp_path, method, **FACTORIES[method])
+    else:
+        _, lora = peft_to_native(llama, tmp_path, "lora", **FACTORIES["lora"])
+        native = derived_adapter(method, lora, tmp_path / f"{method}.safetensors")
+    merge(llama, [(native, 1.0)], tmp_path / "whole")
+    monkeypatch.setattr(merge_module, "ROW_BLOCK_BYTES", 7 * 64 * 4)  # 7-row blocks: uneven last block
+    merge(llama, [(native, 1.0)], tmp_path / "blocks")
+    merge(llama, [(native, 0.5), (native, 0.25)], tmp_path / "blocks-mix")
+    monkeypatch.setattr(merge_module, "ROW_BLOCK_BYTES", 1 << 40)
+    merge(llama, [(native, 0.5), (native, 0.25)], tmp_path / "whole-mix")
+    assert_equal_states(load_dir(tmp_path / "blocks"), load_dir(tmp_path / "whole"))
+    assert_equal_states(load_dir(tmp_path / "blocks-mix"), load_dir(tmp_path / "whole-mix"))
+    if method in FACTORIES:
+        assert_equal_states(load_dir(tmp_path / "blocks"), peft_merged_state(llama, peft_dir))
