@@ -105,6 +105,14 @@ def derived_adapter(method: str, lora_path, out):
     return write_adapter(adapter, out)
 
 
+def adapter_of(method: str, base, tmp_path):
+    """(PEFT dir or None, adapterfmt file) of ``method`` for ``base``: real PEFT where PEFT has it."""
+    if method in FACTORIES:
+        return peft_to_native(base, tmp_path, method, **FACTORIES[method])
+    _, lora = peft_to_native(base, tmp_path, "lora", **FACTORIES["lora"])
+    return None, derived_adapter(method, lora, tmp_path / f"{method}.safetensors")
+
+
 def lora_equivalent_fp64(entry, tensors, base):
     """base + ΔW in float64, ΔW from the method's exact LoRA equivalent (rank r or 2r)."""
     lora_entry, lora_tensors, _, _ = get_method(entry.method).convert_module("m", entry, tensors, "lora", {})
@@ -113,11 +121,7 @@ def lora_equivalent_fp64(entry, tensors, base):
 
 @pytest.mark.parametrize("method", sorted(all_methods()))
 def test_every_method_streams_like_reference_and_within_1ulp_of_fp64(tmp_path, llama, method):
-    if method in FACTORIES:
-        _, native = peft_to_native(llama, tmp_path, method, **FACTORIES[method])
-    else:
-        _, lora = peft_to_native(llama, tmp_path, "lora", **FACTORIES["lora"])
-        native = derived_adapter(method, lora, tmp_path / f"{method}.safetensors")
+    _, native = adapter_of(method, llama, tmp_path)
     merge(llama, [(native, 1.0)], tmp_path / "out")
     got = load_dir(tmp_path / "out")
     adapter = read_adapter(native)
@@ -223,11 +227,7 @@ def test_cli_json_dtype_side_files_and_permissions(tmp_path, llama):
 @pytest.mark.parametrize("method", sorted(all_methods()))
 def test_row_block_merge_is_bit_identical_to_whole_tensor_merge(tmp_path, llama, method, monkeypatch):
     import adapterfmt.engine.merge as merge_module
-    if method in FACTORIES:
-        peft_dir, native = peft_to_native(llama, tmp_path, method, **FACTORIES[method])
-    else:
-        _, lora = peft_to_native(llama, tmp_path, "lora", **FACTORIES["lora"])
-        native = derived_adapter(method, lora, tmp_path / f"{method}.safetensors")
+    peft_dir, native = adapter_of(method, llama, tmp_path)
     merge(llama, [(native, 1.0)], tmp_path / "whole")
     monkeypatch.setattr(merge_module, "ROW_BLOCK_BYTES", 7 * 64 * 4)  # 7-row blocks: uneven last block
     merge(llama, [(native, 1.0)], tmp_path / "blocks")
@@ -236,5 +236,5 @@ def test_row_block_merge_is_bit_identical_to_whole_tensor_merge(tmp_path, llama,
     merge(llama, [(native, 0.5), (native, 0.25)], tmp_path / "whole-mix")
     assert_equal_states(load_dir(tmp_path / "blocks"), load_dir(tmp_path / "whole"))
     assert_equal_states(load_dir(tmp_path / "blocks-mix"), load_dir(tmp_path / "whole-mix"))
-    if method in FACTORIES:
+    if peft_dir is not None:
         assert_equal_states(load_dir(tmp_path / "blocks"), peft_merged_state(llama, peft_dir))
