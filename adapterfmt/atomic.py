@@ -109,7 +109,22 @@ def check_output_path(out: Path, inputs: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(dest: Path | str, *, overwrite: bool = True) -> Iterator[Path]:
+def _creating(dest: Path, overwrite: bool) -> Iterator[Path]:
+    """Refuse an existing ``dest`` unless ``overwrite``; yield its (created) parent; OSError -> our error."""
+    if dest.exists() and not overwrite:
+        raise UsageError("output already exists", path=dest, hint="remove it or pass --overwrite")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temps(parent)
+        yield parent
+    except OSError as exc:
+        raise InputIOError(f"cannot create output: {exc.strerror}", path=dest,
+                           hint="check the directory exists and is writable") from None
+
+
+@contextlib.contextmanager
+def atomic_file(dest: Path | str, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success fsync it and rename it to ``dest``.
 
     Example:
@@ -117,17 +132,9 @@ def atomic_file(dest: Path | str, *, overwrite: bool = True) -> Iterator[Path]:
         ...     tmp.write_bytes(b"data")
     """
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise UsageError("output already exists", path=dest, hint="remove it or pass --overwrite")
-    parent = dest.parent if str(dest.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale_temps(parent)
+    with _creating(dest, overwrite) as parent:
         fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(), dir=parent)
         os.close(fd)
-    except OSError as exc:
-        raise InputIOError(f"cannot create output: {exc.strerror}", path=dest,
-                           hint="check the directory exists and is writable") from None
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -154,16 +161,8 @@ def atomic_directory(dest: Path | str, *, overwrite: bool = False) -> Iterator[P
         ...     (tmp / "config.json").write_text("{}")
     """
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise UsageError("output already exists", path=dest, hint="remove it or pass --overwrite")
-    parent = dest.parent if str(dest.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale_temps(parent)
+    with _creating(dest, overwrite) as parent:
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=parent))
-    except OSError as exc:
-        raise InputIOError(f"cannot create output: {exc.strerror}", path=dest,
-                           hint="check the directory exists and is writable") from None
     try:
         yield tmp
         for root, dirs, files in os.walk(tmp):

@@ -120,5 +120,5 @@ def extract(base_dir: Path | str, tuned_dir: Path | str, out: Path | str, *, ran
     manifest.base.name_or_path = base.name_or_path
     manifest.base.architecture = base.architecture
     manifest.source = {"format": "extract", "tuned": str(tuned_dir), "rank": rank}
-    write_adapter(Adapter(manifest=manifest, tensors=tensors), out)
+    write_adapter(Adapter(manifest=manifest, tensors=tensors), out, overwrite=overwrite)
     return report

@@ -164,7 +164,7 @@ def refs_for(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {name: (dtype_name(t.dtype), list(t.shape)) for name, t in tensors.items()}
 
 
-def write_adapter(adapter: Adapter, path: Path | str) -> Path:
+def write_adapter(adapter: Adapter, path: Path | str, *, overwrite: bool = False) -> Path:
     """Write atomically: schema-check the manifest, save, reopen to verify, rename into place.
 
     Example:
@@ -179,7 +179,7 @@ def write_adapter(adapter: Adapter, path: Path | str) -> Path:
     metadata = {KEY_FORMAT: FORMAT_NAME, KEY_VERSION: version_string(), KEY_MANIFEST: manifest.to_json(),
                 "format": "pt"}
     tensors = {name: t.detach().contiguous().cpu() for name, t in adapter.tensors.items()}
-    with atomic_file(path) as tmp:
+    with atomic_file(path, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

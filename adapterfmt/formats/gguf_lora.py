@@ -222,7 +222,7 @@ class GgufLoraFormat(AdapterFormat):
         alpha = most_common(list(eff.values()))
         factors = fold_to_global(adapter, report, lambda e: alpha / e.params["rank"],
                                  lambda e: "rsLoRA stored as alpha = scale*rank" if e.params["use_rslora"] else "")
-        with atomic_file(path) as tmp:
+        with atomic_file(path, overwrite=options.get("overwrite", False)) as tmp:
             writer = gguf.GGUFWriter(tmp, arch)
             writer.add_type(gguf.GGUFType.ADAPTER)
             writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

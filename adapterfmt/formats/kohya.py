@@ -145,7 +145,7 @@ class KohyaFormat(AdapterFormat):
                     NAMES_KEY: json.dumps(names, sort_keys=True)}
         if adapter.manifest.base.name_or_path:
             metadata["adapterfmt.base_name_or_path"] = adapter.manifest.base.name_or_path
-        with atomic_file(path) as tmp:
+        with atomic_file(path, overwrite=options.get("overwrite", False)) as tmp:
             save_file(state, str(tmp), metadata=metadata)
         return path
 

@@ -33,7 +33,7 @@ class NativeFormat(AdapterFormat):
     def write(self, adapter: Adapter, path: Path, report, **options) -> Path:
         for target in adapter.manifest.modules:
             report.add(target, LOSSLESS)
-        return write_adapter(adapter, path)
+        return write_adapter(adapter, path, overwrite=options.get("overwrite", False))
 
 
 def _looks_like_ours(path: Path) -> bool:

@@ -61,7 +61,7 @@ def test_round_trip_is_bit_exact(tmp_path):
 
 
 def rewrite_metadata(tmp_path, edit, tensors=None):
-    src = write_adapter(one_module_adapter(), tmp_path / "a.safetensors")
+    src = write_adapter(one_module_adapter(), tmp_path / "a.safetensors", overwrite=True)
     _, header, _ = header_of(src)
     meta = dict(header["__metadata__"])
     edit(meta)
@@ -141,3 +141,14 @@ def test_write_refuses_manifest_tensor_disagreement(tmp_path):
     with pytest.raises(ManifestError):
         write_adapter(adapter, tmp_path / "x.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path):
+    from adapterfmt.errors import UsageError
+    path = write_adapter(one_module_adapter(), tmp_path / "a.safetensors")
+    before = path.read_bytes()
+    with pytest.raises(UsageError, match="output already exists"):
+        write_adapter(one_module_adapter(b=torch.zeros(4, 1)), path)
+    assert path.read_bytes() == before
+    write_adapter(one_module_adapter(b=torch.zeros(4, 1)), path, overwrite=True)
+    assert path.read_bytes() != before
