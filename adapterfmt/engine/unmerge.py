@@ -25,7 +25,7 @@ from ..atomic import check_output_path
 from ..errors import UsageError
 from ..methods import get_method
 from .devices import exact_math, resolve_device
-from .merge import MathContext, _fan, delta_sum, load_adapters
+from .merge import MathContext, _fan, adapter_paths, check_weights, delta_sum, load_adapters
 from .plan import StreamingCheckpoint, TensorJob, check_adapters, make_jobs, shard_jobs
 from .stream import StreamStats, execute, peak_rss_bytes
 from .tensorio import mapped_tensor
@@ -119,15 +119,17 @@ def unmerge(merged_dir: Path | str, adapters, out_dir: Path | str, *, base: Path
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    check_weights(adapters)
     inputs = [Path(merged_dir)] + ([Path(base)] if base else [])
     check_output_path(out_dir, inputs + [Path(a) for a, _ in adapters if isinstance(a, (str, Path))])
     torch_device = resolve_device(device)
     merged = StreamingCheckpoint(merged_dir)
     original = StreamingCheckpoint(base) if base else None
     loaded = load_adapters(adapters)
-    check_adapters(loaded, merged, force=True)  # fingerprints describe the base, not the merged model
+    paths = adapter_paths(adapters)
+    check_adapters(loaded, merged, True, paths)  # fingerprints describe the base, not the merged model
     if original is not None:
-        check_adapters(loaded, original, force)
+        check_adapters(loaded, original, force, paths)
         _check_same_layout(merged, original)
     plan = shard_jobs(make_jobs(merged, loaded, "keep"), shard_size)
     ctx = MathContext(torch_device)
