@@ -47,7 +47,8 @@ def _read_config(path: Path) -> dict:
     if config.get("model_type") != "sorsa":
         raise ForeignFormatError("config.json does not say model_type 'sorsa'", path=cfg,
                                  hint="not an official SORSA checkpoint")
-    for key, (types, what) in {"rank": (int, "an integer or null"), "alpha": ((int, float), "a number or null")}.items():
+    wanted = {"rank": (int, "an integer or null"), "alpha": ((int, float), "a number or null")}
+    for key, (types, what) in wanted.items():
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
             raise ForeignFormatError(f"config field {key} must be {what}, got {value!r}", path=cfg,

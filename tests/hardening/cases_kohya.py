@@ -56,7 +56,8 @@ def names_not_json(t, m):
 
 
 CASES = [
-    Case("kohya truncated (--from kohya)", truncated, 1, rf"{F}: not a valid safetensors file .*; the file is truncated or corrupt"),
+    Case("kohya truncated (--from kohya)", truncated, 1,
+         rf"{F}: not a valid safetensors file .*; the file is truncated or corrupt"),
     Case("kohya missing lora_up", kohya_edit(drop(f"{Q0}.lora_up.weight")), 1,
          rf"{F}: '{Q0}' lacks lora_down or lora_up; the file is incomplete"),
     Case("kohya conv-shaped lora_down", kohya_edit(put(f"{Q0}.lora_down.weight", torch.zeros(4, 64, 1, 1))), 1,

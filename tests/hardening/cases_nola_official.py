@@ -75,8 +75,8 @@ def llama(config_edit=None, state_edit=None):
                   "base_model_name_or_path": "tiny", "target_modules": ["q_proj"]}
         (config_edit or (lambda c: None))(config)
         (path / "adapter_config.json").write_text(json.dumps(config))
-        state = {k.replace("module.transformer.h.0.attn.nola_query", "base_model.model.model.layers.0.self_attn.q_proj"):
-                 v for k, v in gpt2_state().items()}
+        old, new = "module.transformer.h.0.attn.nola_query", "base_model.model.model.layers.0.self_attn.q_proj"
+        state = {k.replace(old, new): v for k, v in gpt2_state().items()}
         (state_edit or (lambda s: None))(state)
         save_file(state, str(path / "adapter_model.safetensors"))
         return ["convert", path, env.tmp / "out.safetensors", *GPU]

@@ -64,7 +64,8 @@ CASES = [
     Case("sorsa without the original base", sorsa(base=False), 2,
          rf"{CKPT}: a SORSA checkpoint holds the residual, not the original weights; pass --base"),
     Case("sorsa wrong base (residual error too large)", sorsa(other_base=True), 1,
-         rf"{CKPT}: module '{Q0}': the stored residual differs from base − s·B0·diag\(S0\)·A0 by up to .*far beyond"),
+         rf"{CKPT}: module '{Q0}': the stored residual differs from base − s·B0·diag\(S0\)·A0 by up to "
+         r".*far beyond"),
     Case("sorsa factors disagree with the base shape", sorsa(put(f"{Q0}.sorsa_A", torch.zeros(4, 32))), 1,
          rf"{CKPT}: module '{Q0}': base weight \[64, 64\] vs factors \[64, 4\]·\[4, 32\]; wrong --base"),
     Case("sorsa factor not 2-D", sorsa(put(f"{Q0}.sorsa_A", torch.zeros(4))), 1,
