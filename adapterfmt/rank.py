@@ -12,7 +12,7 @@ import torch
 
 from .atomic import check_output_path
 from .engine.checkpoint import BaseCheckpoint
-from .errors import UsageError
+from .errors import BaseMismatchError, TensorError, UsageError
 from .format import Adapter, BaseWeight, Manifest, ModuleEntry, write_adapter
 from .lowrank import compact, plain_alpha, truncated_svd
 from .methods._principal import tensor_refs
@@ -79,7 +79,7 @@ def extract(base_dir: Path | str, tuned_dir: Path | str, out: Path | str, *, ran
         >>> report = extract("base", "tuned", "lora.safetensors", rank=16)  # doctest: +SKIP
     """
     if rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}")
+        raise UsageError(f"--rank must be at least 1, got {rank}", hint="give the LoRA rank to extract, e.g. 16")
     out = Path(out)
     check_output_path(out, [Path(base_dir), Path(tuned_dir)])
     if out.exists() and not overwrite:
@@ -87,6 +87,7 @@ def extract(base_dir: Path | str, tuned_dir: Path | str, out: Path | str, *, ran
     base, tuned = BaseCheckpoint(base_dir), BaseCheckpoint(tuned_dir)
     report = ConversionReport(source_format="full fine-tune", target_format="adapterfmt")
     manifest, tensors = Manifest(), {}
+    _check_same_model(base, tuned, Path(tuned_dir))
     targets = set(_default_targets(base, tuned))
     skipped = []
     for name in base.names():
@@ -99,6 +100,10 @@ def extract(base_dir: Path | str, tuned_dir: Path | str, out: Path | str, *, ran
             skipped.append(name)
             continue
         delta = w1.float() - w0.float()
+        bad = int((~torch.isfinite(delta)).sum())
+        if bad:  # the SVD would fail (or return garbage) on NaN/Inf
+            raise TensorError(f"tensor {name!r} has {bad} NaN/Inf value(s) in tuned − base", path=tuned_dir,
+                              hint="the fine-tune is corrupt or training diverged; nothing was written")
         a, b, sigma = truncated_svd(delta, rank, device)
         target = name[: -len(".weight")]
         new = {"lora_A": a, "lora_B": b}
@@ -122,3 +127,15 @@ def extract(base_dir: Path | str, tuned_dir: Path | str, out: Path | str, *, ran
     manifest.source = {"format": "extract", "tuned": str(tuned_dir), "rank": rank}
     write_adapter(Adapter(manifest=manifest, tensors=tensors), out, overwrite=overwrite)
     return report
+
+
+def _check_same_model(base: BaseCheckpoint, tuned: BaseCheckpoint, where: Path) -> None:
+    """A fine-tune has the base's tensor names and shapes; anything else is another model."""
+    shared = [n for n in base.names() if n in tuned]
+    if not shared:
+        raise BaseMismatchError(f"shares no weight with --base ({base.architecture} vs {tuned.architecture})",
+                                path=where, hint="--tuned must be a fine-tune of --base")
+    for name in shared:
+        if base.shape(name) != tuned.shape(name):
+            raise BaseMismatchError(f"tensor {name!r} has shape {tuned.shape(name)}, --base has {base.shape(name)}",
+                                    path=where, hint="--tuned must be a fine-tune of --base")

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from ..atomic import check_output_path
-from ..errors import UsageError
+from ..errors import InputIOError, UsageError
 from ..methods import get_method
 from .devices import exact_math, resolve_device
-from .merge import MathContext, _fan, delta_sum, load_adapters
+from .merge import MathContext, _fan, adapter_paths, check_weights, delta_sum, load_adapters
 from .plan import StreamingCheckpoint, TensorJob, check_adapters, make_jobs, shard_jobs
 from .stream import StreamStats, execute, peak_rss_bytes
 from .tensorio import mapped_tensor
@@ -119,15 +119,21 @@ def unmerge(merged_dir: Path | str, adapters, out_dir: Path | str, *, base: Path
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    check_weights(adapters)
     inputs = [Path(merged_dir)] + ([Path(base)] if base else [])
     check_output_path(out_dir, inputs + [Path(a) for a, _ in adapters if isinstance(a, (str, Path))])
     torch_device = resolve_device(device)
+    if not Path(merged_dir).exists():
+        raise InputIOError("merged model not found", path=merged_dir, hint="check the --merged path")
     merged = StreamingCheckpoint(merged_dir)
     original = StreamingCheckpoint(base) if base else None
     loaded = load_adapters(adapters)
-    check_adapters(loaded, merged, force=True)  # fingerprints describe the base, not the merged model
+    if original is None:
+        _require_invertible(loaded, adapter_paths(adapters))
+    paths = adapter_paths(adapters)
+    check_adapters(loaded, merged, True, paths)  # fingerprints describe the base, not the merged model
     if original is not None:
-        check_adapters(loaded, original, force)
+        check_adapters(loaded, original, force, paths)
         _check_same_layout(merged, original)
     plan = shard_jobs(make_jobs(merged, loaded, "keep"), shard_size)
     ctx = MathContext(torch_device)
@@ -142,6 +148,15 @@ def unmerge(merged_dir: Path | str, adapters, out_dir: Path | str, *, base: Path
     if check is not None:
         stats.verification = check.to_dict()
     return stats
+
+
+def _require_invertible(loaded, paths) -> None:
+    """Refuse, before anything is read or written, adapters whose ΔW needs the original base (DoRA)."""
+    for (adapter, _), path in zip(loaded, paths):
+        names = sorted({e.method for e in adapter.manifest.modules.values() if get_method(e.method).needs_base})
+        if names:
+            raise UsageError(f"{', '.join(names)} is not invertible from the merged weight", path=path,
+                             hint="pass --base BASE (the model the adapter was merged into)")
 
 
 def _check_same_layout(merged: StreamingCheckpoint, original: StreamingCheckpoint) -> None:

@@ -10,6 +10,7 @@ llama.cpp's loader expects: ``lora_a`` ne [in, r] (torch (r, in)), ``lora_b`` ne
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ def _to_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, Any]:
     return tensor.numpy(), None
 
 
-def _from_reader(tensor) -> torch.Tensor:
+def _from_reader(tensor, where: str) -> torch.Tensor:
     gguf = _gguf()
     kind = tensor.tensor_type
     data = np.array(tensor.data)
@@ -125,7 +126,7 @@ def _from_reader(tensor) -> torch.Tensor:
         return torch.from_numpy(data.view(np.int16).reshape(shape).copy()).view(torch.bfloat16)
     if kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         raise ForeignFormatError(f"tensor {tensor.name!r} is {kind.name}; quantised LoRA tensors are not supported",
-                                 hint="re-export the adapter with --outtype f32/f16/bf16")
+                                 path=where, hint="re-export the adapter with --outtype f32/f16/bf16")
     return torch.from_numpy(data.copy())
 
 
@@ -163,6 +164,9 @@ class GgufLoraFormat(AdapterFormat):
         check_header(reader, str(path))
         arch = _field(reader, "general.architecture")
         alpha = float(_field(reader, gguf.Keys.Adapter.LORA_ALPHA) or 0.0)
+        if not math.isfinite(alpha):  # a NaN/Inf alpha would poison every scale
+            raise ForeignFormatError(f"adapter.lora.alpha is {alpha}, not a finite number", path=path,
+                                     hint="the file is damaged; re-export the adapter")
         config = known_base_config(None, options.base)
         config.setdefault("num_attention_heads", _field(reader, KEY_N_HEAD))
         config.setdefault("num_key_value_heads", _field(reader, KEY_N_HEAD_KV))
@@ -286,7 +290,7 @@ def _pairs(reader, where: str, report) -> dict[str, tuple[torch.Tensor, torch.Te
             raise ForeignFormatError(f"tensor {stem!r}: lora_a ne {a_ne} and lora_b ne {b_ne} do not form a "
                                      "low-rank pair (lora_a tensor is not transposed?)", path=where,
                                      hint="the file was written by an incompatible tool")
-        pairs[stem] = (_from_reader(pair["lora_a"]), _from_reader(pair["lora_b"]))
+        pairs[stem] = (_from_reader(pair["lora_a"], where), _from_reader(pair["lora_b"], where))
     return pairs
 
 

@@ -11,6 +11,7 @@ writes into the header (``adapterfmt.kohya_names``). rsLoRA has no kohya flag: a
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -99,7 +100,7 @@ class KohyaFormat(AdapterFormat):
                                          hint="only Linear targets are supported")
             rank = a.shape[0]
             # kohya, A1111, ComfyUI: scale = alpha / rank; a file without alpha means scale 1.
-            alpha = float(parts["alpha"].double()) if "alpha" in parts else float(rank)
+            alpha = _alpha(name, parts["alpha"], path) if "alpha" in parts else float(rank)
             if "alpha" not in parts:
                 report.notes.append(f"{name}: no alpha, scale 1 (alpha = rank)")
             add_lowrank_module(manifest, tensors, module, a, b, lora_params(rank, alpha, False))
@@ -148,6 +149,18 @@ class KohyaFormat(AdapterFormat):
         with atomic_file(path, overwrite=options.get("overwrite", False)) as tmp:
             save_file(state, str(tmp), metadata=metadata)
         return path
+
+
+def _alpha(name: str, tensor: torch.Tensor, path: Path) -> float:
+    """The alpha of one module: a single finite number (kohya writes 0-d; some tools write shape [1])."""
+    if tensor.numel() != 1:
+        raise ForeignFormatError(f"{name!r}: alpha has shape {list(tensor.shape)}, expected a single number",
+                                 path=path, hint="the file is damaged")
+    alpha = float(tensor.double().reshape(()))
+    if not math.isfinite(alpha):
+        raise ForeignFormatError(f"{name!r}: alpha {alpha} is not a finite number", path=path,
+                                 hint="the file is damaged or training diverged")
+    return alpha
 
 
 def _name_table(metadata: dict[str, str], base, path: Path) -> dict[str, str]:

@@ -57,7 +57,14 @@ class MlxFormat(AdapterFormat):
         except (KeyError, TypeError, ValueError):
             raise ForeignFormatError("lora_parameters needs numeric rank and scale", path=path / CONFIG_FILE,
                                      hint="the config is damaged") from None
-        true_ranks = (config.get("adapterfmt") or {}).get("ranks") or {}
+        ours = config.get("adapterfmt") or {}
+        true_ranks = ours.get("ranks") or {} if isinstance(ours, dict) else None
+        if not isinstance(config.get("model"), (str, type(None))):
+            raise ForeignFormatError(f"field model must be a string, got {config['model']!r}", path=path / CONFIG_FILE,
+                                     hint="the config is damaged")
+        if not isinstance(true_ranks, dict):
+            raise ForeignFormatError("field adapterfmt must be an object with an object 'ranks'",
+                                     path=path / CONFIG_FILE, hint="the config is damaged")
         grouped = _read_weights(path)
         manifest, tensors = Manifest(), {}
         for module, parts in sorted(grouped.items()):

@@ -120,12 +120,10 @@ def _generator(options, path) -> dict | None:
 def _module(target: str, base_weight: str, shape: list[int], parts: dict, scale: float, gen: dict | None,
             path: Path, rank: int, **extra):
     """One NOLA (or, without a generator, materialised LoRA) module from NOLALinear tensors."""
+    _check_parts(target, parts, path)
     sides, tensors = {}, {}
     for side in SIDES:
-        p = parts.get(side, {})
-        if set(p) != {"weight", "seed", "coefficients"}:
-            raise ForeignFormatError(f"{target}: lora_{side} has {sorted(p)}, needs weight, seed, coefficients",
-                                     path=path, hint="the checkpoint is incomplete")
+        p = parts[side]
         seed = int(p["seed"].reshape(-1)[0])
         if seed < 0:
             raise ForeignFormatError(f"{target}: negative seed {seed}", path=path, hint="the checkpoint is damaged")
@@ -147,6 +145,30 @@ def _module(target: str, base_weight: str, shape: list[int], parts: dict, scale:
     _register_device_generator()
     lora_entry, lora_tensors, _, _ = nola_to_lora(target, entry, tensors)
     return lora_entry, lora_tensors
+
+
+def _check_parts(target: str, parts: dict, path: Path) -> None:
+    for side in SIDES:
+        p = parts.get(side, {})
+        if set(p) != {"weight", "seed", "coefficients"}:
+            raise ForeignFormatError(f"{target}: lora_{side} has {sorted(p)}, needs weight, seed, coefficients",
+                                     path=path, hint="the checkpoint is incomplete")
+
+
+def _llama_config(path: Path) -> tuple[dict, int, float, int | None]:
+    """adapter_config.json of a NOLA LLaMA save: (config, r, lora_alpha, nola_num_basis or None)."""
+    cfg = path / "adapter_config.json"
+    config = read_json_file(cfg)
+    wanted = {"r": (int, "a positive integer"), "lora_alpha": ((int, float), "a number"),
+              "nola_num_basis": (int, "a positive integer")}
+    for key, (types, what) in wanted.items():
+        value = config.get(key)
+        if key == "nola_num_basis" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types) or what.startswith("a positive") and value < 1:
+            raise ForeignFormatError(f"config field {key} must be {what}, got {value!r}", path=cfg,
+                                     hint="the config is damaged")
+    return config, config["r"], float(config["lora_alpha"]), config.get("nola_num_basis")
 
 
 def _register_device_generator() -> None:
@@ -199,7 +221,8 @@ def _read_gpt2(path: Path, options, report) -> Adapter:
                                      hint="the checkpoint is incomplete")
         rank, n_in, n_out = a0.shape[0], a0.shape[1], b0.shape[0]
         if options.extra.get("nola_rank") not in (None, rank):
-            raise UsageError(f"--nola-rank {options.extra['nola_rank']} but the checkpoint has rank {rank}", path=path)
+            raise UsageError(f"--nola-rank {options.extra['nola_rank']} but the checkpoint has rank {rank}", path=path,
+                             hint="omit --nola-rank (GPT-2 checkpoints store it) or give the trained rank")
         hf_module, third = GPT2_TARGETS[role]
         base_weight = f"transformer.h.{layer}.{hf_module}.weight"
         extra = {"fan_in_fan_out": True, "layer": "conv1d"}
@@ -217,7 +240,7 @@ def _read_gpt2(path: Path, options, report) -> Adapter:
 
 
 def _read_llama(path: Path, options, report) -> Adapter:
-    config = read_json_file(path / "adapter_config.json")
+    config, rank, alpha, k = _llama_config(path)
     st, pkl = path / "adapter_model.safetensors", path / "adapter_model.bin"
     state = _load_safetensors(st) if st.is_file() else _load_pickle(pkl, options.allow_pickle)
     groups: dict[str, dict] = {}
@@ -226,12 +249,12 @@ def _read_llama(path: Path, options, report) -> Adapter:
         if not m:
             raise ForeignFormatError(f"key {key!r} is not a NOLA key", path=path, hint="not an official NOLA save")
         groups.setdefault(m[1], {}).setdefault(m[2], {})[m[3]] = tensor
-    rank, alpha, k = int(config["r"]), float(config["lora_alpha"]), config.get("nola_num_basis")
     gen = _generator(options, path)
     manifest, tensors = Manifest(), {}
     for module, parts in sorted(groups.items()):
-        coef = parts.get("A", {}).get("coefficients")
-        if k is not None and coef is not None and coef.numel() != int(k):
+        _check_parts(module, parts, path)
+        coef = parts["A"]["coefficients"]
+        if k is not None and coef.numel() != k:
             raise ForeignFormatError(f"{module}: {coef.numel()} coefficients but nola_num_basis is {k}", path=path,
                                      hint="the config does not match the weights")
         a0, b0 = parts["A"]["weight"], parts["B"]["weight"]

@@ -16,7 +16,7 @@ import torch
 
 from ..engine.checkpoint import BaseCheckpoint
 from ..jsonio import peek_json_object, read_json_file
-from ..errors import ForeignFormatError
+from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, BaseWeight, Manifest, ModuleEntry
 from ..format.fingerprint import dtype_name
 from ..methods._principal import tensor_refs
@@ -47,6 +47,12 @@ def _read_config(path: Path) -> dict:
     if config.get("model_type") != "sorsa":
         raise ForeignFormatError("config.json does not say model_type 'sorsa'", path=cfg,
                                  hint="not an official SORSA checkpoint")
+    wanted = {"rank": (int, "an integer or null"), "alpha": ((int, float), "a number or null")}
+    for key, (types, what) in wanted.items():
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise ForeignFormatError(f"config field {key} must be {what}, got {value!r}", path=cfg,
+                                     hint="the SORSA config is damaged")
     return config
 
 
@@ -79,7 +85,7 @@ class SorsaOfficialFormat(AdapterFormat):
     def read(self, path: Path, options, report) -> Adapter:
         config = _read_config(path)
         if options.base is None:
-            raise ForeignFormatError("a SORSA checkpoint holds the residual, not the original weights", path=path,
+            raise UsageError("a SORSA checkpoint holds the residual, not the original weights", path=path,
                                      hint="pass --base pointing at the ORIGINAL base model")
         base = options.base
         ckpt = BaseCheckpoint(path)
@@ -97,6 +103,10 @@ class SorsaOfficialFormat(AdapterFormat):
                 raise ForeignFormatError(f"module {prefix!r} lacks {missing}", path=path,
                                          hint="the checkpoint is incomplete")
             a, s_vec, b = (ckpt.get(prefix + s) for s in SUFFIXES)
+            if a.dim() != 2 or s_vec.shape != (a.shape[0],) or b.dim() != 2 or b.shape[1] != a.shape[0]:
+                raise ForeignFormatError(f"module {prefix!r}: sorsa_A {list(a.shape)}, sorsa_S {list(s_vec.shape)}, "
+                                         f"sorsa_B {list(b.shape)} are not SORSA factors (r×in, r, out×r)",
+                                         path=path, hint="the checkpoint is damaged")
             rank = a.shape[0]
             if config.get("rank") not in (None, rank):
                 raise ForeignFormatError(f"module {prefix!r} has rank {rank}, config says {config['rank']}",

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from adapterfmt.convert import convert
 from adapterfmt.engine.merge import merge
-from adapterfmt.errors import ForeignFormatError
+from adapterfmt.errors import ForeignFormatError, UsageError
 from adapterfmt.format import read_adapter
 from adapterfmt.validate import validate
 from tests.helpers import load_model, logits, peft_logits, tiny_llama
@@ -112,7 +112,7 @@ def test_sorsa_import_merge_export(base, tmp_path, alpha, rdtype):
 
 def test_sorsa_needs_original_base(base, tmp_path):
     build_sorsa(base, tmp_path / "ckpt", tmp_path / "snap", residual_dtype=torch.bfloat16)
-    with pytest.raises(ForeignFormatError, match="residual"):
+    with pytest.raises(UsageError, match="residual"):
         convert(tmp_path / "ckpt", tmp_path / "x.safetensors")
     other = tiny_llama(tmp_path / "other", seed=9)
     with pytest.raises(ForeignFormatError, match="beyond its rounding"):

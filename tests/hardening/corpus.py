@@ -220,7 +220,7 @@ def all_cases() -> list[Case]:
 def markdown_row(case: Case, result: Result) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()] or result.stdout.splitlines()[:1]
     message = re.sub(r"/tmp/[^ :']*/", "…/", lines[0] if lines else "").replace("|", r"\|")
-    message = re.sub(r" in [0-9.]+s$", " in …s", message)  # timings would make the table churn
+    message = re.sub(r" in [0-9.]+s(, peak RSS [0-9]+ MiB)?$", " in …s", message)  # timings would make the table churn
     return f"| {case.name} | {result.code} | {message} |"
 
 
