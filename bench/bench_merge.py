@@ -165,31 +165,35 @@ def main() -> None:
         "CUDA_VISIBLE_DEVICES", "") if args.device == "cuda" else "")
     out = args.work / "result"
     pipelines = {
+        # Interpreter + torch start-up alone: what any torch-based merge pays before its first byte.
+        "python + import torch": [sys.executable, "-c", "import torch"],
         "cp -r + fsync": ["sh", "-c", f'cp -r "{base}" "{out}" && sync "{out}"/*'],
         "PEFT merge_and_unload": [sys.executable, "-c", PEFT_SCRIPT, str(base), str(peft_dir), str(out)],
         "adapterfmt merge": [sys.executable, "-m", "adapterfmt.cli", "merge", "--base", str(base), "--adapter",
                              str(native), "--out", str(out), "--device", args.device, "--json"],
-        # Interpreter + torch start-up alone: what any torch-based merge pays before its first byte.
-        "python + import torch": [sys.executable, "-c", "import torch"],
     }
+    kept = {"PEFT merge_and_unload": args.work / "peft-result", "adapterfmt merge": args.work / "ours-result"}
     results = {name: [] for name in pipelines}
     timed(["cat", *map(str, base.glob("*.safetensors"))])  # warm the page cache once for all
+    names = list(pipelines)
     for rep in range(args.reps):
-        for name, cmd in pipelines.items():
+        # The disk writes fast in bursts and then throttles, so whoever runs right after a big
+        # writer is penalised: rotate the order every repetition.
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
-            results[name].append(timed(cmd, env))
+            results[name].append(timed(pipelines[name], env))
             print(f"rep {rep + 1} {name:24s} {results[name][-1][0]:7.2f} s  "
                   f"peak RSS {results[name][-1][1] / 2**20:7.0f} MiB", flush=True)
-            if rep == 0 and name == "PEFT merge_and_unload":
-                shutil.rmtree(args.work / "peft-result", ignore_errors=True)
-                out.rename(args.work / "peft-result")
-    checked, differ = json.loads(subprocess.run(me + ["--child", "compare", str(out), str(args.work / "peft-result")],
+            if rep == 0 and name in kept:
+                shutil.rmtree(kept[name], ignore_errors=True)
+                out.rename(kept[name])
+    checked, differ = json.loads(subprocess.run(me + ["--child", "compare", *map(str, kept.values())],
                                                 check=True, capture_output=True, text=True).stdout)
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(args.work / "peft-result", ignore_errors=True)
+    for path in [out, *kept.values()]:
+        shutil.rmtree(path, ignore_errors=True)
     med = {n: (statistics.median(t for t, _ in r), statistics.median(m for _, m in r)) for n, r in results.items()}
-    cp_t, peft_t, ours_t, start_t = (med[n][0] for n in pipelines)
+    start_t, cp_t, peft_t, ours_t = (med[n][0] for n in pipelines)
     largest = max(shard_sizes)
     print(f"\ncheckpoint: {total / 1e9:.2f} GB in {len(shard_sizes)} shards (largest {largest / 1e9:.3f} GB), "
           f"rank-16 LoRA on all linear layers; {args.reps} reps, medians; device {args.device}")
