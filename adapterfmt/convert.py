@@ -13,6 +13,7 @@ from .hub import is_hub, resolve_path
 from .format.container import require_finite
 from .formats import ReadOptions, detect_format, get_format
 from .methods import get_method
+from .validate import bind_base
 from .report import LOSSLESS, LOSSY, ConversionReport
 
 
@@ -69,6 +70,8 @@ def convert(src: Path | str, dst: Path | str, *, to: str = "adapterfmt", source_
         # Head counts, layer count etc. travel with the adapter (GGUF/MLX export need them later).
         adapter.manifest.source.setdefault("base_config", base_config_summary(checkpoint.config))
     require_finite(adapter, src)
+    if checkpoint is not None:
+        bind_base(adapter, checkpoint, str(src))
     report.notes += read_report.notes
     statuses = {m.module: m for m in read_report.modules}
     method_report = ConversionReport()

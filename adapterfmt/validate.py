@@ -43,7 +43,8 @@ def canonical_base(entry, weight: torch.Tensor) -> torch.Tensor:
 def bind_base(adapter: Adapter, base: BaseCheckpoint, path: str | None = None, *, check_only: bool = False) -> None:
     """Check the adapter against a base checkpoint and record (or verify) its identity.
 
-    With ``check_only`` recorded dtypes/fingerprints are compared; otherwise they are filled in.
+    Recorded fingerprints are always compared (a mismatch is a :class:`BaseMismatchError`);
+    unless ``check_only``, missing dtypes and fingerprints are filled in from ``base``.
 
     Example:
         >>> bind_base(adapter, BaseCheckpoint("tiny-llama"))  # doctest: +SKIP
@@ -60,14 +61,13 @@ def bind_base(adapter: Adapter, base: BaseCheckpoint, path: str | None = None, *
         if list(shape) != list(want.shape):
             raise BaseMismatchError(f"base parameter {name!r} has shape {shape}, the adapter expects "
                                     f"{want.shape}", path=path, hint="this adapter is for a different model")
-        dtype = base.dtype_name(name)
-        if check_only:
-            if want.fingerprint and want.fingerprint != base.fingerprint(name):
-                raise BaseMismatchError(f"base parameter {name!r} has different content than the adapter's "
-                                        "base (fingerprint mismatch)", path=path,
-                                        hint="use the base the adapter was made for, or pass --force")
-        else:
-            want.dtype, want.fingerprint = dtype, base.fingerprint(name)
+        fingerprint = base.fingerprint(name)
+        if want.fingerprint and want.fingerprint != fingerprint:
+            raise BaseMismatchError(f"base parameter {name!r} has different content than the adapter's "
+                                    "base (fingerprint mismatch)", path=path,
+                                    hint="use the base the adapter was made for, or pass --force")
+        if not check_only:
+            want.dtype, want.fingerprint = base.dtype_name(name), fingerprint
     if not check_only:
         manifest.base.architecture = manifest.base.architecture or base.architecture
         manifest.base.name_or_path = manifest.base.name_or_path or base.name_or_path

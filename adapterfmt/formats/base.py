@@ -41,6 +41,8 @@ class AdapterFormat:
         return False
 
     def read(self, path: Path, options: ReadOptions, report: ConversionReport) -> Adapter:
+        """The adapter at ``path``; ``convert`` then checks it against ``options.base`` and records
+        the base's dtypes and fingerprints, so readers need not."""
         raise UsageError(f"reading {self.name} is not supported", path=path)
 
     def write(self, adapter: Adapter, path: Path, report: ConversionReport, **options: Any) -> Path:

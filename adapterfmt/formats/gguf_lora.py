@@ -202,9 +202,6 @@ class GgufLoraFormat(AdapterFormat):
         manifest.source = {"format": "gguf", "architecture": arch, "alpha": alpha,
                            "base_config": {k: v for k, v in config.items() if v is not None}}
         adapter = Adapter(manifest=manifest, tensors=tensors)
-        if options.base is not None:
-            from ..validate import bind_base
-            bind_base(adapter, options.base, str(path))
         return adapter
 
     # ---------------------------------------------------------------- writing

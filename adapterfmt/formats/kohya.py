@@ -110,9 +110,6 @@ class KohyaFormat(AdapterFormat):
         manifest.base.name_or_path = metadata.get("adapterfmt.base_name_or_path")
         manifest.source = {"format": "kohya", "metadata": {k: v for k, v in metadata.items() if k.startswith("ss_")}}
         adapter = Adapter(manifest=manifest, tensors=tensors)
-        if options.base is not None:
-            from ..validate import bind_base
-            bind_base(adapter, options.base, str(path))
         return adapter
 
     # ---------------------------------------------------------------- writing

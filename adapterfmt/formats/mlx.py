@@ -88,9 +88,6 @@ class MlxFormat(AdapterFormat):
         manifest.source = {"format": "mlx", "config": {k: config[k] for k in
                                                        ("fine_tune_type", "num_layers", "lora_parameters") if k in config}}
         adapter = Adapter(manifest=manifest, tensors=tensors)
-        if options.base is not None:
-            from ..validate import bind_base
-            bind_base(adapter, options.base, str(path))
         return adapter
 
     # ---------------------------------------------------------------- writing

@@ -57,9 +57,6 @@ class NolaOfficialFormat(AdapterFormat):
             adapter = vit_to_adapter(_load_safetensors(path), path, options, report)
         else:
             adapter = _read_gpt2(path, options, report)
-        if options.base is not None:
-            from ..validate import bind_base
-            bind_base(adapter, options.base, str(path))
         return adapter
 
 

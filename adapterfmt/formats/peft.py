@@ -255,9 +255,6 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
     manifest.base.revision = config.get("revision")
     manifest.source = {"format": "peft", "config": config}
     adapter = Adapter(manifest=manifest, tensors=tensors)
-    if options.base is not None:
-        from ..validate import bind_base
-        bind_base(adapter, options.base, str(path))
     return adapter
 
 

@@ -140,8 +140,6 @@ class SorsaOfficialFormat(AdapterFormat):
         manifest.base.name_or_path = config.get("base_model_name_or_path")
         manifest.source = {"format": "sorsa_official", "config": config}
         adapter = Adapter(manifest=manifest, tensors=tensors)
-        from ..validate import bind_base
-        bind_base(adapter, base, str(path))
         report.notes.append(f"SORSA init {'read from the snapshot' if snapshot else 'recomputed (fp32 SVD)'}; "
                             "stored relative to the original base")
         return adapter

@@ -122,3 +122,15 @@ def test_pickle_adapter_needs_flag(tmp_path, llama_base):
         convert(peft_dir, tmp_path / "out.safetensors")
     report = convert(peft_dir, tmp_path / "out.safetensors", allow_pickle=True)
     assert report.worst == "lossless"
+
+
+def test_convert_with_a_different_base_is_refused(tmp_path, llama_base):
+    from adapterfmt.errors import BaseMismatchError
+    from ..helpers import tiny_llama
+    peft_dir = make_peft_adapter(llama_base, tmp_path / "peft", r=2, target_modules=["q_proj"])
+    ours = tmp_path / "a.safetensors"
+    convert(peft_dir, ours, base=llama_base)
+    other = tiny_llama(tmp_path / "other", seed=7)
+    with pytest.raises(BaseMismatchError, match="fingerprint mismatch"):
+        convert(ours, tmp_path / "back", to="peft", base=other)
+    assert not (tmp_path / "back").exists()
