@@ -16,10 +16,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_file
+from ._files import load_safetensors, safetensors_keys
 from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, Manifest
 from ..methods.lora import lora_params
@@ -60,21 +60,12 @@ class KohyaFormat(AdapterFormat):
     def detect(self, path: Path) -> bool:
         if not (path.is_file() and path.suffix == ".safetensors"):
             return False
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                return any(k.endswith(".lora_down.weight") for k in handle.keys())
-        except (SafetensorError, OSError):
-            return False
+        found = safetensors_keys(path)
+        return found is not None and any(k.endswith(".lora_down.weight") for k in found[0])
 
     # ---------------------------------------------------------------- reading
     def read(self, path: Path, options, report) -> Adapter:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                state = {k: handle.get_tensor(k) for k in handle.keys()}
-        except (SafetensorError, OSError) as exc:
-            raise ForeignFormatError(f"not a valid safetensors file ({exc})", path=path,
-                                     hint="the file is truncated or corrupt") from None
+        state, metadata = load_safetensors(path)
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
             match = KEY_RE.match(key)

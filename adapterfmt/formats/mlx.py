@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_directory
+from ._files import load_safetensors
 from ..jsonio import read_json_file
 from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, Manifest
@@ -146,17 +146,12 @@ class MlxFormat(AdapterFormat):
 
 def _read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     grouped: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
-            for key in handle.keys():
-                match = KEY_RE.match(key)
-                if not match:
-                    raise ForeignFormatError(f"tensor {key!r} is not lora_a, lora_b or m", path=path / WEIGHTS_FILE,
-                                             hint="contains incompatible tensors")
-                grouped.setdefault(match["module"], {})[match["role"]] = handle.get_tensor(key)
-    except (SafetensorError, OSError) as exc:
-        raise ForeignFormatError(f"not a valid safetensors file ({exc})", path=path / WEIGHTS_FILE,
-                                 hint="the file is truncated or corrupt") from None
+    for key, tensor in load_safetensors(path / WEIGHTS_FILE)[0].items():
+        match = KEY_RE.match(key)
+        if not match:
+            raise ForeignFormatError(f"tensor {key!r} is not lora_a, lora_b or m", path=path / WEIGHTS_FILE,
+                                     hint="contains incompatible tensors")
+        grouped.setdefault(match["module"], {})[match["role"]] = tensor
     return grouped
 
 

@@ -16,10 +16,10 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from ._files import load_pickled_tensors, load_safetensors, safetensors_keys
 from ..jsonio import peek_json_object, read_json_file
-from ..errors import ForeignFormatError, PickleRefusedError, UsageError
+from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, BaseWeight, Manifest
 from ..methods.nola import SIDES, fl32, nola_module, nola_to_lora
 from ..report import EXACT_MATH, LOSSY
@@ -43,18 +43,15 @@ class NolaOfficialFormat(AdapterFormat):
         if path.is_dir():
             return (peek_json_object(path / "adapter_config.json") or {}).get("use_nola") is True
         if path.suffix == ".safetensors":
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    return "adapterfmt.format" not in (handle.metadata() or {}) and is_vit_state(handle.keys())
-            except (SafetensorError, OSError):
-                return False
+            found = safetensors_keys(path)
+            return found is not None and "adapterfmt.format" not in found[1] and is_vit_state(found[0])
         return path.suffix in (".pt", ".pth", ".bin") and _pickle_mentions_nola(path)
 
     def read(self, path: Path, options, report) -> Adapter:
         if path.is_dir():
             adapter = _read_llama(path, options, report)
         elif path.suffix == ".safetensors":
-            adapter = vit_to_adapter(_load_safetensors(path), path, options, report)
+            adapter = vit_to_adapter(load_safetensors(path)[0], path, options, report)
         else:
             adapter = _read_gpt2(path, options, report)
         return adapter
@@ -68,33 +65,6 @@ def _pickle_mentions_nola(path: Path) -> bool:
             return pkl is not None and b"nola_" in archive.read(pkl)
     except (zipfile.BadZipFile, OSError):
         return False
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise ForeignFormatError(f"not a valid safetensors file ({exc})", path=path,
-                                 hint="the file is truncated or corrupt") from None
-
-
-def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    if not allow_pickle:
-        raise PickleRefusedError("official NOLA GPT-2/LLaMA checkpoints are pickles", path=path,
-                                 hint="pickle can execute code; pass --allow-pickle if you trust it "
-                                      "(loaded with torch.load(weights_only=True))")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for hostile or broken pickles
-        raise ForeignFormatError(f"refused by the safe unpickler ({type(exc).__name__})", path=path,
-                                 hint="the file is not a plain tensor dict") from None
-    if isinstance(data, dict) and isinstance(data.get("model_state_dict"), dict):
-        data = data["model_state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ForeignFormatError("pickle does not hold a dict of tensors", path=path,
-                                 hint="not an official NOLA checkpoint")
-    return data
 
 
 def _generator(options, path) -> dict | None:
@@ -196,7 +166,7 @@ def _finish(manifest: Manifest, tensors: dict, entry, parts: dict, target: str, 
 
 
 def _read_gpt2(path: Path, options, report) -> Adapter:
-    state = _load_pickle(path, options.allow_pickle)
+    state = load_pickled_tensors(path, options.allow_pickle, "an official NOLA GPT-2 checkpoint", unwrap="model_state_dict")
     groups: dict[tuple[int, str], dict] = {}
     for key, tensor in state.items():
         m = GPT2_RE.match(key)
@@ -239,7 +209,7 @@ def _read_gpt2(path: Path, options, report) -> Adapter:
 def _read_llama(path: Path, options, report) -> Adapter:
     config, rank, alpha, k = _llama_config(path)
     st, pkl = path / "adapter_model.safetensors", path / "adapter_model.bin"
-    state = _load_safetensors(st) if st.is_file() else _load_pickle(pkl, options.allow_pickle)
+    state = load_safetensors(st)[0] if st.is_file() else load_pickled_tensors(pkl, options.allow_pickle, "an official NOLA LLaMA adapter", unwrap="model_state_dict")
     groups: dict[str, dict] = {}
     for key, tensor in state.items():
         m = LLAMA_RE.match(key)

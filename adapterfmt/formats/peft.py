@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_directory
-from ..errors import ForeignFormatError, InputIOError, PickleRefusedError, UsageError
+from ..errors import ForeignFormatError, InputIOError, UsageError
 from ..format import Adapter, BaseWeight, Manifest, ModuleEntry, Payload, TensorRef
 from ..jsonio import read_json_file
+from ._files import load_pickled_tensors, load_safetensors
 from ..format.fingerprint import dtype_name
 from ..methods.lora import lora_params
 from ..report import EXACT_MATH, LOSSLESS
@@ -149,26 +149,9 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     st_path = path / WEIGHTS_FILE
     if st_path.is_file():
-        try:
-            with safe_open(str(st_path), framework="pt") as handle:
-                return {k: handle.get_tensor(k) for k in handle.keys()}
-        except (SafetensorError, OSError) as exc:
-            raise ForeignFormatError(f"not a valid safetensors file ({exc})", path=st_path,
-                                     hint="the file is truncated or corrupt; re-download it") from None
+        return load_safetensors(st_path)[0]
     if (path / PICKLE_FILE).is_file():
-        if not allow_pickle:
-            raise PickleRefusedError("only a pickle adapter_model.bin is present", path=path / PICKLE_FILE,
-                                     hint="pickle can execute code; pass --allow-pickle if you trust it "
-                                          "(loaded with torch.load(weights_only=True))")
-        try:
-            data = torch.load(path / PICKLE_FILE, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for hostile or broken pickles
-            raise ForeignFormatError(f"refused by the safe unpickler ({type(exc).__name__})",
-                                     path=path / PICKLE_FILE, hint="the file is not a plain tensor dict") from None
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise ForeignFormatError("pickle does not hold a dict of tensors", path=path / PICKLE_FILE,
-                                     hint="the file is not a PEFT adapter")
-        return data
+        return load_pickled_tensors(path / PICKLE_FILE, allow_pickle, "the only weights file, adapter_model.bin,")
     raise InputIOError(f"no {WEIGHTS_FILE} (or {PICKLE_FILE})", path=path, hint="the adapter directory is incomplete")
 
 

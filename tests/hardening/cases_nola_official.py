@@ -95,7 +95,7 @@ CASES = [
     Case("nola vit layer without beta", vit(lambda s: s.pop("fc2_beta_000")), 1,
          r"vit\.safetensors: fc2 of block 0 lacks alpha or beta; the checkpoint is incomplete"),
     Case("nola gpt2 pickle without --allow-pickle", gpt2("--nola-alpha", "8", *GPU), 2,
-         r"model\.100\.pt: official NOLA GPT-2/LLaMA checkpoints are pickles; .*pass --allow-pickle"),
+         r"model\.100\.pt: an official NOLA GPT-2 checkpoint is a pickle; .*pass --allow-pickle"),
     Case("nola gpt2 malicious pickle with --allow-pickle", gpt2_malicious, 1,
          r"model\.100\.pt: refused by the safe unpickler \(UnpicklingError\)", check=no_marker,
          runner=run_subprocess),

@@ -146,7 +146,8 @@ CASES = [
     Case("peft weights NaN", weights_edit(nonfinite_weights), 1, r"peft: tensor .* 1 NaN/Inf"),
     Case("peft no weights file", no_weights, 2, r"peft: no adapter_model\.safetensors \(or adapter_model\.bin\)"),
     Case("peft pickle-only .bin refused", pickle_only(False), 2,
-         r"adapter_model\.bin: only a pickle .*; pickle can execute code; pass --allow-pickle"),
+         r"adapter_model\.bin: the only weights file, adapter_model\.bin, is a pickle; pickle can execute code; "
+         r"pass --allow-pickle"),
     Case("peft pickle .bin with --allow-pickle reads", pickle_only(True), 0, r"overall lossless",
          creates=("out.safetensors",)),
     Case("malicious pickle (raw) with --allow-pickle", malicious_pickle(False), 1,
