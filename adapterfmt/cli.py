@@ -71,7 +71,7 @@ def inspect(file: Path, as_json: bool):
       adapterfmt inspect adapter.safetensors
       adapterfmt inspect adapter.safetensors --json | jq .parameter_count
     """
-    from .inspect import format_inspection, inspect_adapter
+    from .inspection import format_inspection, inspect_adapter
     info = inspect_adapter(file)
     if as_json:
         _emit_json(info)
@@ -93,7 +93,7 @@ def validate(file: Path, base: Path | None, as_json: bool):
       adapterfmt validate adapter.safetensors
       adapterfmt validate adapter.safetensors --base ./base-model --json
     """
-    from .validate import validate as run_validate
+    from .validation import validate as run_validate
     result = run_validate(file, base)
     if as_json:
         _emit_json(result.to_dict())
@@ -156,7 +156,7 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
       adapterfmt convert lora.safetensors nola.safetensors --method nola --nola-basis 1024 --seed 7
       adapterfmt convert vit_nola.safetensors out.safetensors --from nola_official --nola-rank 1
     """
-    from .convert import convert as run_convert
+    from .conversion import convert as run_convert
     if sum([compact, new_rank is not None, energy is not None]) > 1:
         from .errors import UsageError
         raise UsageError("use only one of --compact, --rank, --energy")

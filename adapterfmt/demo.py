@@ -55,10 +55,10 @@ def run_demo(out_dir: Path | str | None = None) -> Iterator[str]:
         >>> for line in run_demo():  # doctest: +SKIP
         ...     print(line)
     """
-    from .convert import convert
+    from .conversion import convert
     from .engine.merge import merge
-    from .inspect import format_inspection, inspect_adapter
-    from .validate import validate
+    from .inspection import format_inspection, inspect_adapter
+    from .validation import validate
 
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="adapterfmt-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def _make_nola(path: Path, base: Path) -> Path:
     from .engine.checkpoint import BaseCheckpoint
     from .format import Adapter, BaseWeight, Manifest, write_adapter
     from .methods.nola import derive_seed, nola_module
-    from .validate import bind_base
+    from .validation import bind_base
     ckpt = BaseCheckpoint(base)
     gen = torch.Generator().manual_seed(3)
     manifest, tensors = Manifest(), {}

@@ -10,7 +10,7 @@ from adapterfmt.format import read_adapter
 from adapterfmt.format.container import read_header
 from adapterfmt.methods import get_method
 from adapterfmt.nola_generator_numpy import nola_basis_numpy
-from adapterfmt.validate import validate
+from adapterfmt.validation import validate
 
 VECTORS = Path(__file__).resolve().parents[1] / "spec" / "vectors"
 ADAPTER, EXPECTED = VECTORS / "nola_small.safetensors", VECTORS / "nola_small.expected.safetensors"

@@ -106,7 +106,7 @@ def check_adapters(adapters: list[tuple[Adapter, float]], base: StreamingCheckpo
 
     ``paths`` name the adapter files in the messages.
     """
-    from ..validate import bind_base
+    from ..validation import bind_base
     for (adapter, _), path in zip(adapters, paths or [None] * len(adapters)):
         for target, entry in adapter.manifest.modules.items():
             shape = base.shape(entry.base_weight)

@@ -17,7 +17,7 @@ from ..errors import ForeignFormatError
 from ..format import Adapter
 from ..format.fingerprint import dtype_name
 from ..methods._principal import init_relative_params, tensor_refs
-from ..validate import canonical_base
+from ..validation import canonical_base
 
 NITER_RE = re.compile(r"^pissa_niter_(\d+)$")
 

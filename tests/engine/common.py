@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from adapterfmt.convert import convert
+from adapterfmt.conversion import convert
 from adapterfmt.format import Adapter, Manifest, ModuleEntry, TensorRef
 from adapterfmt.methods import get_method
 from adapterfmt.methods.base import AdapterMethod

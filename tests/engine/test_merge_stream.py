@@ -75,7 +75,7 @@ def test_gpt2_conv1d_fan_in_fan_out_bit_identical(tmp_path):
 
 def derived_adapter(method: str, lora_path, out):
     """An adapter of ``method`` on the same modules as a real PEFT LoRA (for methods PEFT lacks)."""
-    from adapterfmt.convert import convert_methods
+    from adapterfmt.conversion import convert_methods
     from adapterfmt.format import write_adapter
     from adapterfmt.methods._principal import init_relative_params, tensor_refs
     from adapterfmt.methods.sorsa import sorsa_params

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapterfmt.convert import convert
+from adapterfmt.conversion import convert
 from adapterfmt.errors import ForeignFormatError, UsageError
 from adapterfmt.formats.gguf_lora import BLOCK_NAMES, TOP_NAMES, hf_to_gguf
 from tests.helpers import peft_merged_state

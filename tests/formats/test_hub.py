@@ -7,11 +7,11 @@ import pytest
 from click.testing import CliRunner
 
 from adapterfmt.cli import main
-from adapterfmt.convert import convert
+from adapterfmt.conversion import convert
 from adapterfmt.errors import InputIOError
 from adapterfmt.hub import parse_hub, resolve_path
-from adapterfmt.inspect import inspect_adapter
-from adapterfmt.validate import validate
+from adapterfmt.inspection import inspect_adapter
+from adapterfmt.validation import validate
 
 COMMIT, TAGGED = "a" * 40, "b" * 40
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapterfmt.convert import convert
+from adapterfmt.conversion import convert
 from adapterfmt.engine.merge import merge
 from adapterfmt.errors import ForeignFormatError, PickleRefusedError, UsageError
 from adapterfmt.format import read_adapter
@@ -15,7 +15,7 @@ from adapterfmt.formats import detect_format
 from adapterfmt.methods import get_method
 from adapterfmt.nola_cuda_emulation import cuda_uniform_range, total_threads
 from adapterfmt.nola_generator_numpy import philox4x32_10_numpy
-from adapterfmt.validate import validate
+from adapterfmt.validation import validate
 from tests.helpers import tiny_gpt2
 
 DIM, HIDDEN, RANK, KA, KB = 16, 64, 2, 8, 6

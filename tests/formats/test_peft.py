@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapterfmt.convert import convert
+from adapterfmt.conversion import convert
 from adapterfmt.engine.merge import merge
 from adapterfmt.errors import ForeignFormatError, PickleRefusedError
 from adapterfmt.format import read_adapter

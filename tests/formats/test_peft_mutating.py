@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterfmt.convert import convert
+from adapterfmt.conversion import convert
 from adapterfmt.engine.merge import merge
 from adapterfmt.errors import ForeignFormatError
 from adapterfmt.format import read_adapter
-from adapterfmt.validate import validate
+from adapterfmt.validation import validate
 from tests.helpers import load_model, logits, peft_logits, peft_merged_state, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapterfmt.convert import convert
+from adapterfmt.conversion import convert
 from adapterfmt.engine.merge import merge
 from adapterfmt.errors import ForeignFormatError, UsageError
 from adapterfmt.format import read_adapter
-from adapterfmt.validate import validate
+from adapterfmt.validation import validate
 from tests.helpers import load_model, logits, peft_logits, tiny_llama
 
 TARGETS = ("q_proj", "v_proj", "up_proj")

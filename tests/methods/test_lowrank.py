@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from adapterfmt.cli import main
-from adapterfmt.convert import convert
+from adapterfmt.conversion import convert
 from adapterfmt.format import read_adapter
 from adapterfmt.lowrank import compact
 from adapterfmt.methods import get_method

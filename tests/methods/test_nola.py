@@ -10,17 +10,17 @@ from safetensors.torch import load_file
 
 import adapterfmt.nola_bases as nb
 from adapterfmt.cli import main
-from adapterfmt.convert import convert, convert_methods
+from adapterfmt.conversion import convert, convert_methods
 from adapterfmt.engine.checkpoint import BaseCheckpoint
 from adapterfmt.engine.merge import merge
 from adapterfmt.format import Adapter, Manifest, read_adapter, write_adapter
 from adapterfmt.format.container import read_header
-from adapterfmt.inspect import inspect_adapter
+from adapterfmt.inspection import inspect_adapter
 from adapterfmt.methods import get_method
 from adapterfmt.methods.nola import derive_seed, nola_module
 from adapterfmt.nola_generator import basis_fingerprint, nola_basis
 from adapterfmt.report import ConversionReport
-from adapterfmt.validate import validate
+from adapterfmt.validation import validate
 from tests.helpers import tiny_llama
 
 TARGETS = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]

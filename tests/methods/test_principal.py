@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterfmt.convert import convert_methods
+from adapterfmt.conversion import convert_methods
 from adapterfmt.engine.merge import merge
 from adapterfmt.errors import AdapterFmtError
 from adapterfmt.format import Adapter, BaseWeight, Manifest, ModuleEntry, read_adapter, write_adapter

@@ -13,7 +13,7 @@ from .hub import is_hub, resolve_path
 from .format.container import require_finite
 from .formats import ReadOptions, detect_format, get_format
 from .methods import get_method
-from .validate import bind_base
+from .validation import bind_base
 from .report import LOSSLESS, LOSSY, ConversionReport
 
 
