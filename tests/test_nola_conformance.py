@@ -13,7 +13,7 @@ from adapterfmt.nola_generator_numpy import nola_basis_numpy
 from adapterfmt.validation import validate
 
 VECTORS = Path(__file__).resolve().parents[1] / "spec" / "vectors"
-ADAPTER, EXPECTED = VECTORS / "nola_small.safetensors", VECTORS / "nola_small.expected.safetensors"
+ADAPTER, EXPECTED = VECTORS / "v1.0" / "nola_small.safetensors", VECTORS / "v1.0" / "nola_small.expected.safetensors"
 
 
 def test_vectors_are_tiny_and_validate():

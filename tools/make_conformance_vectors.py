@@ -54,7 +54,7 @@ def lora_delta64(a, b, scale):
 def write(name, adapter, expected):
     adapter.manifest.created_by = "adapterfmt conformance generator"
     adapter.manifest.base.name_or_path = "adapterfmt/conformance-base"
-    write_adapter(adapter, OUT / f"{name}.safetensors")
+    write_adapter(adapter, OUT / f"{name}.safetensors", overwrite=True)
     save_file({k: v.float().contiguous() for k, v in expected.items()}, str(OUT / f"{name}.expected.safetensors"))
 
 

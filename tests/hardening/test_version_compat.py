@@ -30,6 +30,8 @@ PINNED = {
         "97e6432c542b0757699c67ae48704544402808a000c1e3570fb88308947b6250",
     "lora_rank_alpha_rslora.expected.safetensors": "13737ea91c26c956834f619f8273151fc9598f912802dca506f618c587c5c271",
     "lora_rank_alpha_rslora.safetensors": "f7a4b8f61a10d78bd15793216634c5c96ed33915aa99df640370c81b9ba67d7d",
+    "nola_small.expected.safetensors": "8cb372b6a8484665d9d8fcffe35f16420fe93f7b1a02b4be42b6d8c40a6b2ef6",
+    "nola_small.safetensors": "05c4a8a5890322c579a212e67822156c43a70e2c74085491dcb1c69ed179a276",
 }
 ADAPTERS = sorted(n for n in PINNED if not n.endswith(".expected.safetensors") and n != "base.safetensors")
 

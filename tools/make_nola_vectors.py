@@ -1,6 +1,6 @@
 """Regenerate the NOLA conformance vectors (run from the repository root):
 
-    python spec/vectors/make_nola_vectors.py
+    python tools/make_nola_vectors.py
 
 Writes ``nola_small.safetensors`` (a NOLA adapter: coefficients, offsets, seeds; no basis) and
 ``nola_small.expected.safetensors`` (ΔW per module, float64, computed from the fp32 basis
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's adapterfmt, not an installed one
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's adapterfmt, not an installed one
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -20,7 +20,7 @@ from adapterfmt.format import Adapter, Manifest, write_adapter
 from adapterfmt.methods.nola import nola_module
 from adapterfmt.nola_generator import nola_basis
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "spec" / "vectors" / "v1.0"
 # (target, (out, in), rank, scale, (seed A, k), (seed B, l), offsets)
 MODULES = [
     ("model.layers.0.self_attn.q_proj", (8, 6), 2, 0.5, (1, 5), (2, 4), False),
@@ -57,7 +57,7 @@ def main() -> None:
         tensors.update({entry.tensors[r].name: t for r, t in parts.items()})
         expected[target] = expected_delta(entry, parts)
     manifest.created_by = "adapterfmt conformance vectors"
-    write_adapter(Adapter(manifest=manifest, tensors=tensors), HERE / "nola_small.safetensors")
+    write_adapter(Adapter(manifest=manifest, tensors=tensors), HERE / "nola_small.safetensors", overwrite=True)
     save_file(expected, str(HERE / "nola_small.expected.safetensors"), metadata={"format": "pt"})
 
 
