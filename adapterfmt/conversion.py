@@ -14,7 +14,7 @@ from .format.container import require_finite
 from .formats import ReadOptions, detect_format, get_format
 from .methods import get_method
 from .validation import bind_base
-from .report import LOSSLESS, LOSSY, ConversionReport
+from .report import LOSSLESS, LOSSY, ConversionReport, progress
 
 
 def convert_methods(adapter: Adapter, to: str, options: dict[str, Any], report: ConversionReport) -> Adapter:
@@ -25,7 +25,7 @@ def convert_methods(adapter: Adapter, to: str, options: dict[str, Any], report: 
     """
     manifest = adapter.manifest
     tensors = dict(adapter.tensors)
-    for target, entry in list(manifest.modules.items()):
+    for target, entry in progress(list(manifest.modules.items()), f"convert to {to}"):
         if entry.method == to:
             continue
         method = get_method(entry.method)

@@ -17,7 +17,7 @@ from .format import Adapter, BaseWeight, Manifest, ModuleEntry, write_adapter
 from .lowrank import compact, plain_alpha, truncated_svd
 from .methods._principal import tensor_refs
 from .methods.lora import lora_params
-from .report import EXACT_MATH, LOSSY, ConversionReport
+from .report import EXACT_MATH, LOSSY, ConversionReport, progress
 
 RESIZABLE = ("lora", "dora")
 
@@ -34,7 +34,7 @@ def resize_adapter(adapter: Adapter, report: ConversionReport, *, rank: int | No
     if rank is not None and rank < 1:
         raise UsageError(f"--rank must be at least 1, got {rank}")
     tensors = dict(adapter.tensors)
-    for target, entry in adapter.manifest.modules.items():
+    for target, entry in progress(list(adapter.manifest.modules.items()), "resize"):
         if entry.method not in RESIZABLE:
             raise UsageError(f"module {target!r} is {entry.method}; only LoRA/DoRA ranks can be changed",
                              hint="convert it to LoRA first (--method lora)")
@@ -90,7 +90,7 @@ def extract(base_dir: Path | str, tuned_dir: Path | str, out: Path | str, *, ran
     _check_same_model(base, tuned, Path(tuned_dir))
     targets = set(_default_targets(base, tuned))
     skipped = []
-    for name in base.names():
+    for name in progress(base.names(), "extract"):
         if name not in tuned or base.shape(name) != tuned.shape(name):
             continue
         w0, w1 = base.get(name), tuned.get(name)

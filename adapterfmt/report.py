@@ -1,9 +1,21 @@
 """Conversion reports: per module, was it lossless, scale-folded or lossy, and by how much."""
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
+from typing import Iterable, TypeVar
 
 import torch
+
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
+    """A progress bar on stderr for long per-module work, shown only on a terminal."""
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, total=total, unit="module", file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty())
+
 
 LOSSLESS = "lossless"  # bit-exact tensors, same scale
 EXACT_MATH = "exact"  # exact in real arithmetic; fp32 rounding only (e.g. alpha rewritten)
