@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..jsonio import read_json_file
 from ..errors import BaseMismatchError, InputIOError, PickleRefusedError
-from ..format.fingerprint import tensor_fingerprint
+from .tensorio import TensorSpan, read_spans, span_fingerprint
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -131,8 +131,18 @@ class BaseCheckpoint:
         self._require(name)
         return self._open(self._where[name]).get_tensor(name)
 
+    @cached_property
+    def spans(self) -> dict[str, TensorSpan]:
+        """Every tensor's byte span (from the shard headers; no data read)."""
+        spans: dict[str, TensorSpan] = {}
+        for shard in self.shard_files:
+            spans.update(read_spans(shard)[0])
+        return spans
+
     def fingerprint(self, name: str) -> str:
-        return tensor_fingerprint(self.get(name))
+        """The tensor's fingerprint, touching only the sampled pages (not the whole tensor)."""
+        self._require(name)
+        return span_fingerprint(self.spans[name])
 
     def iter_shards(self) -> Iterator[tuple[Path, list[str]]]:
         for shard in self.shard_files:

@@ -13,7 +13,7 @@ from ..errors import BaseMismatchError, UsageError
 from ..format import Adapter, Payload
 from ..format.fingerprint import dtype_name
 from .checkpoint import BaseCheckpoint
-from .tensorio import TensorSpan, read_spans, span_fingerprint
+from .tensorio import TensorSpan
 from .writer import OutTensor
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -21,23 +21,13 @@ OUT_DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
 class StreamingCheckpoint(BaseCheckpoint):
-    """A BaseCheckpoint that also knows every tensor's byte span, and fingerprints by mapping one tensor.
+    """A BaseCheckpoint read in file order, for the streaming engine.
 
     Example:
         >>> ckpt = StreamingCheckpoint("tiny-llama")  # doctest: +SKIP
         >>> ckpt.spans["lm_head.weight"].nbytes  # doctest: +SKIP
         32768
     """
-
-    def __init__(self, path: Path | str):
-        super().__init__(path)
-        self.spans: dict[str, TensorSpan] = {}
-        for shard in self.shard_files:
-            self.spans.update(read_spans(shard)[0])
-
-    def fingerprint(self, name: str) -> str:
-        self._require(name)
-        return span_fingerprint(self.spans[name])
 
     def ordered(self) -> list[TensorSpan]:
         """Spans in shard order, then file order (sequential reads)."""
