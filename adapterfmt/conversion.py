@@ -8,7 +8,7 @@ from .atomic import check_output_path
 from .engine.checkpoint import BaseCheckpoint
 from .errors import LossyConversionError
 from .format import Adapter
-from .formats._lowrank import base_config_summary
+from .formats._shared import base_config_summary
 from .hub import is_hub, resolve_path
 from .format.container import require_finite
 from .formats import ReadOptions, detect_format, get_format

@@ -9,17 +9,7 @@ import math
 
 import torch
 
-
-def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` means the GPU when one is present, else the CPU.
-
-    Example:
-        >>> pick_device("cpu")
-        device(type='cpu')
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from .engine.devices import resolve_device
 
 
 def numerical_rank_threshold(sigma_max: float, shape: tuple[int, int], q: int, dtype: torch.dtype) -> float:
@@ -41,7 +31,7 @@ def factor_core(a: torch.Tensor, b: torch.Tensor, device: str = "auto"
         >>> s.shape
         torch.Size([2])
     """
-    dev = pick_device(device)
+    dev = resolve_device(device)
     a64, b64 = a.to(dev, torch.float64), b.to(dev, torch.float64)
     qb, rb = torch.linalg.qr(b64)  # out×q, q×q
     qa, ra = torch.linalg.qr(a64.t())  # in×q, q×q
@@ -114,7 +104,7 @@ def truncated_svd(delta: torch.Tensor, rank: int, device: str = "auto"
         >>> a.shape, b.shape
         (torch.Size([2, 5]), torch.Size([6, 2]))
     """
-    dev = pick_device(device)
+    dev = resolve_device(device)
     u, s, vh = torch.linalg.svd(delta.to(dev, torch.float32), full_matrices=False)
     rank = max(1, min(int(rank), s.numel()))
     root = s[:rank].sqrt()

@@ -23,7 +23,7 @@ from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, Manifest
 from ..methods.lora import lora_params
 from ..report import LOSSLESS
-from ._lowrank import add_lowrank_module, fold_to_global, known_base_config, most_common, require_linear
+from ._shared import add_lowrank_module, fold_to_global, known_base_config, most_common, require_linear
 from .base import AdapterFormat, register_format
 
 #: HF architecture -> (GGUF general.architecture, whether convert_hf_to_gguf RoPE-permutes q/k rows).

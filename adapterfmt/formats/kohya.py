@@ -24,7 +24,7 @@ from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, Manifest
 from ..methods.lora import lora_params
 from ..report import EXACT_MATH, LOSSLESS
-from ._lowrank import add_lowrank_module, most_common, require_linear
+from ._shared import add_lowrank_module, most_common, require_linear
 from .base import AdapterFormat, register_format
 
 PREFIX = "lora_transformer"

@@ -24,7 +24,7 @@ from ..jsonio import read_json_file
 from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, Manifest
 from ..report import LOSSLESS
-from ._lowrank import (add_lowrank_module, fold_to_global, known_base_config, lora_params_exact, most_common,
+from ._shared import (add_lowrank_module, fold_to_global, known_base_config, lora_params_exact, most_common,
                        require_linear)
 from .base import AdapterFormat, register_format
 
