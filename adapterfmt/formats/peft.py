@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from ..atomic import atomic_directory
 from ..errors import ForeignFormatError, InputIOError, UsageError
 from ..format import Adapter, BaseWeight, Manifest, ModuleEntry, Payload, TensorRef
 from ..jsonio import read_json_file
+from ._shared import most_common
 from ._files import load_pickled_tensors, load_safetensors
 from ..format.fingerprint import dtype_name
 from ..methods.lora import lora_params
@@ -242,10 +242,6 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
 
 
 # ------------------------------------------------------------------------ export
-def _common(values: list[Any]) -> Any:
-    return Counter(values).most_common(1)[0][0]
-
-
 def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Build a PEFT config and state dict; refuses what one PEFT config cannot express."""
     manifest = adapter.manifest
@@ -264,7 +260,7 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
     if len(fifo) > 1:
         raise UsageError("PEFT has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",
                          hint="export the two groups as separate adapters")
-    use_rslora = _common([bool(e.params["use_rslora"]) for e in entries.values()])
+    use_rslora = most_common([bool(e.params["use_rslora"]) for e in entries.values()])
     ranks, alphas = {}, {}
     for target, e in entries.items():
         alpha = e.params["alpha"]
@@ -272,7 +268,7 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
             # Express this module in the other scale rule with the same scale.
             alpha = e.params["scale"] * (math.sqrt(e.params["rank"]) if use_rslora else e.params["rank"])
         ranks[target], alphas[target] = int(e.params["rank"]), _plain_number(alpha)
-    r, lora_alpha = _common(list(ranks.values())), _common(list(alphas.values()))
+    r, lora_alpha = most_common(list(ranks.values())), most_common(list(alphas.values()))
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
         "use_dora": methods == {"dora"}, "fan_in_fan_out": bool(fifo and fifo.pop()),
