@@ -117,7 +117,7 @@ def test_convert_report_and_help(adapter, tmp_path):
     assert code == 0 and "overall lossless" in out
     code, out = run_cli("convert", adapter, tmp_path / "peft-out", "--to", "peft")
     assert_one_line_error(code, out, 2, "output already exists")
-    for command in ("inspect", "validate", "convert", "merge", "demo"):
+    for command in ("inspect", "validate", "convert", "extract", "merge", "unmerge", "demo"):
         code, out = run_cli(command, "--help")
         assert code == 0 and "Example" in out
 
