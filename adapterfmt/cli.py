@@ -324,7 +324,8 @@ def unmerge(merged, adapters, out, base, device, shard_size, force, overwrite, a
     if summary.verification and not as_json:
         v = summary.verification
         click.echo(f"verified against {base}: {v['fraction_exact']:.4%} of {v['elements_compared']} changed "
-                   f"elements restored bit-exactly; largest error {v['max_error_ulps']} ulp(s)")
+                   f"elements restored bit-exactly; largest error {v['max_error_ulps']} ulp(s) of the base value, "
+                   f"{v['max_error_merged_ulps']:.2f} ulp(s) of the merged value (its rounding bounds the error)")
 
 
 @main.command()
