@@ -18,24 +18,28 @@ __version__ = "0.1.0"
 # Imported on first use, so that `import adapterfmt` (and `adapterfmt --help`) stays fast.
 # No name here is also a submodule name: importing a submodule would replace the function.
 _API = {
-    "convert": "adapterfmt.conversion",
-    "validate": "adapterfmt.validation",
-    "inspect_adapter": "adapterfmt.inspection",
-    "merge": "adapterfmt.engine.merge",
-    "unmerge": "adapterfmt.engine.unmerge",
-    "extract": "adapterfmt.rank",
-    "read_adapter": "adapterfmt.format",
-    "write_adapter": "adapterfmt.format",
-    "nola_basis": "adapterfmt.nola_generator",
-    "run_demo": "adapterfmt.demo",
+    "convert": "adapterfmt.ops.convert",
+    "validate": "adapterfmt.ops.validate",
+    "inspect_adapter": "adapterfmt.ops.inspection",
+    "merge": "adapterfmt.ops.merge",
+    "unmerge": "adapterfmt.ops.merge",
+    "extract": "adapterfmt.ops.extract",
+    "read_adapter": "adapterfmt.ops.load",
+    "write_adapter": "adapterfmt.methods",
+    "nola_basis": "adapterfmt.methods.nola",
+    "run_demo": "adapterfmt.ops.demo",
 }
 
 __all__ = ["__version__", *_API]
 
 
+#: API name -> the attribute's name in its module, where the two differ.
+_RENAMED = {"read_adapter": "load_adapter", "write_adapter": "write_checked_adapter"}
+
+
 def __getattr__(name: str):
     if name in _API:
-        value = getattr(importlib.import_module(_API[name]), name)
+        value = getattr(importlib.import_module(_API[name]), _RENAMED.get(name, name))
         globals()[name] = value
         return value
     raise AttributeError(f"module 'adapterfmt' has no attribute {name!r}")

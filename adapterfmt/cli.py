@@ -71,7 +71,7 @@ def inspect(file: Path, as_json: bool):
       adapterfmt inspect adapter.safetensors
       adapterfmt inspect adapter.safetensors --json | jq .parameter_count
     """
-    from .inspection import format_inspection, inspect_adapter
+    from .ops.inspection import format_inspection, inspect_adapter
     info = inspect_adapter(file)
     if as_json:
         _emit_json(info)
@@ -93,7 +93,7 @@ def validate(file: Path, base: Path | None, as_json: bool):
       adapterfmt validate adapter.safetensors
       adapterfmt validate adapter.safetensors --base ./base-model --json
     """
-    from .validation import validate as run_validate
+    from .ops.validate import validate as run_validate
     result = run_validate(file, base)
     if as_json:
         _emit_json(result.to_dict())
@@ -107,10 +107,65 @@ def validate(file: Path, base: Path | None, as_json: bool):
     sys.exit(result.exit_code)
 
 
+class BasisSizes(click.ParamType):
+    """``--nola-basis K[,L]``: the NOLA basis sizes of the A and B sides."""
+
+    name = "K[,L]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            sizes = [int(v) for v in str(value).split(",")]
+        except ValueError:
+            sizes = []
+        if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
+            self.fail(f"{value!r} must be K or K,L with positive integers", param, ctx)
+        return sizes[0], sizes[-1]
+
+
+def format_option_decorators():
+    """click options generated from every format's typed options (one declaration per option).
+
+    The help text is the model field's description plus the formats that take it.
+    """
+    from .formats import FORMATS
+    from .ops.convert import option_fields
+    owners = option_fields()
+    seen: dict[str, object] = {}
+    for fmt in FORMATS:
+        for model in (fmt.read_options, fmt.write_options):
+            for name, info in model.model_fields.items():
+                seen.setdefault(name, info)
+    decorators = []
+    for name, info in seen.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{info.description or ''} [{', '.join(owners[name])}]".strip()
+        if info.annotation is bool:
+            decorators.append(click.option(flag, name, is_flag=True, default=None, help=help_text))
+        else:
+            kind = _click_type(info.annotation)
+            decorators.append(click.option(flag, name, type=kind, default=None, help=help_text))
+    return decorators
+
+
+def _click_type(annotation):
+    """The click type of a pydantic field annotation (``int | None`` -> INT, ``Path | None`` -> Path)."""
+    args = [a for a in getattr(annotation, "__args__", (annotation,)) if a is not type(None)]
+    table = {int: click.INT, float: click.FLOAT, str: click.STRING, Path: click.Path(path_type=Path)}
+    return table.get(args[0], click.STRING) if args else click.STRING
+
+
+def with_format_options(command):
+    for decorator in reversed(format_option_decorators()):
+        command = decorator(command)
+    return command
+
+
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--to", "to", default="adapterfmt", show_default=True, help="Target format.")
+@click.option("--to", "to", default=None, help="Target format (default: from DST's suffix, else adapterfmt).")
 @click.option("--from", "source_format", default=None, help="Source format (auto-detected by default).")
 @click.option("--base", type=click.Path(path_type=Path), help="Base model: records shapes, dtypes, fingerprints.")
 @click.option("--method", default=None, help="Convert every module to this method (e.g. lora).")
@@ -118,29 +173,25 @@ def validate(file: Path, base: Path | None, as_json: bool):
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (atomically).")
 @click.option("--strict", is_flag=True, help="Fail, writing nothing, if any module would be lossy "
               "(scale folding is exact up to fp32 rounding and is allowed).")
-@click.option("--init-snapshot", type=click.Path(path_type=Path), default=None,
-              help="Saved untrained init (PEFT adapter dir or SORSA post-init snapshot) for OLoRA/PiSSA/SORSA.")
 @click.option("--compact", is_flag=True, help="Re-factor LoRA modules at their numerical rank (exact).")
-@click.option("--rank", "new_rank", type=int, default=None, help="Truncate LoRA modules to this rank (lossy).")
-@click.option("--energy", type=float, default=None, help="Keep this fraction of each ΔW's energy (lossy).")
-@click.option("--device", default="auto", show_default=True, help="Device for the SVDs (auto: GPU if present).")
+@click.option("--rank", "new_rank", type=click.IntRange(min=1), default=None,
+              help="Truncate LoRA modules to this rank (lossy).")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Keep this fraction of each ΔW's energy (lossy).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Device for the SVDs (auto: GPU if present).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO",
               help="Upload DST to this Hugging Face model repo afterwards (needs a login token).")
-@click.option("--nola-basis", default=None, metavar="K[,L]", help="NOLA basis sizes for --method nola.")
+@click.option("--nola-basis", type=BasisSizes(), default=None, help="NOLA basis sizes for --method nola.")
 @click.option("--seed", type=int, default=None, help="Master seed for NOLA bases (per-module seeds are derived).")
-@click.option("--nola-rank", type=int, default=None, help="Official NOLA import: rank r (not stored by ViT/GPT-2).")
-@click.option("--nola-alpha", type=float, default=None, help="Official NOLA GPT-2 import: lora alpha (not stored).")
-@click.option("--cuda-sm-count", type=int, default=None, help="Official NOLA GPT-2/LLaMA: the training GPU's SM count.")
-@click.option("--cuda-threads-per-sm", type=int, default=None, help="... and its max threads per SM (e.g. 2048).")
-@click.option("--nola-materialise", is_flag=True,
-              help="Official NOLA GPT-2/LLaMA without GPU geometry: regenerate on this CUDA device, store LoRA.")
-def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, strict, init_snapshot, compact,
-            new_rank, energy, device, as_json, push_to_hub, nola_basis, seed, nola_rank, nola_alpha, cuda_sm_count,
-            cuda_threads_per_sm, nola_materialise):
+@with_format_options
+def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, strict, compact, new_rank, energy,
+            device, as_json, push_to_hub, nola_basis, seed, **format_options):
     """Convert an adapter between formats and methods, printing a per-module report.
 
-    Formats (--to/--from): adapterfmt, peft, gguf (llama.cpp), kohya (A1111/ComfyUI), mlx (MLX-LM).
+    Formats (--to/--from): adapterfmt, peft, gguf (llama.cpp), kohya (A1111/ComfyUI), mlx (MLX-LM);
+    read only: nola_official, sorsa_official. Without --to, DST's suffix decides (.gguf -> gguf).
     SRC and --base may be hf://owner/repo[@revision][/subfolder] (Hub cache; HF_HUB_OFFLINE honoured).
     Every module is reported as lossless (bit-exact), exact (same maths, fp32 rounding),
     scale_folded (scale moved into B; ΔW error measured) or lossy (with measured error).
@@ -151,27 +202,24 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
       adapterfmt convert adapter.safetensors ./peft-out --to peft
       adapterfmt convert ./raw-pissa pissa.safetensors --base ./original-base
       adapterfmt convert pissa.safetensors small.safetensors --compact
-      adapterfmt convert hf://org/lora adapter.gguf --to gguf --base hf://org/base-model
+      adapterfmt convert hf://org/lora adapter.gguf --base hf://org/base-model
       adapterfmt convert adapter.safetensors ./mlx-adapter --to mlx --json
       adapterfmt convert lora.safetensors nola.safetensors --method nola --nola-basis 1024 --seed 7
       adapterfmt convert vit_nola.safetensors out.safetensors --from nola_official --nola-rank 1
     """
-    from .conversion import convert as run_convert
+    from .errors import UsageError
+    from .ops.convert import convert as run_convert
     if sum([compact, new_rank is not None, energy is not None]) > 1:
-        from .errors import UsageError
         raise UsageError("use only one of --compact, --rank, --energy")
     resize = None
     if compact or new_rank is not None or energy is not None:
         resize = {"rank": new_rank, "energy": energy, "device": device}
-    options = _nola_options(nola_basis, seed, nola_rank, nola_alpha, cuda_sm_count, cuda_threads_per_sm,
-                            nola_materialise)
-    if init_snapshot:
-        options["init_snapshot"] = init_snapshot
+    method_options = {k: v for k, v in {"nola_basis": nola_basis, "seed": seed}.items() if v is not None}
     report = run_convert(src, dst, to=to, source_format=source_format, base=base, method=method,
-                         allow_pickle=allow_pickle, overwrite=overwrite, strict=strict, method_options=options,
-                         resize=resize)
+                         allow_pickle=allow_pickle, overwrite=overwrite, strict=strict,
+                         method_options=method_options, format_options=format_options, resize=resize)
     if push_to_hub:
-        from .hub import push_to_hub as run_push
+        from .ops.hub import push_to_hub as run_push
         report.notes.append(f"uploaded to {run_push(dst, push_to_hub)}")
     if as_json:
         _emit_json(report.to_dict())
@@ -195,7 +243,7 @@ def extract(base, tuned, rank, device, overwrite, as_json, out):
     Example:
       adapterfmt extract --base ./base-model --tuned ./finetuned --rank 16 lora.safetensors
     """
-    from .rank import extract as run_extract
+    from .ops.extract import extract as run_extract
     report = run_extract(base, tuned, out, rank=rank, device=device, overwrite=overwrite)
     if as_json:
         _emit_json(report.to_dict())
@@ -204,50 +252,41 @@ def extract(base, tuned, rank, device, overwrite, as_json, out):
         click.echo(f"wrote {out}")
 
 
-def _nola_options(basis, seed, rank, alpha, sm_count, threads_per_sm, materialise) -> dict:
-    """NOLA-related convert options as ``method_options`` (only those given)."""
-    from .errors import UsageError
-    options: dict = {}
-    if basis:
-        try:
-            sizes = [int(v) for v in basis.split(",")]
-        except ValueError:
-            sizes = []
-        if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
-            raise UsageError(f"--nola-basis {basis!r} must be K or K,L with positive integers")
-        options["nola_basis"] = (sizes[0], sizes[-1])
-    given = {"seed": seed, "nola_rank": rank, "nola_alpha": alpha, "cuda_sm_count": sm_count,
-             "cuda_threads_per_sm": threads_per_sm}
-    options.update({k: v for k, v in given.items() if v is not None})
-    if materialise:
-        options["nola_materialise"] = True
-    return options
+class AdapterWeight(click.ParamType):
+    """``--adapter FILE[:WEIGHT]``: a path and its merge weight (1 when omitted)."""
+
+    name = "FILE[:WEIGHT]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        path, sep, weight = value.rpartition(":")
+        if sep and path and not Path(value).exists():
+            try:
+                return path, float(weight)
+            except ValueError:
+                pass
+        return value, 1.0
 
 
-def _parse_adapter_arg(value: str) -> tuple[str, float]:
-    path, sep, weight = value.rpartition(":")
-    if sep and path and not Path(value).exists():
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return value, 1.0
-
-
-def _parse_size(value: str | None) -> int | None:
+class ByteSize(click.ParamType):
     """``--shard-size``: bytes, optionally with a unit (5GB, 500MB, 2GiB)."""
-    if value is None:
-        return None
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    text = value.strip().upper()
-    number = text.rstrip("KMGIB")
-    try:
-        size = int(float(number) * units[text[len(number):]])
-    except (KeyError, ValueError):
-        raise click.BadParameter(f"{value!r} is not a size (e.g. 5000000000, 5GB, 500MiB)") from None
-    if size <= 0:
-        raise click.BadParameter("must be positive")
-    return size
+
+    name = "BYTES"
+    UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper()
+        number = text.rstrip("KMGIB")
+        try:
+            size = int(float(number) * self.UNITS[text[len(number):]])
+        except (KeyError, ValueError):
+            self.fail(f"{value!r} is not a size (e.g. 5000000000, 5GB, 500MiB)", param, ctx)
+        if size <= 0:
+            self.fail("must be positive", param, ctx)
+        return size
 
 
 def _print_stream_summary(summary, verb: str, out: Path, as_json: bool) -> None:
@@ -263,13 +302,14 @@ def _print_stream_summary(summary, verb: str, out: Path, as_json: bool) -> None:
 
 _DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                        help="Where ΔW is computed (auto: CUDA when available).")
-_SHARD = click.option("--shard-size", "shard_size", default=None, metavar="BYTES",
+_SHARD = click.option("--shard-size", "shard_size", type=ByteSize(), default=None,
                       help="Re-shard the output (bytes, or 5GB / 500MiB); default: like the input.")
 
 
 @main.command()
 @click.option("--base", required=True, type=click.Path(path_type=Path), help="Base model directory.")
-@click.option("--adapter", "adapters", required=True, multiple=True, help="FILE[:WEIGHT], repeatable.")
+@click.option("--adapter", "adapters", required=True, multiple=True, type=AdapterWeight(),
+              help="FILE[:WEIGHT], repeatable.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model directory.")
 @_DEVICE
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True)
@@ -287,16 +327,16 @@ def merge(base, adapters, out, device, dtype, shard_size, force, overwrite, as_j
       adapterfmt merge --base ./base-model --adapter adapter.safetensors --out ./merged
       adapterfmt merge --base ./base --adapter a.safetensors:0.7 --adapter b.safetensors:0.3 --out ./m
     """
-    from .engine.merge import merge as run_merge
-    summary = run_merge(base, [_parse_adapter_arg(a) for a in adapters], out, dtype=dtype, force=force,
-                        overwrite=overwrite, progress=not as_json and sys.stderr.isatty(), device=device,
-                        shard_size=_parse_size(shard_size))
+    from .ops.merge import merge as run_merge
+    summary = run_merge(base, list(adapters), out, dtype=dtype, force=force, overwrite=overwrite,
+                        progress=not as_json and sys.stderr.isatty(), device=device, shard_size=shard_size)
     _print_stream_summary(summary, "merged", out, as_json)
 
 
 @main.command()
 @click.option("--merged", required=True, type=click.Path(path_type=Path), help="Merged model directory.")
-@click.option("--adapter", "adapters", required=True, multiple=True, help="FILE[:WEIGHT] as merged, repeatable.")
+@click.option("--adapter", "adapters", required=True, multiple=True, type=AdapterWeight(),
+              help="FILE[:WEIGHT] as merged, repeatable.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model directory.")
 @click.option("--base", type=click.Path(path_type=Path), default=None,
               help="Original base: verify the result against it (needed for DoRA and replaced tensors).")
@@ -316,10 +356,9 @@ def unmerge(merged, adapters, out, base, device, shard_size, force, overwrite, a
       adapterfmt unmerge --merged ./merged --adapter adapter.safetensors --out ./restored
       adapterfmt unmerge --merged ./merged --adapter adapter.safetensors --out ./restored --base ./base-model
     """
-    from .engine.unmerge import unmerge as run_unmerge
-    summary = run_unmerge(merged, [_parse_adapter_arg(a) for a in adapters], out, base=base, force=force,
-                          overwrite=overwrite, progress=not as_json and sys.stderr.isatty(), device=device,
-                          shard_size=_parse_size(shard_size))
+    from .ops.merge import unmerge as run_unmerge
+    summary = run_unmerge(merged, list(adapters), out, base=base, force=force, overwrite=overwrite,
+                          progress=not as_json and sys.stderr.isatty(), device=device, shard_size=shard_size)
     _print_stream_summary(summary, "unmerged", out, as_json)
     if summary.verification and not as_json:
         v = summary.verification
@@ -340,7 +379,7 @@ def demo(out_dir):
     Example:
       adapterfmt demo --out ./demo-out
     """
-    from .demo import run_demo
+    from .ops.demo import run_demo
     for line in run_demo(out_dir):
         click.echo(line)
 

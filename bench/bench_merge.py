@@ -106,7 +106,7 @@ def build(work: Path, size_gb: float, shard_bytes: int) -> tuple[Path, Path, Pat
         {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 16, "lora_alpha": 32, "target_modules": LINEAR,
          "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
          "init_lora_weights": True, "base_model_name_or_path": str(base), "modules_to_save": None}))
-    from adapterfmt.conversion import convert
+    from adapterfmt.ops.convert import convert
     convert(peft_dir, native, base=base)
     stamp.touch()
     return base, peft_dir, native

@@ -39,7 +39,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--seed", type=int, default=2**40 + 12345)
     ap.add_argument("--chunk-counters", type=int, default=None,
-                    help="override adapterfmt.nola_generator.CHUNK_COUNTERS")
+                    help="override adapterfmt.methods.nola.generator.CHUNK_COUNTERS")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("CUDA requested but torch.cuda.is_available() is False")

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from adapterfmt.cli import main
-from adapterfmt.conversion import convert
+from adapterfmt.ops.convert import convert
 from adapterfmt.format.container import read_header
 
 from .helpers import make_peft_adapter, tiny_llama
@@ -136,8 +136,8 @@ def test_demo_runs_end_to_end(tmp_path):
 
 def test_python_api_mirrors_the_cli(adapter, llama_base, tmp_path):
     import adapterfmt
-    import adapterfmt.conversion  # noqa: F401  (a submodule import must not shadow the API function)
-    import adapterfmt.validation  # noqa: F401
+    import adapterfmt.ops.convert  # noqa: F401  (a submodule import must not shadow the API function)
+    import adapterfmt.ops.validate  # noqa: F401
     assert adapterfmt.validate(adapter, base=llama_base).valid
     assert adapterfmt.inspect_adapter(adapter)["module_count"] == 4
     assert adapterfmt.convert(adapter, tmp_path / "peft", to="peft").worst == "lossless"

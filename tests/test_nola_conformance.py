@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from adapterfmt.format import read_adapter
 from adapterfmt.format.container import read_header
 from adapterfmt.methods import get_method
-from adapterfmt.nola_generator_numpy import nola_basis_numpy
-from adapterfmt.validation import validate
+from adapterfmt.methods.nola.reference_numpy import nola_basis_numpy
+from adapterfmt.ops.validate import validate
 
 VECTORS = Path(__file__).resolve().parents[1] / "spec" / "vectors"
 ADAPTER, EXPECTED = VECTORS / "v1.0" / "nola_small.safetensors", VECTORS / "v1.0" / "nola_small.expected.safetensors"

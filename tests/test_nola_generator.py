@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import adapterfmt.nola_generator as g
-from adapterfmt.nola_generator import (GENERATOR_ID, GENERATOR_VERSION, _basis_range,
+import adapterfmt.methods.nola.generator as g
+from adapterfmt.methods.nola.generator import (GENERATOR_ID, GENERATOR_VERSION, _basis_range,
                                        basis_fingerprint, nola_basis, philox4x32_10)
-from adapterfmt.nola_generator_numpy import nola_basis_numpy, philox4x32_10_numpy
+from adapterfmt.methods.nola.reference_numpy import nola_basis_numpy, philox4x32_10_numpy
 
 # Random123 kat_vectors, "philox4x32 10": counter, key -> output (hex words).
 KATS = [

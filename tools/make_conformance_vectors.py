@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapterfmt.format import Adapter, BaseWeight, Manifest, ModuleEntry, Payload, TensorRef, write_adapter  # noqa: E402
-from adapterfmt.format.fingerprint import dtype_name, tensor_fingerprint  # noqa: E402
+from adapterfmt.format.dtypes import dtype_name
+from adapterfmt.format.fingerprint import tensor_fingerprint  # noqa: E402
 from adapterfmt.methods.lora import lora_params  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "spec" / "vectors" / "v1.0"

@@ -18,7 +18,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from adapterfmt.format import Adapter, Manifest, write_adapter
 from adapterfmt.methods.nola import nola_module
-from adapterfmt.nola_generator import nola_basis
+from adapterfmt.methods.nola.generator import nola_basis
 
 HERE = Path(__file__).resolve().parents[1] / "spec" / "vectors" / "v1.0"
 # (target, (out, in), rank, scale, (seed A, k), (seed B, l), offsets)

@@ -16,15 +16,16 @@ import torch
 
 from ..atomic import check_output_path
 from ..errors import UsageError
-from ..format import Adapter, read_adapter
+from ..format import Adapter
+from ..methods import read_checked_adapter
 from ..format.container import require_finite
 from ..methods import get_method
-from ..methods.base import AdapterMethod, take_rows
+from ..methods.descriptor import Method, take_rows
 from .devices import exact_math, resolve_device
 from .plan import (OUT_DTYPES, StreamingCheckpoint, TensorJob, Update, check_adapters, make_jobs,
                    shard_jobs)
 from .stream import BufferPool, StreamStats, execute, peak_rss_bytes
-from ..format.fingerprint import DTYPE_FROM_NAME
+from ..format.dtypes import DTYPE_FROM_NAME
 
 MergeSummary = StreamStats
 #: fp32 bytes of one row block (128 rows of a 7B layer): small enough to stay in cache between the
@@ -164,7 +165,7 @@ def merge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> Iter
     fan = _fan(job)
     first = job.updates[0]
     method = get_method(first.entry.method)
-    own_merge = len(job.updates) == 1 and first.weight == 1.0 and type(method).merged is not AdapterMethod.merged
+    own_merge = len(job.updates) == 1 and first.weight == 1.0 and type(method).merged is not Method.merged
     for index, rows in enumerate(row_blocks(job, fan)):
         if own_merge:
             result = method.merged(first.entry, ctx.module_tensors(first), ctx.canonical32(stored, fan, rows), rows)
@@ -191,7 +192,7 @@ def check_weights(adapters) -> None:
 
 def load_adapters(adapters) -> list[tuple[Adapter, float]]:
     """Read the adapters, refusing NaN/Inf tensors (they would poison the merged model)."""
-    loaded = [(a if isinstance(a, Adapter) else read_adapter(a), float(w)) for a, w in adapters]
+    loaded = [(a if isinstance(a, Adapter) else read_checked_adapter(a), float(w)) for a, w in adapters]
     for (adapter, _), path in zip(loaded, adapter_paths(adapters)):
         require_finite(adapter, path)
     return loaded

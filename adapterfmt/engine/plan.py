@@ -11,12 +11,12 @@ from pathlib import Path
 
 from ..errors import BaseMismatchError, UsageError
 from ..format import Adapter, Payload
-from ..format.fingerprint import dtype_name
-from .checkpoint import BaseCheckpoint
-from .tensorio import TensorSpan
+from ..format.dtypes import FLOAT_DTYPES, dtype_name
+from ..checkpoint import BaseCheckpoint
+from ..format.tensorio import TensorSpan
+from .base import bind_base
 from .writer import OutTensor
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 OUT_DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
@@ -96,7 +96,6 @@ def check_adapters(adapters: list[tuple[Adapter, float]], base: StreamingCheckpo
 
     ``paths`` name the adapter files in the messages.
     """
-    from ..validation import bind_base
     for (adapter, _), path in zip(adapters, paths or [None] * len(adapters)):
         for target, entry in adapter.manifest.modules.items():
             shape = base.shape(entry.base_weight)
@@ -106,7 +105,8 @@ def check_adapters(adapters: list[tuple[Adapter, float]], base: StreamingCheckpo
                                         f"{shape}, the adapter expects {want}", path=path or base.path,
                                         hint="this adapter is for a different model")
         if not force:
-            bind_base(adapter, base, path, check_only=True)
+            bind_base(adapter, base, path, check_only=True,
+                      force_hint="use the base the adapter was made for, or pass --force")
 
 
 def output_dtype(span: TensorSpan, dtype: str) -> str:
@@ -184,11 +184,7 @@ def index_json(plan: Plan) -> dict:
             "weight_map": {job.out.name: name for name, jobs in plan.shards for job in jobs}}
 
 
-def torch_dtype_name(name: str) -> str:
-    """``BF16`` -> ``bfloat16`` (the spelling config.json uses)."""
-    from ..format.fingerprint import DTYPE_FROM_NAME
-    return str(DTYPE_FROM_NAME[name]).removeprefix("torch.")
 
 
 __all__ = ["StreamingCheckpoint", "Update", "Replacement", "TensorJob", "Plan", "check_adapters", "make_jobs",
-           "shard_jobs", "index_json", "output_dtype", "torch_dtype_name", "dtype_name"]
+           "shard_jobs", "index_json", "output_dtype", "dtype_name"]

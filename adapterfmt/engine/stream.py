@@ -17,9 +17,10 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import atomic_directory
-from .checkpoint import INDEX_FILE
-from .plan import Plan, StreamingCheckpoint, TensorJob, index_json, torch_dtype_name
-from .tensorio import mapped_tensor
+from ..checkpoint import INDEX_FILE
+from ..format.dtypes import config_dtype_name
+from .plan import Plan, StreamingCheckpoint, TensorJob, index_json
+from ..format.tensorio import mapped_tensor
 from .writer import StreamingWriter
 
 # Never copied next to the merged weights: other weight files and pickles.
@@ -106,7 +107,7 @@ def copy_side_files(base: StreamingCheckpoint, dest: Path, out_dtype: str | None
             config = json.loads(item.read_text())
             for key in ("dtype", "torch_dtype"):  # transformers 5 / 4 spellings
                 if key in config:
-                    config[key] = torch_dtype_name(out_dtype)
+                    config[key] = config_dtype_name(out_dtype)
             (dest / item.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         else:
             shutil.copyfile(item, dest / item.name)

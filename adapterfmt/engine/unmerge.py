@@ -28,7 +28,7 @@ from .devices import exact_math, resolve_device
 from .merge import MathContext, _fan, adapter_paths, check_weights, delta_sum, load_adapters
 from .plan import StreamingCheckpoint, TensorJob, check_adapters, make_jobs, shard_jobs
 from .stream import StreamStats, execute, peak_rss_bytes
-from .tensorio import mapped_tensor
+from ..format.tensorio import mapped_tensor
 
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from ..errors import InputIOError
-from ..format.fingerprint import dtype_name
-from .tensorio import DTYPE_BYTES, TensorSpan
+from ..format.dtypes import dtype_name
+from ..format.dtypes import DTYPE_BYTES
+from ..format.tensorio import TensorSpan
 
 COPY_CHUNK = 64 * 1024 * 1024
 

@@ -10,24 +10,10 @@ import hashlib
 
 import torch
 
+from .dtypes import dtype_name
+
 FINGERPRINT_SCHEME = "sample1024-sha256"
 SAMPLE_COUNT = 1024
-
-_DTYPE_NAMES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-    torch.bool: "BOOL",
-}
-if hasattr(torch, "float8_e4m3fn"):
-    _DTYPE_NAMES[torch.float8_e4m3fn] = "F8_E4M3"
-    _DTYPE_NAMES[torch.float8_e5m2] = "F8_E5M2"
-DTYPE_FROM_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype, e.g. ``BF16``."""
-    return _DTYPE_NAMES[dtype]
-
 
 def tensor_fingerprint(tensor: torch.Tensor) -> str:
     """Fingerprint a tensor exactly as stored (no dtype conversion).

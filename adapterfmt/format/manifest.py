@@ -7,13 +7,12 @@ dataclasses here are the only way the code builds or reads it, so the JSON Schem
 from __future__ import annotations
 
 import json
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ManifestError
 
-LAYER_KINDS = ("linear", "embedding", "conv1d")
-PAYLOAD_KINDS = ("modules_to_save", "full_weight", "bias_delta")
 
 
 @dataclass
@@ -61,6 +60,14 @@ class ModuleEntry:
     tensors: dict[str, TensorRef]
     fan_in_fan_out: bool = False
     layer: str = "linear"
+
+    def replace(self, **changes: Any) -> "ModuleEntry":
+        """A copy with some fields changed (e.g. another method's params and tensors)."""
+        return dataclasses.replace(self, **changes)
+
+    def canonical(self, stored: Any) -> Any:
+        """A base weight as stored -> canonical ``(out, in)`` orientation (a view, no copy)."""
+        return stored.t() if self.fan_in_fan_out else stored
 
 
 @dataclass

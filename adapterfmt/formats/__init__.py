@@ -1,7 +1,6 @@
-"""Foreign adapter formats. Each module in this package registers one format (see :mod:`.base`)."""
-from ..plugins import import_submodules
-from .base import AdapterFormat, ReadOptions, all_formats, detect_format, get_format, register_format
+"""Foreign adapter formats: one module or subpackage each, listed in :mod:`.registry`."""
+from .base import AdapterFormat, FormatOptions, ReadOptions, WriteOptions
+from .registry import FORMAT_BY_NAME, FORMATS, detect_format, format_for_output, get_format
 
-import_submodules(__name__)
-
-__all__ = ["AdapterFormat", "ReadOptions", "all_formats", "detect_format", "get_format", "register_format"]
+__all__ = ["AdapterFormat", "FormatOptions", "ReadOptions", "WriteOptions", "FORMATS", "FORMAT_BY_NAME",
+           "detect_format", "format_for_output", "get_format"]

@@ -1,41 +1,63 @@
-"""The foreign-format protocol and registry.
+"""The foreign-format protocol: ``detect``, ``read`` and ``write``, with typed per-format options.
 
-A format reads a path into an :class:`~adapterfmt.format.Adapter` and writes one back,
-recording in a :class:`~adapterfmt.report.ConversionReport` what was exact and what was not.
+A format reads a path into an :class:`~adapterfmt.format.Adapter` and writes one back, recording
+in a :class:`~adapterfmt.conversion_report.ConversionReport` what was exact and what was not.
+Its options are pydantic models; the CLI generates its flags from them (one place per option).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from ..engine.checkpoint import BaseCheckpoint
+from pydantic import BaseModel, ConfigDict
+
+from ..checkpoint import BaseCheckpoint
+from ..conversion_report import ConversionReport
 from ..errors import UsageError
 from ..format import Adapter
-from ..report import ConversionReport
 
-_REGISTRY: dict[str, "AdapterFormat"] = {}
+
+class FormatOptions(BaseModel):
+    """Base of a format's read or write options. Field descriptions are the CLI help texts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass
 class ReadOptions:
-    """Options shared by readers. ``base`` fills the base identity (shapes, dtypes, fingerprints)."""
+    """What every reader gets: the base (identity, shapes, fingerprints), the pickle policy, and
+    its own typed options."""
 
     base: BaseCheckpoint | None = None
     allow_pickle: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    format: FormatOptions = field(default_factory=FormatOptions)
+
+
+@dataclass
+class WriteOptions:
+    """What every writer gets: the base (if given), whether to replace the output, its own options."""
+
+    base: BaseCheckpoint | None = None
+    overwrite: bool = False
+    format: FormatOptions = field(default_factory=FormatOptions)
 
 
 class AdapterFormat:
-    """Base class of a foreign format: ``detect``, ``read`` and ``write``."""
+    """Base class of a foreign format."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     #: Detection order; lower runs first (more specific formats first).
     priority: ClassVar[int] = 50
-    #: Methods the writer can store natively; others are converted to LoRA first (if exact).
+    #: Output suffixes that mean this format when ``--to`` is not given (``.gguf``).
+    suffixes: ClassVar[tuple[str, ...]] = ()
+    #: Methods the writer can store natively (None: every method); others are converted to LoRA first.
     writes_methods: ClassVar[tuple[str, ...] | None] = ("lora",)
+    can_read: ClassVar[bool] = True
+    can_write: ClassVar[bool] = True
+    read_options: ClassVar[type[FormatOptions]] = FormatOptions
+    write_options: ClassVar[type[FormatOptions]] = FormatOptions
 
     def detect(self, path: Path) -> bool:
         return False
@@ -45,35 +67,5 @@ class AdapterFormat:
         the base's dtypes and fingerprints, so readers need not."""
         raise UsageError(f"reading {self.name} is not supported", path=path)
 
-    def write(self, adapter: Adapter, path: Path, report: ConversionReport, **options: Any) -> Path:
+    def write(self, adapter: Adapter, path: Path, report: ConversionReport, options: WriteOptions) -> Path:
         raise UsageError(f"writing {self.name} is not supported", path=path)
-
-
-def register_format(fmt: AdapterFormat) -> AdapterFormat:
-    """Register a format instance under its unique lowercase name."""
-    if not re.match(r"^[a-z][a-z0-9_]*$", fmt.name or ""):
-        raise ValueError(f"format name {fmt.name!r} must be lowercase snake_case")
-    if fmt.name in _REGISTRY and type(_REGISTRY[fmt.name]) is not type(fmt):
-        raise ValueError(f"format {fmt.name!r} is already registered")
-    _REGISTRY[fmt.name] = fmt
-    return fmt
-
-
-def get_format(name: str) -> AdapterFormat:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UsageError(f"unknown format {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
-
-
-def all_formats() -> dict[str, AdapterFormat]:
-    return dict(_REGISTRY)
-
-
-def detect_format(path: Path) -> AdapterFormat:
-    """The first registered format (by priority) that recognises ``path``."""
-    for fmt in sorted(_REGISTRY.values(), key=lambda f: (f.priority, f.name)):
-        if fmt.detect(path):
-            return fmt
-    raise UsageError(f"cannot tell which adapter format this is (known: {', '.join(sorted(_REGISTRY))})",
-                     path=path, hint="pass --from FORMAT")

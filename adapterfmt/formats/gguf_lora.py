@@ -22,9 +22,9 @@ from ..atomic import atomic_file
 from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, Manifest
 from ..methods.lora import lora_params
-from ..report import LOSSLESS
-from ._shared import add_lowrank_module, fold_to_global, known_base_config, most_common, require_linear
-from .base import AdapterFormat, register_format
+from ..conversion_report import LOSSLESS
+from ._lowrank import add_lowrank_module, fold_to_global, known_base_config, most_common, require_linear
+from .base import AdapterFormat
 
 #: HF architecture -> (GGUF general.architecture, whether convert_hf_to_gguf RoPE-permutes q/k rows).
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
@@ -139,6 +139,7 @@ def _field(reader, key: str) -> Any:
 
 
 class GgufLoraFormat(AdapterFormat):
+    suffixes = (".gguf",)
     name = "gguf"
     summary = "llama.cpp GGUF LoRA adapter (one .gguf; one global alpha)"
     priority = 25
@@ -205,10 +206,10 @@ class GgufLoraFormat(AdapterFormat):
         return adapter
 
     # ---------------------------------------------------------------- writing
-    def write(self, adapter: Adapter, path: Path, report, **options) -> Path:
+    def write(self, adapter: Adapter, path: Path, report, options) -> Path:
         gguf = _gguf()
-        require_linear(adapter, "GGUF", report, options.get("base"), ("linear", "embedding"))
-        config = known_base_config(adapter, options.get("base"))
+        require_linear(adapter, "GGUF", report, options.base, ("linear", "embedding"))
+        config = known_base_config(adapter, options.base)
         hf_arch = adapter.manifest.base.architecture or (config.get("architectures") or [None])[0]
         if hf_arch not in ARCHITECTURES:
             raise UsageError(f"GGUF export does not cover architecture {hf_arch!r}",
@@ -223,7 +224,7 @@ class GgufLoraFormat(AdapterFormat):
         alpha = most_common(list(eff.values()))
         factors = fold_to_global(adapter, report, lambda e: alpha / e.params["rank"],
                                  lambda e: "rsLoRA stored as alpha = scale*rank" if e.params["use_rslora"] else "")
-        with atomic_file(path, overwrite=options.get("overwrite", False)) as tmp:
+        with atomic_file(path, overwrite=options.overwrite) as tmp:
             writer = gguf.GGUFWriter(tmp, arch)
             writer.add_type(gguf.GGUFType.ADAPTER)
             writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -291,4 +292,3 @@ def _pairs(reader, where: str, report) -> dict[str, tuple[torch.Tensor, torch.Te
     return pairs
 
 
-register_format(GgufLoraFormat())

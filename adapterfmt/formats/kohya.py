@@ -23,9 +23,9 @@ from ._files import load_safetensors, safetensors_keys
 from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, Manifest
 from ..methods.lora import lora_params
-from ..report import EXACT_MATH, LOSSLESS
-from ._shared import add_lowrank_module, most_common, require_linear
-from .base import AdapterFormat, register_format
+from ..conversion_report import EXACT_MATH, LOSSLESS
+from ._lowrank import add_lowrank_module, most_common, require_linear
+from .base import AdapterFormat
 
 PREFIX = "lora_transformer"
 READ_PREFIXES = ("lora_transformer", "lora_te", "lora_te1", "lora_te2", "lora_te3", "lora_unet", "lora_llm")
@@ -52,6 +52,7 @@ def alpha_tensor(alpha: float) -> torch.Tensor:
 
 
 class KohyaFormat(AdapterFormat):
+    suffixes = (".safetensors",)
     name = "kohya"
     summary = "kohya / A1111 / ComfyUI LoRA safetensors (lora_down/lora_up/alpha, underscored names)"
     priority = 30
@@ -104,9 +105,9 @@ class KohyaFormat(AdapterFormat):
         return adapter
 
     # ---------------------------------------------------------------- writing
-    def write(self, adapter: Adapter, path: Path, report, **options) -> Path:
-        require_linear(adapter, "kohya", report, options.get("base"))
-        prefix = options.get("kohya_prefix") or PREFIX
+    def write(self, adapter: Adapter, path: Path, report, options) -> Path:
+        require_linear(adapter, "kohya", report, options.base)
+        prefix = PREFIX
         names, state = {}, {}
         for target, entry in adapter.manifest.modules.items():
             name = kohya_name(target, prefix)
@@ -134,7 +135,7 @@ class KohyaFormat(AdapterFormat):
                     NAMES_KEY: json.dumps(names, sort_keys=True)}
         if adapter.manifest.base.name_or_path:
             metadata["adapterfmt.base_name_or_path"] = adapter.manifest.base.name_or_path
-        with atomic_file(path, overwrite=options.get("overwrite", False)) as tmp:
+        with atomic_file(path, overwrite=options.overwrite) as tmp:
             save_file(state, str(tmp), metadata=metadata)
         return path
 
@@ -176,4 +177,3 @@ def _name_table(metadata: dict[str, str], base, path: Path) -> dict[str, str]:
     return table
 
 
-register_format(KohyaFormat())

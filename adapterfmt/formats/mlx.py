@@ -23,10 +23,10 @@ from ._files import load_safetensors
 from ..jsonio import read_json_file
 from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, Manifest
-from ..report import LOSSLESS
-from ._shared import (add_lowrank_module, fold_to_global, known_base_config, lora_params_exact, most_common,
+from ..conversion_report import LOSSLESS
+from ._lowrank import (add_lowrank_module, fold_to_global, known_base_config, lora_params_exact, most_common,
                        require_linear)
-from .base import AdapterFormat, register_format
+from .base import AdapterFormat
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -91,8 +91,8 @@ class MlxFormat(AdapterFormat):
         return adapter
 
     # ---------------------------------------------------------------- writing
-    def write(self, adapter: Adapter, path: Path, report, **options) -> Path:
-        require_linear(adapter, "MLX-LM", report, options.get("base"))
+    def write(self, adapter: Adapter, path: Path, report, options) -> Path:
+        require_linear(adapter, "MLX-LM", report, options.base)
         manifest = adapter.manifest
         methods = set(manifest.methods())
         if len(methods) != 1:
@@ -109,7 +109,7 @@ class MlxFormat(AdapterFormat):
             keys.add(match["key"])
         if len(stacks) != 1:
             raise UsageError(f"modules come from several layer stacks {sorted(stacks)}; MLX-LM has one")
-        n_total = known_base_config(adapter, options.get("base")).get("num_hidden_layers")
+        n_total = known_base_config(adapter, options.base).get("num_hidden_layers")
         if not n_total:
             n_total = max(indices) + 1
             report.notes.append(f"base layer count unknown: assumed {n_total} (pass --base to be sure)")
@@ -138,7 +138,7 @@ class MlxFormat(AdapterFormat):
         }
         if manifest.base.name_or_path:
             config["model"] = manifest.base.name_or_path
-        with atomic_directory(path, overwrite=options.get("overwrite", False)) as tmp:
+        with atomic_directory(path, overwrite=options.overwrite) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=4, sort_keys=True) + "\n")
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "mlx"})
         return path
@@ -165,4 +165,3 @@ def _trimmed_rank(module: str, a: torch.Tensor, b: torch.Tensor, recorded: Any, 
     return rank
 
 
-register_format(MlxFormat())

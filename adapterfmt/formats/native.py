@@ -5,17 +5,19 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from ..format import Adapter, read_adapter, write_adapter
+from ..format import Adapter
+from ..methods import read_checked_adapter, write_checked_adapter
 from ..format.versions import KEY_FORMAT
-from ..report import LOSSLESS
-from .base import AdapterFormat, register_format
+from ..conversion_report import LOSSLESS
+from .base import AdapterFormat
 
 
 class NativeFormat(AdapterFormat):
     name = "adapterfmt"
     summary = "adapterfmt v1: one safetensors file with the manifest in its metadata"
     priority = 10
-    writes_methods = None  # every registered method
+    suffixes = (".safetensors",)
+    writes_methods = None  # every method
 
     def detect(self, path: Path) -> bool:
         if not path.is_file():
@@ -27,13 +29,12 @@ class NativeFormat(AdapterFormat):
             return path.suffix == ".safetensors" and _looks_like_ours(path)
 
     def read(self, path, options, report):
-        adapter = read_adapter(path)
-        return adapter
+        return read_checked_adapter(path)
 
-    def write(self, adapter: Adapter, path: Path, report, **options) -> Path:
+    def write(self, adapter: Adapter, path: Path, report, options) -> Path:
         for target in adapter.manifest.modules:
             report.add(target, LOSSLESS)
-        return write_adapter(adapter, path, overwrite=options.get("overwrite", False))
+        return write_checked_adapter(adapter, path, overwrite=options.overwrite)
 
 
 def _looks_like_ours(path: Path) -> bool:
@@ -45,4 +46,3 @@ def _looks_like_ours(path: Path) -> bool:
         return False
 
 
-register_format(NativeFormat())

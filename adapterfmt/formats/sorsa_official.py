@@ -14,15 +14,16 @@ from pathlib import Path
 
 import torch
 
-from ..engine.checkpoint import BaseCheckpoint
+from ..checkpoint import BaseCheckpoint
 from ..jsonio import peek_json_object, read_json_file
 from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, BaseWeight, Manifest, ModuleEntry
-from ..format.fingerprint import dtype_name
-from ..methods._principal import tensor_refs
+from ..format.dtypes import dtype_name
+from ..methods.descriptor import tensor_refs
 from ..methods.sorsa import sorsa_params
-from ..report import EXACT_MATH
-from .base import AdapterFormat, register_format
+from ..conversion_report import EXACT_MATH
+from .base import AdapterFormat
+from .peft import PeftReadOptions
 
 SUFFIXES = (".sorsa_A", ".sorsa_S", ".sorsa_B")
 
@@ -76,6 +77,8 @@ class SorsaOfficialFormat(AdapterFormat):
     summary = "official SORSA checkpoint (Gunale0926/SORSA): full state dict with residual + sorsa_A/S/B"
     priority = 15
     writes_methods = ()
+    can_write = False
+    read_options = PeftReadOptions  # the same --init-snapshot
 
     def detect(self, path: Path) -> bool:
         if not (path.is_dir() and (path / "config.json").is_file()):
@@ -89,7 +92,7 @@ class SorsaOfficialFormat(AdapterFormat):
                                      hint="pass --base pointing at the ORIGINAL base model")
         base = options.base
         ckpt = BaseCheckpoint(path)
-        snapshot_dir = options.extra.get("init_snapshot")
+        snapshot_dir = options.format.init_snapshot
         snapshot = BaseCheckpoint(snapshot_dir) if snapshot_dir else None
         alpha = config.get("alpha")
         manifest, tensors = Manifest(), {}
@@ -157,4 +160,3 @@ def _check_residual(prefix: str, err: torch.Tensor, intended: torch.Tensor, dtyp
                                       "(pass --init-snapshot with the post-init SORSA snapshot)")
 
 
-register_format(SorsaOfficialFormat())

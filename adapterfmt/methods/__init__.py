@@ -1,7 +1,8 @@
-"""Adapter methods. Each module in this package registers one method (see :mod:`.base`)."""
-from ..plugins import import_submodules
-from .base import AdapterMethod, all_methods, get_method, lora_scale, register_method
+"""Adapter methods: one declarative descriptor each (see :mod:`.descriptor`), listed in :mod:`.registry`."""
+from .descriptor import SCALE_RTOL, Method, Params, Role
+from .registry import (METHOD_BY_NAME, METHODS, check_manifest_methods, convert_module, get_method,
+                       read_checked_adapter, write_checked_adapter)
 
-import_submodules(__name__)
-
-__all__ = ["AdapterMethod", "all_methods", "get_method", "lora_scale", "register_method"]
+__all__ = ["SCALE_RTOL", "Method", "Params", "Role", "METHODS", "METHOD_BY_NAME", "check_manifest_methods",
+           "convert_module", "get_method", "read_checked_adapter",
+           "write_checked_adapter"]

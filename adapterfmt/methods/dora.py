@@ -1,21 +1,26 @@
-"""DoRA: W' = diag(m / ||W + s·B·A||_row) (W + s·B·A); the magnitude m is per output row."""
+"""DoRA: W' = diag(m / ‖W + s·B·A‖_row)·(W + s·B·A); the magnitude m is per output row."""
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
-from .base import expect_shape, register_method, take_rows
-from .lora import LoRA
+from ..errors import UsageError
+from .descriptor import Role, take_rows
+from .lora import LoRA, LoraParams
+
+
+class DoraParams(LoraParams):
+    magnitude_axis: Literal["out"]
 
 
 class DoRA(LoRA):
     name = "dora"
-    roles = ("lora_A", "lora_B", "magnitude")
-    needs_base = True
     summary = "weight-decomposed LoRA (Liu et al. 2024); needs the base to merge"
-
-    def check_entry(self, target, entry, path=None):
-        super().check_entry(target, entry, path)
-        expect_shape(target, "magnitude", entry.tensors["magnitude"].shape, [entry.shape[0]], path)
+    params_model = DoraParams
+    roles = LoRA.roles + (Role("magnitude", ("out",)),)
+    needs_base = True
+    formula = "V = W + (B·A)·scale; W' = diag(m / ‖V‖_row)·V"
 
     def merged(self, entry, tensors, base, rows=None):
         # Row norms are per output row, so DoRA stays row-separable.
@@ -25,8 +30,8 @@ class DoRA(LoRA):
 
     def delta(self, entry, tensors, base=None, rows=None):
         if base is None:
-            raise ValueError("DoRA's ΔW depends on the base weight; pass base")
+            raise UsageError("DoRA's ΔW depends on the base weight", hint="pass the base model (--base)")
         return self.merged(entry, tensors, base, rows) - base
 
 
-register_method(DoRA())
+DORA = DoRA()

@@ -1,37 +1,28 @@
-"""LoRA and rsLoRA: ΔW = s·B·A with s = alpha/r (alpha/sqrt(r) for rsLoRA), per module."""
+"""LoRA and rsLoRA: ΔW = s·B·A with s = alpha/r (alpha/√r for rsLoRA), per module."""
 from __future__ import annotations
 
-from ..errors import ManifestError
-from ..format.manifest import ModuleEntry
-from .base import AdapterMethod, expect_shape, lora_scale, register_method, take_rows
+import math
+
+from pydantic import Field
+
+from .descriptor import Method, Params, Role, take_rows
 
 
-class LoRA(AdapterMethod):
-    name = "lora"
-    roles = ("lora_A", "lora_B")
-    summary = "low-rank update s·B·A (Hu et al. 2021); rsLoRA when use_rslora"
+def lora_scale(rank: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's scale: alpha/rank, or alpha/sqrt(rank) for rsLoRA.
 
-    def check_entry(self, target: str, entry: ModuleEntry, path: str | None = None) -> None:
-        super().check_entry(target, entry, path)
-        out_f, in_f = entry.shape
-        rank = int(entry.params["rank"])
-        expect_shape(target, "lora_A", entry.tensors["lora_A"].shape, [rank, in_f], path)
-        expect_shape(target, "lora_B", entry.tensors["lora_B"].shape, [out_f, rank], path)
-        scale = lora_scale(rank, entry.params["alpha"], entry.params["use_rslora"])
-        if abs(scale - entry.params["scale"]) > 1e-12 * max(1.0, abs(scale)):
-            raise ManifestError(f"module {target!r}: scale {entry.params['scale']} disagrees with "
-                                f"rank {rank}, alpha {entry.params['alpha']}, use_rslora "
-                                f"{entry.params['use_rslora']} (= {scale})", path=path,
-                                hint="the manifest is inconsistent; re-export the adapter")
+    Example:
+        >>> lora_scale(4, 8, False), lora_scale(4, 8, True)
+        (2.0, 4.0)
+    """
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
-    row_separable = True
 
-    def delta(self, entry, tensors, base=None, rows=None):
-        # (B @ A) * s in fp32, the same operation order as PEFT's get_delta_weight, so that
-        # merging is bit-identical to PEFT's merge_and_unload.
-        # mul_ on the fresh product is the same rounding as `* s` without a second full-size buffer.
-        b = take_rows(tensors["lora_B"], rows).float()
-        return (b @ tensors["lora_A"].float()).mul_(float(entry.params["scale"]))
+class LoraParams(Params):
+    rank: int = Field(ge=1)
+    alpha: float
+    use_rslora: bool
+    scale: float
 
 
 def lora_params(rank: int, alpha: float, use_rslora: bool) -> dict:
@@ -42,7 +33,26 @@ def lora_params(rank: int, alpha: float, use_rslora: bool) -> dict:
         {'rank': 4, 'alpha': 8.0, 'use_rslora': False, 'scale': 2.0}
     """
     return {"rank": int(rank), "alpha": float(alpha), "use_rslora": bool(use_rslora),
-            "scale": lora_scale(rank, alpha, use_rslora)}
+            "scale": lora_scale(int(rank), float(alpha), bool(use_rslora))}
 
 
-register_method(LoRA())
+class LoRA(Method):
+    name = "lora"
+    summary = "low-rank update s·B·A (Hu et al. 2021); rsLoRA when use_rslora"
+    params_model = LoraParams
+    roles = (Role("lora_A", ("r", "in")), Role("lora_B", ("out", "r")))
+    row_separable = True
+    formula = "ΔW = (B·A)·scale"
+
+    def expected_scale(self, params):
+        return lora_scale(params.rank, params.alpha, params.use_rslora)
+
+    def delta(self, entry, tensors, base=None, rows=None):
+        # (B @ A) * s in fp32, the same operation order as PEFT's get_delta_weight, so that
+        # merging is bit-identical to PEFT's merge_and_unload.
+        # mul_ on the fresh product is the same rounding as `* s` without a second full-size buffer.
+        b = take_rows(tensors["lora_B"], rows).float()
+        return (b @ tensors["lora_A"].float()).mul_(float(entry.params["scale"]))
+
+
+LORA = LoRA()

@@ -2,23 +2,31 @@
 
 ΔW against the ORIGINAL base = s·(U_p·diag(S_p)·Vt_p − U_p0·diag(S_p0)·Vt_p0), s = 1 when the
 official ``alpha`` is None, else alpha/r. The residual's rounding E (full rank) is recorded only
-as ``max_abs_residual_error``; see spec/methods-principal.md.
+as ``max_abs_residual_error``.
 """
 from __future__ import annotations
 
-import math
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from ..errors import ManifestError
-from ..format.manifest import ModuleEntry
-from ..lowrank import orthonormality_error
-from ._principal import tensor_refs
-from .base import AdapterMethod, expect_shape, register_method, take_rows
+from ..conversion_report import EXACT_MATH
+from .descriptor import Method, Params, Role, refuse_conversion, take_rows, tensor_refs
+from .linalg import orthonormality_error
 from .lora import lora_params
 
 TRAINED = ("U_p", "S_p", "Vt_p")
 INIT = ("U_p0", "S_p0", "Vt_p0")
+
+
+class SorsaParams(Params):
+    rank: int = Field(ge=1)
+    alpha: float | None
+    scale: float
+    init_source: Literal["recomputed", "snapshot"] | None = None
+    residual_dtype: Literal["F64", "F32", "F16", "BF16"] | None = None
+    max_abs_residual_error: float | None = Field(default=None, ge=0)
 
 
 def sorsa_scale(rank: int, alpha: float | None) -> float:
@@ -49,23 +57,17 @@ def _product(u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor) -> torch.Tensor
     return (u.float() * s.float()) @ vt.float()
 
 
-class SORSA(AdapterMethod):
+class SORSA(Method):
     name = "sorsa"
-    roles = TRAINED + INIT
     summary = "orthonormal-regularised singular-vector adaptation (Cao 2024), stored against the original base"
+    params_model = SorsaParams
+    roles = (Role("U_p", ("out", "r")), Role("S_p", ("r",)), Role("Vt_p", ("r", "in")),
+             Role("U_p0", ("out", "r"), trained=False), Role("S_p0", ("r",), trained=False),
+             Role("Vt_p0", ("r", "in"), trained=False))
+    formula = "ΔW = scale·(U_p·diag(S_p)·Vt_p − U_p0·diag(S_p0)·Vt_p0)"
 
-    def check_entry(self, target: str, entry: ModuleEntry, path: str | None = None) -> None:
-        super().check_entry(target, entry, path)
-        out_f, in_f = entry.shape
-        rank = int(entry.params["rank"])
-        for suffix in ("", "0"):
-            expect_shape(target, "U_p" + suffix, entry.tensors["U_p" + suffix].shape, [out_f, rank], path)
-            expect_shape(target, "S_p" + suffix, entry.tensors["S_p" + suffix].shape, [rank], path)
-            expect_shape(target, "Vt_p" + suffix, entry.tensors["Vt_p" + suffix].shape, [rank, in_f], path)
-        scale = sorsa_scale(rank, entry.params["alpha"])
-        if not math.isclose(scale, entry.params["scale"], rel_tol=1e-12):
-            raise ManifestError(f"module {target!r}: scale {entry.params['scale']} disagrees with rank/alpha "
-                                f"(= {scale})", path=path, hint="the manifest is inconsistent; re-export it")
+    def expected_scale(self, params):
+        return sorsa_scale(params.rank, params.alpha)
 
     row_separable = True
 
@@ -76,27 +78,22 @@ class SORSA(AdapterMethod):
 
     converts_to = ("lora",)
 
-    def convert_module(self, target, entry, tensors, to, options):
+    def convert_to(self, target, entry, tensors, to, options):
         """Rank-2r plain LoRA: B' = [U·diag(S), −U0·diag(S0)], A' = [Vt; Vt0], α' = s·2r."""
         if to != "lora":
-            return super().convert_module(target, entry, tensors, to, options)
+            raise refuse_conversion(self, target, to)
         dtype = tensors["U_p"].dtype if tensors["U_p"].dtype == torch.float64 else torch.float32
         b = torch.cat([tensors["U_p"].to(dtype) * tensors["S_p"].to(dtype),
                        -(tensors["U_p0"].to(dtype) * tensors["S_p0"].to(dtype))], 1)
         a = torch.cat([tensors["Vt_p"].to(dtype), tensors["Vt_p0"].to(dtype)], 0)
         rank = 2 * int(entry.params["rank"])
         new = {"lora_A": a.contiguous(), "lora_B": b.contiguous()}
-        entry2 = ModuleEntry(method="lora", base_weight=entry.base_weight, shape=list(entry.shape),
-                             params=lora_params(rank, entry.params["scale"] * rank, False),
-                             tensors=tensor_refs(target, new), fan_in_fan_out=entry.fan_in_fan_out,
-                             layer=entry.layer)
+        entry2 = entry.replace(method="lora", params=lora_params(rank, entry.params["scale"] * rank, False),
+                               tensors=tensor_refs(target, new))
         note = f"rank {entry.params['rank']} -> {rank}, S folded into B"
         if entry.params.get("max_abs_residual_error"):
             note += f"; residual rounding max|E|={entry.params['max_abs_residual_error']:.3g} not representable"
-        return entry2, new, "exact", note
-
-    def parameter_count(self, entry):
-        return sum(math.prod(entry.tensors[r].shape) for r in TRAINED)
+        return entry2, new, EXACT_MATH, note
 
     def validate_module(self, target, entry, tensors, base):
         measures = {
@@ -113,4 +110,4 @@ class SORSA(AdapterMethod):
         return problems, measures
 
 
-register_method(SORSA())
+SORSA_METHOD = SORSA()

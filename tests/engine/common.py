@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from adapterfmt.conversion import convert
+from adapterfmt.ops.convert import convert
 from adapterfmt.format import Adapter, Manifest, ModuleEntry, TensorRef
 from adapterfmt.methods import get_method
-from adapterfmt.methods.base import AdapterMethod
+from adapterfmt.methods.descriptor import Method
 from adapterfmt.methods.lora import lora_params
 from tests.helpers import make_peft_adapter
 
@@ -45,7 +45,7 @@ def reference_merge(base: Path, adapters: list[tuple[Adapter, float]]) -> dict[s
         canon = (stored.t() if fan else stored).float()
         adapter, weight, target, entry = updates[0]
         method = get_method(entry.method)
-        if len(updates) == 1 and weight == 1.0 and type(method).merged is not AdapterMethod.merged:
+        if len(updates) == 1 and weight == 1.0 and type(method).merged is not Method.merged:
             merged = method.merged(entry, adapter.module_tensors(target), canon.clone())
         else:
             total = sum(w * get_method(e.method).delta(e, a.module_tensors(t), canon.clone())

@@ -14,7 +14,7 @@ from adapterfmt.engine.merge import merge
 from adapterfmt.engine.unmerge import ulp_distance
 from adapterfmt.errors import BaseMismatchError
 from adapterfmt.format import read_adapter
-from adapterfmt.methods import all_methods, get_method
+from adapterfmt.methods import METHOD_BY_NAME, convert_module, get_method
 from tests.engine.common import LLAMA_LINEAR, load_dir, peft_to_native, reference_merge
 from tests.helpers import load_model, logits, peft_merged_state, tiny_gpt2, tiny_llama
 
@@ -75,11 +75,12 @@ def test_gpt2_conv1d_fan_in_fan_out_bit_identical(tmp_path):
 
 def derived_adapter(method: str, lora_path, out):
     """An adapter of ``method`` on the same modules as a real PEFT LoRA (for methods PEFT lacks)."""
-    from adapterfmt.conversion import convert_methods
+    from adapterfmt.ops.convert import convert_methods
     from adapterfmt.format import write_adapter
-    from adapterfmt.methods._principal import init_relative_params, tensor_refs
+    from adapterfmt.methods.descriptor import tensor_refs
+    from adapterfmt.methods.init_relative import init_relative_params
     from adapterfmt.methods.sorsa import sorsa_params
-    from adapterfmt.report import ConversionReport
+    from adapterfmt.conversion_report import ConversionReport
     adapter = read_adapter(lora_path)
     if method == "nola":
         adapter = convert_methods(adapter, "nola", {"nola_basis": (24, 24), "seed": 5}, ConversionReport())
@@ -115,11 +116,11 @@ def adapter_of(method: str, base, tmp_path):
 
 def lora_equivalent_fp64(entry, tensors, base):
     """base + ΔW in float64, ΔW from the method's exact LoRA equivalent (rank r or 2r)."""
-    lora_entry, lora_tensors, _, _ = get_method(entry.method).convert_module("m", entry, tensors, "lora", {})
+    lora_entry, lora_tensors, _, _ = convert_module("m", entry, tensors, "lora", {})
     return fp64_reference(lora_entry, lora_tensors, base)
 
 
-@pytest.mark.parametrize("method", sorted(all_methods()))
+@pytest.mark.parametrize("method", sorted(METHOD_BY_NAME))
 def test_every_method_streams_like_reference_and_within_1ulp_of_fp64(tmp_path, llama, method):
     _, native = adapter_of(method, llama, tmp_path)
     merge(llama, [(native, 1.0)], tmp_path / "out")
@@ -224,7 +225,7 @@ def test_cli_json_dtype_side_files_and_permissions(tmp_path, llama):
     assert not list(tmp_path.glob(".adapterfmt-tmp-*"))
 
 
-@pytest.mark.parametrize("method", sorted(all_methods()))
+@pytest.mark.parametrize("method", sorted(METHOD_BY_NAME))
 def test_row_block_merge_is_bit_identical_to_whole_tensor_merge(tmp_path, llama, method, monkeypatch):
     import adapterfmt.engine.merge as merge_module
     peft_dir, native = adapter_of(method, llama, tmp_path)

@@ -1,7 +1,7 @@
 """The checked-in spec vectors (kept forever: later versions must read them)."""
 from pathlib import Path
 
-from adapterfmt.conformance import run
+from adapterfmt.ops.conformance import run
 
 VECTORS = Path(__file__).resolve().parents[2] / "spec" / "vectors"
 

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from adapterfmt.errors import HeaderError, ManifestError, TensorError, UnknownMethodError, VersionError
-from adapterfmt.format import Adapter, Manifest, ModuleEntry, TensorRef, read_adapter, write_adapter
+from adapterfmt import read_adapter
+from adapterfmt.format import Adapter, Manifest, ModuleEntry, TensorRef, write_adapter
 from adapterfmt.format.schema import validate_manifest_dict
 from adapterfmt.format.versions import KEY_MANIFEST, KEY_VERSION
 from adapterfmt.methods.lora import lora_params

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapterfmt.conversion import convert
+from adapterfmt.ops.convert import convert
 from adapterfmt.format import read_adapter
 from adapterfmt.methods import get_method
 from tests.helpers import make_peft_adapter, tiny_llama

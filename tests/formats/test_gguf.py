@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapterfmt.conversion import convert
+from adapterfmt.ops.convert import convert
 from adapterfmt.errors import ForeignFormatError, UsageError
 from adapterfmt.formats.gguf_lora import BLOCK_NAMES, TOP_NAMES, hf_to_gguf
 from tests.helpers import peft_merged_state
@@ -155,7 +155,7 @@ def test_strict_accepts_scale_folding_and_json_reports_errors(native, workdir):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_tensors_round_trip_bit_exact(dtype, native, workdir):
     from adapterfmt.format import read_adapter, write_adapter
-    from adapterfmt.format.fingerprint import dtype_name
+    from adapterfmt.format.dtypes import dtype_name
     adapter = read_adapter(native["rslora"])
     adapter.tensors = {k: v.to(dtype) for k, v in adapter.tensors.items()}
     for entry in adapter.manifest.modules.values():

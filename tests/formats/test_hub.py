@@ -7,11 +7,11 @@ import pytest
 from click.testing import CliRunner
 
 from adapterfmt.cli import main
-from adapterfmt.conversion import convert
+from adapterfmt.ops.convert import convert
 from adapterfmt.errors import InputIOError
-from adapterfmt.hub import parse_hub, resolve_path
-from adapterfmt.inspection import inspect_adapter
-from adapterfmt.validation import validate
+from adapterfmt.ops.hub import parse_hub, resolve_path
+from adapterfmt.ops.inspection import inspect_adapter
+from adapterfmt.ops.validate import validate
 
 COMMIT, TAGGED = "a" * 40, "b" * 40
 

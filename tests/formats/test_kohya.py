@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adapterfmt.conversion import convert
+from adapterfmt.ops.convert import convert
 from adapterfmt.errors import ForeignFormatError, UsageError
 from adapterfmt.format import read_adapter
 

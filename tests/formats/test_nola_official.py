@@ -7,15 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapterfmt.conversion import convert
+from adapterfmt.ops.convert import convert
 from adapterfmt.engine.merge import merge
 from adapterfmt.errors import ForeignFormatError, PickleRefusedError, UsageError
 from adapterfmt.format import read_adapter
 from adapterfmt.formats import detect_format
 from adapterfmt.methods import get_method
-from adapterfmt.nola_cuda_emulation import cuda_uniform_range, total_threads
-from adapterfmt.nola_generator_numpy import philox4x32_10_numpy
-from adapterfmt.validation import validate
+from adapterfmt.methods.nola.cuda_emulation import cuda_uniform_range, total_threads
+from adapterfmt.methods.nola.reference_numpy import philox4x32_10_numpy
+from adapterfmt.ops.validate import validate
 from tests.helpers import tiny_gpt2
 
 DIM, HIDDEN, RANK, KA, KB = 16, 64, 2, 8, 6
@@ -52,7 +52,7 @@ def test_vit_import_reproduces_checksums_and_official_delta(vit_file, tmp_path):
     src, state = vit_file
     assert detect_format(src).name == "nola_official"
     dst = tmp_path / "out.safetensors"
-    report = convert(src, dst, method_options={"nola_rank": RANK})
+    report = convert(src, dst, format_options={"nola_rank": RANK})
     assert all("checksum verified" in m.note for m in report.modules) and len(report.modules) == 4
     adapter = read_adapter(dst)
     for i in range(2):
@@ -67,7 +67,7 @@ def test_vit_import_reproduces_checksums_and_official_delta(vit_file, tmp_path):
             assert entry.shape == [n_out, n_in]
             assert torch.allclose(got, dwt.T, rtol=1e-5, atol=1e-6 * float(dwt.abs().max()))
             # The regenerated canonical basis equals the official one bit for bit.
-            from adapterfmt.nola_bases import basis_chunk
+            from adapterfmt.methods.nola.bases import basis_chunk
             basis = basis_chunk(entry.params["generator"], entry.params["A"], (RANK, n_in), 0, KA)
             assert torch.equal(basis, a.transpose(1, 2))
     assert "head.weight" in adapter.manifest.payloads
@@ -79,7 +79,7 @@ def test_vit_needs_rank_and_detects_wrong_rank(vit_file, tmp_path):
     with pytest.raises(UsageError, match="store the rank"):
         convert(src, tmp_path / "a.safetensors")
     with pytest.raises(ForeignFormatError, match="checksum"):
-        convert(src, tmp_path / "b.safetensors", method_options={"nola_rank": 3})
+        convert(src, tmp_path / "b.safetensors", format_options={"nola_rank": 3})
 
 
 def test_cuda_emulation_layout():
@@ -136,15 +136,15 @@ def test_gpt2_import_and_merge(tmp_path):
     assert detect_format(src).name == "nola_official"
     opts = {"nola_alpha": 8.0, "cuda_sm_count": 1, "cuda_threads_per_sm": 256}
     with pytest.raises(PickleRefusedError):
-        convert(src, tmp_path / "x.safetensors", method_options=opts)
+        convert(src, tmp_path / "x.safetensors", format_options=opts)
     with pytest.raises(UsageError, match="SM count"):
-        convert(src, tmp_path / "x.safetensors", allow_pickle=True, method_options={"nola_alpha": 8.0})
+        convert(src, tmp_path / "x.safetensors", allow_pickle=True, format_options={"nola_alpha": 8.0})
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA device"):
             convert(src, tmp_path / "x.safetensors", allow_pickle=True,
-                    method_options={"nola_alpha": 8.0, "nola_materialise": True})
+                    format_options={"nola_alpha": 8.0, "nola_materialise": True})
     dst = tmp_path / "gpt2.safetensors"
-    report = convert(src, dst, allow_pickle=True, method_options=opts)
+    report = convert(src, dst, allow_pickle=True, format_options=opts)
     assert all("UNVERIFIED" in m.note for m in report.modules)
     result = validate(dst)
     assert result.valid and all(v["basis_generator_unverified"] == 1.0 for v in result.measurements.values())
@@ -184,7 +184,7 @@ def test_llama_import(tmp_path):
     save_file(state, str(src / "adapter_model.safetensors"))
     assert detect_format(src).name == "nola_official"
     dst = tmp_path / "out.safetensors"
-    convert(src, dst, method_options={"cuda_sm_count": 2, "cuda_threads_per_sm": 1024})
+    convert(src, dst, format_options={"cuda_sm_count": 2, "cuda_threads_per_sm": 1024})
     adapter = read_adapter(dst)
     target = "model.layers.0.self_attn.q_proj"
     entry = adapter.manifest.modules[target]

@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapterfmt.conversion import convert
+from adapterfmt.ops.convert import convert
 from adapterfmt.engine.unmerge import ulp_distance
 from adapterfmt.engine.merge import merge
 from adapterfmt.errors import ForeignFormatError, PickleRefusedError
 from adapterfmt.format import read_adapter
-from adapterfmt.formats.peft import resolve_rank_alpha
+from adapterfmt.formats.peft.config import resolve_rank_alpha
 
 from ..helpers import make_peft_adapter, peft_logits, peft_merged_state
 

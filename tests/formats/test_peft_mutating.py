@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterfmt.conversion import convert
+from adapterfmt.ops.convert import convert
 from adapterfmt.engine.merge import merge
 from adapterfmt.errors import ForeignFormatError
 from adapterfmt.format import read_adapter
-from adapterfmt.validation import validate
+from adapterfmt.ops.validate import validate
 from tests.helpers import load_model, logits, peft_logits, peft_merged_state, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -76,7 +76,7 @@ def test_refusals_and_snapshot(base, tmp_path):
     with pytest.raises(ForeignFormatError, match="residual base"):
         convert(root / "raw", tmp_path / "x.safetensors")
     convert(root / "raw", tmp_path / "s.safetensors", base=base,
-            method_options={"init_snapshot": root / "init"})
+            format_options={"init_snapshot": root / "init"})
     assert read_adapter(tmp_path / "s.safetensors").manifest.modules[
         "model.layers.0.self_attn.q_proj"].params["init_source"] == "snapshot"
     merge(base, [(tmp_path / "s.safetensors", 1.0)], tmp_path / "merged")

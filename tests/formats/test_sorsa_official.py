@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapterfmt.conversion import convert
+from adapterfmt.ops.convert import convert
 from adapterfmt.engine.merge import merge
 from adapterfmt.errors import ForeignFormatError, UsageError
 from adapterfmt.format import read_adapter
-from adapterfmt.validation import validate
+from adapterfmt.ops.validate import validate
 from tests.helpers import load_model, logits, peft_logits, tiny_llama
 
 TARGETS = ("q_proj", "v_proj", "up_proj")
@@ -100,7 +100,7 @@ def test_sorsa_import_merge_export(base, tmp_path, alpha, rdtype):
     assert float((peft_logits(base, tmp_path / "peft") - merged_logits).abs().max()) < 1e-5
     # The snapshot route gives the same init.
     convert(tmp_path / "ckpt", tmp_path / "snap.safetensors", base=base,
-            method_options={"init_snapshot": tmp_path / "snap"})
+            format_options={"init_snapshot": tmp_path / "snap"})
     snap = read_adapter(tmp_path / "snap.safetensors")
     for target in snap.manifest.modules:
         d1 = adapter.manifest.modules[target]

@@ -12,7 +12,7 @@ Q0 = "lora_transformer_model_layers_0_self_attn_q_proj"
 
 
 def kohya_file(env: Env):
-    from adapterfmt.conversion import convert
+    from adapterfmt.ops.convert import convert
     path = env.tmp / "k.safetensors"
     convert(env.shared.adapter, path, to="kohya")
     return path

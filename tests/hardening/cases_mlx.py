@@ -13,7 +13,7 @@ Q0 = "model.layers.0.self_attn.q_proj"
 
 
 def mlx_dir(env: Env):
-    from adapterfmt.conversion import convert
+    from adapterfmt.ops.convert import convert
     path = env.tmp / "mlx"
     convert(env.shared.adapter, path, to="mlx")
     return path

@@ -140,7 +140,7 @@ CASES = [
     Case("plain safetensors, no manifest", raw(st_bytes({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
                                                         bytes(4))), 1,
          rf"{F}: not an adapterfmt file.*; convert it first"),
-    Case("input is a directory", input_is_dir, 2, rf"{F}: not a regular file"),
+    Case("input is a directory", input_is_dir, 2, rf"{F}: is a directory, not an adapterfmt file"),
     Case("input does not exist", lambda env: ["inspect", env.tmp / "bad.safetensors"], 2, rf"{F}: no such file"),
     Case("manifest is not JSON", _not_json, 1, rf"{F}: manifest is not valid JSON.*; the file was damaged"),
     Case("manifest deeply nested JSON", nested_manifest, 1, rf"{F}: manifest is not valid JSON"),

@@ -19,7 +19,7 @@ def merged(env: Env, adapter=None):
 
 
 def dora_adapter(env: Env):
-    from adapterfmt.conversion import convert
+    from adapterfmt.ops.convert import convert
 
     from ..helpers import make_peft_adapter
     with warnings.catch_warnings():

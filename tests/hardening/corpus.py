@@ -197,7 +197,7 @@ def run_case(case: Case, env: Env) -> Result:
 
 # ---------------------------------------------------------------- shared inputs and the table
 def build_shared(root: Path) -> Shared:
-    from adapterfmt.conversion import convert
+    from adapterfmt.ops.convert import convert
 
     from ..helpers import make_peft_adapter, tiny_llama
     root.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adapterfmt.errors import AdapterFmtError
 from adapterfmt.format import read_adapter
-from adapterfmt.inspection import inspect_adapter
+from adapterfmt.ops.inspection import inspect_adapter
 
 SEED = Path(__file__).resolve().parents[2] / "spec" / "vectors" / "v1.0" / "lora_rank_alpha_rslora.safetensors"
 MODES = 3

@@ -32,12 +32,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapterfmt.format import Adapter, Manifest, ModuleEntry, TensorRef, read_adapter, write_adapter
-from adapterfmt.format.fingerprint import dtype_name
+from adapterfmt.format.dtypes import dtype_name
 from adapterfmt.formats.base import ReadOptions
-from adapterfmt.formats.peft import adapter_to_peft, peft_to_adapter
-from adapterfmt.methods import all_methods, get_method
+from adapterfmt.formats.peft.state import adapter_to_peft, peft_to_adapter
+from adapterfmt.methods import METHOD_BY_NAME, get_method
 from adapterfmt.methods.lora import lora_params
-from adapterfmt.report import LOSSLESS, ConversionReport
+from adapterfmt.conversion_report import LOSSLESS, ConversionReport
 
 U32 = 2.0 ** -24
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -77,7 +77,7 @@ def dora_params(rank, alpha, use_rslora):
 
 # method -> (params(rank, alpha, use_rslora), tensors(out, in, rank, dtype, gen, fill))
 BUILDERS = {"lora": (lora_params, lora_tensors), "dora": (dora_params, dora_tensors)}
-METHODS = sorted(m for m in BUILDERS if m in all_methods())
+METHODS = sorted(m for m in BUILDERS if m in METHOD_BY_NAME)
 
 
 @st.composite
@@ -177,7 +177,7 @@ def test_delta_agrees_with_float64(adapter, seed):
 
 def test_every_registered_method_with_lora_roles_is_covered():
     """A new LoRA-shaped method must get a BUILDERS row (so its ΔW is property-tested too)."""
-    lora_shaped = [m.name for m in all_methods().values() if set(m.roles) <= {"lora_A", "lora_B", "magnitude"}]
+    lora_shaped = [m.name for m in METHOD_BY_NAME.values() if {r.name for r in m.roles} <= {"lora_A", "lora_B", "magnitude"}]
     missing = sorted(set(lora_shaped) - set(BUILDERS))
     if missing:
         pytest.fail(f"add BUILDERS rows for {missing}")

@@ -9,11 +9,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from adapterfmt.cli import main
-from adapterfmt.conversion import convert
+from adapterfmt.ops.convert import convert
 from adapterfmt.format import read_adapter
-from adapterfmt.lowrank import compact
+from adapterfmt.methods.linalg import compact
 from adapterfmt.methods import get_method
-from adapterfmt.rank import extract
+from adapterfmt.ops.extract import extract
 from tests.helpers import make_peft_adapter, tiny_llama
 
 

@@ -8,19 +8,19 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import adapterfmt.nola_bases as nb
+import adapterfmt.methods.nola.bases as nb
 from adapterfmt.cli import main
-from adapterfmt.conversion import convert, convert_methods
-from adapterfmt.engine.checkpoint import BaseCheckpoint
+from adapterfmt.ops.convert import convert, convert_methods
+from adapterfmt.checkpoint import BaseCheckpoint
 from adapterfmt.engine.merge import merge
 from adapterfmt.format import Adapter, Manifest, read_adapter, write_adapter
 from adapterfmt.format.container import read_header
-from adapterfmt.inspection import inspect_adapter
+from adapterfmt.ops.inspection import inspect_adapter
 from adapterfmt.methods import get_method
 from adapterfmt.methods.nola import derive_seed, nola_module
-from adapterfmt.nola_generator import basis_fingerprint, nola_basis
-from adapterfmt.report import ConversionReport
-from adapterfmt.validation import validate
+from adapterfmt.methods.nola.generator import basis_fingerprint, nola_basis
+from adapterfmt.conversion_report import ConversionReport
+from adapterfmt.ops.validate import validate
 from tests.helpers import tiny_llama
 
 TARGETS = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]

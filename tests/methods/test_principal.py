@@ -4,14 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterfmt.conversion import convert_methods
+from adapterfmt.ops.convert import convert_methods
 from adapterfmt.engine.merge import merge
 from adapterfmt.errors import AdapterFmtError
-from adapterfmt.format import Adapter, BaseWeight, Manifest, ModuleEntry, read_adapter, write_adapter
+from adapterfmt import read_adapter, write_adapter
+from adapterfmt.format import Adapter, BaseWeight, Manifest, ModuleEntry
 from adapterfmt.methods import get_method
-from adapterfmt.methods._principal import init_relative_params, tensor_refs
+from adapterfmt.methods.descriptor import tensor_refs
+from adapterfmt.methods.init_relative import init_relative_params
 from adapterfmt.methods.sorsa import sorsa_params
-from adapterfmt.report import ConversionReport
+from adapterfmt.conversion_report import ConversionReport
 from tests.helpers import load_model, tiny_llama
 
 TARGET = "model.layers.0.self_attn.q_proj"

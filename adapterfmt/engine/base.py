@@ -1,0 +1,54 @@
+"""Binding an adapter to its base: check names, shapes and fingerprints, and record the identity.
+
+Written once here; ``convert --base``, ``validate --base``, ``merge`` and ``unmerge`` all use it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import BaseCheckpoint
+from ..errors import BaseMismatchError
+from ..format import Adapter
+from ..format.manifest import ModuleEntry
+
+
+def canonical_base(entry: ModuleEntry, weight: torch.Tensor) -> torch.Tensor:
+    """A stored base weight in the module's canonical (out, in) orientation, fp32.
+
+    Example:
+        >>> canonical_base(entry, base.get(entry.base_weight))  # doctest: +SKIP
+    """
+    return entry.canonical(weight.float())
+
+
+def bind_base(adapter: Adapter, base: BaseCheckpoint, path: str | None = None, *, check_only: bool = False,
+              force_hint: str = "use the base the adapter was made for") -> None:
+    """Check the adapter against a base checkpoint and record (or verify) its identity.
+
+    Recorded fingerprints are always compared (a mismatch is a :class:`BaseMismatchError`);
+    unless ``check_only``, missing dtypes and fingerprints are filled in from ``base``.
+
+    Example:
+        >>> bind_base(adapter, BaseCheckpoint("tiny-llama"))  # doctest: +SKIP
+    """
+    manifest = adapter.manifest
+    expected = {e.base_weight: w for e in manifest.modules.values()
+                for w in [manifest.base.weights.get(e.base_weight)] if w is not None}
+    for payload in manifest.payloads.values():
+        if payload.target not in base:
+            raise BaseMismatchError(f"payload target {payload.target!r} is not in the base model", path=path,
+                                    hint="check --base")
+    for name, want in expected.items():
+        shape = base.shape(name)
+        if list(shape) != list(want.shape):
+            raise BaseMismatchError(f"base parameter {name!r} has shape {shape}, the adapter expects "
+                                    f"{want.shape}", path=path, hint="this adapter is for a different model")
+        fingerprint = base.fingerprint(name)
+        if want.fingerprint and want.fingerprint != fingerprint:
+            raise BaseMismatchError(f"base parameter {name!r} has different content than the adapter's "
+                                    "base (fingerprint mismatch)", path=path, hint=force_hint)
+        if not check_only:
+            want.dtype, want.fingerprint = base.dtype_name(name), fingerprint
+    if not check_only:
+        manifest.base.architecture = manifest.base.architecture or base.architecture
+        manifest.base.name_or_path = manifest.base.name_or_path or base.name_or_path

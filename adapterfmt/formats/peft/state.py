@@ -1,0 +1,184 @@
+"""PEFT LoRA/rsLoRA/DoRA state dicts <-> adapterfmt adapters (plain, non-mutating inits)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...conversion_report import EXACT_MATH, LOSSLESS
+from ...errors import ForeignFormatError, InputIOError, UsageError
+from ...format import Adapter, BaseWeight, Manifest, ModuleEntry, Payload, TensorRef
+from ...format.dtypes import dtype_name
+from ...methods.lora import lora_params
+from .._files import load_pickled_tensors, load_safetensors
+from .._lowrank import most_common
+from ..base import ReadOptions
+from .config import (KEY_RE, MODULE_NAME_RE, PICKLE_FILE, PREFIX, ROLE_OF, WEIGHTS_FILE, resolve_rank_alpha)
+
+
+def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    st_path = path / WEIGHTS_FILE
+    if st_path.is_file():
+        return load_safetensors(st_path)[0]
+    if (path / PICKLE_FILE).is_file():
+        return load_pickled_tensors(path / PICKLE_FILE, allow_pickle, "the only weights file, adapter_model.bin,")
+    raise InputIOError(f"no {WEIGHTS_FILE} (or {PICKLE_FILE})", path=path, hint="the adapter directory is incomplete")
+
+
+def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path,
+                    options: ReadOptions, report) -> Adapter:
+    """Turn a PEFT config and state dict into an adapterfmt :class:`Adapter`."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    payload_keys: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if not key.startswith(PREFIX):
+            raise ForeignFormatError(f"key {key!r} does not start with {PREFIX!r}", path=path,
+                                     hint="not a PEFT state dict, or saved by an incompatible tool")
+        match = KEY_RE.match(key[len(PREFIX):])
+        name = match["module"] if match else key[len(PREFIX):]
+        if not MODULE_NAME_RE.match(name):
+            raise ForeignFormatError(f"module name {name!r} is not a dotted parameter name", path=path,
+                                     hint="the state dict is damaged or hostile")
+        if match:
+            grouped.setdefault(match["module"], {})[match.group("role")] = tensor
+        else:
+            payload_keys[key[len(PREFIX):]] = tensor
+    use_dora = bool(config.get("use_dora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    manifest = Manifest()
+    tensors: dict[str, torch.Tensor] = {}
+    for module in sorted(grouped):
+        parts = grouped[module]
+        roles = {ROLE_OF[k]: v for k, v in parts.items()}
+        embedding = "lora_embedding_A" in parts
+        if set(roles) - {"magnitude"} != {"lora_A", "lora_B"}:
+            raise ForeignFormatError(f"module {module!r} has {sorted(parts)}, needs both A and B",
+                                     path=path, hint="the adapter is incomplete")
+        if ("magnitude" in roles) != use_dora:
+            raise ForeignFormatError(f"module {module!r}: lora_magnitude_vector "
+                                     f"{'present' if 'magnitude' in roles else 'missing'} but use_dora="
+                                     f"{use_dora}", path=path, hint="the config does not match the weights")
+        a, b = roles["lora_A"], roles["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ForeignFormatError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
+                                     "are not a low-rank pair (conv adapters are not supported)", path=path,
+                                     hint="only Linear, Conv1D and Embedding LoRA are supported")
+        rank = a.shape[0]
+        cfg_rank, alpha = resolve_rank_alpha(config, module)
+        if cfg_rank != rank:
+            raise ForeignFormatError(f"module {module!r} has rank {rank} but the config resolves to {cfg_rank}",
+                                     path=path, hint="r/rank_pattern do not match the weights")
+        out_f, in_f = b.shape[0], a.shape[1]
+        transposed = embedding or fan_in_fan_out
+        layer = "embedding" if embedding else ("conv1d" if fan_in_fan_out else "linear")
+        params = lora_params(rank, alpha, bool(config.get("use_rslora", False)))
+        method = "dora"
+        if use_dora:
+            params["magnitude_axis"] = "out"
+        else:
+            method = "lora"
+        entry_tensors = {}
+        for role, tensor in roles.items():
+            name = f"{module}.{role}"
+            tensors[name] = tensor
+            entry_tensors[role] = TensorRef(name, dtype_name(tensor.dtype), list(tensor.shape))
+        base_weight = f"{module}.weight"
+        manifest.modules[module] = ModuleEntry(method=method, base_weight=base_weight, shape=[out_f, in_f],
+                                               params=params, tensors=entry_tensors,
+                                               fan_in_fan_out=transposed, layer=layer)
+        stored = [in_f, out_f] if transposed else [out_f, in_f]
+        manifest.base.weights[base_weight] = BaseWeight(shape=stored)
+        report.add(module, LOSSLESS)
+    for key, tensor in sorted(payload_keys.items()):
+        kind = "full_weight" if ".base_layer." in key else "modules_to_save"
+        target = key.replace(".base_layer.", ".")
+        name = f"payload.{target}"
+        tensors[name] = tensor
+        manifest.payloads[target] = Payload(kind=kind, target=target,
+                                            tensor=TensorRef(name, dtype_name(tensor.dtype), list(tensor.shape)))
+        report.notes.append(f"kept {kind} tensor {target} as a payload")
+    if not manifest.modules:
+        raise ForeignFormatError("no LoRA tensors found", path=path, hint="the adapter is empty or not LoRA")
+    manifest.base.name_or_path = config.get("base_model_name_or_path")
+    manifest.base.revision = config.get("revision")
+    manifest.source = {"format": "peft", "config": config}
+    adapter = Adapter(manifest=manifest, tensors=tensors)
+    return adapter
+
+
+# ------------------------------------------------------------------------ export
+def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Build a PEFT config and state dict; refuses what one PEFT config cannot express."""
+    manifest = adapter.manifest
+    methods = set(manifest.methods())
+    if not methods <= {"lora", "dora"} or len(methods) != 1:
+        raise UsageError(f"PEFT export needs all modules to be LoRA or all DoRA, got {sorted(methods)}",
+                         hint="convert other methods to LoRA first (adapterfmt convert ... --method lora)")
+    entries = manifest.modules
+    for target, e in entries.items():
+        if e.base_weight != f"{target}.weight":
+            # e.g. NOLA GPT-2 imports: q and v blocks of the fused c_attn are separate modules.
+            raise UsageError(f"module {target!r} adapts {e.base_weight!r} under another name (a block of a fused "
+                             "weight); PEFT keys adapters by module name and cannot express it",
+                             hint="merge it with adapterfmt merge, or keep the adapterfmt file")
+    fifo = {e.fan_in_fan_out for e in entries.values() if e.layer != "embedding"}
+    if len(fifo) > 1:
+        raise UsageError("PEFT has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",
+                         hint="export the two groups as separate adapters")
+    use_rslora = most_common([bool(e.params["use_rslora"]) for e in entries.values()])
+    ranks, alphas = {}, {}
+    for target, e in entries.items():
+        alpha = e.params["alpha"]
+        if bool(e.params["use_rslora"]) != use_rslora:
+            # Express this module in the other scale rule with the same scale.
+            alpha = e.params["scale"] * (math.sqrt(e.params["rank"]) if use_rslora else e.params["rank"])
+        ranks[target], alphas[target] = int(e.params["rank"]), _plain_number(alpha)
+    r, lora_alpha = most_common(list(ranks.values())), most_common(list(alphas.values()))
+    config: dict[str, Any] = {
+        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
+        "use_dora": methods == {"dora"}, "fan_in_fan_out": bool(fifo and fifo.pop()),
+        "target_modules": sorted(entries), "rank_pattern": {t: v for t, v in ranks.items() if v != r},
+        "alpha_pattern": {t: v for t, v in alphas.items() if v != lora_alpha},
+        "base_model_name_or_path": manifest.base.name_or_path, "revision": manifest.base.revision,
+        "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none", "inference_mode": True,
+        "modules_to_save": sorted({p.target.rsplit(".", 1)[0] for p in manifest.payloads.values()
+                                   if p.kind == "modules_to_save"}) or None,
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    for target, e in entries.items():
+        rank, alpha = resolve_rank_alpha(config, target)
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        if rank != e.params["rank"] or not math.isclose(scale, e.params["scale"], rel_tol=1e-12):
+            raise UsageError(f"module {target!r}: PEFT's pattern matching would give rank {rank}, scale {scale} "
+                             f"instead of {e.params['rank']}, {e.params['scale']}",
+                             hint="the module names collide under PEFT's suffix matching; export fewer modules")
+        status = LOSSLESS if scale == e.params["scale"] else EXACT_MATH
+        note = "" if status == LOSSLESS else f"alpha rewritten, scale {scale!r} vs {e.params['scale']!r}"
+        if bool(e.params["use_rslora"]) != use_rslora:
+            note = "rsLoRA rule rewritten as alpha; " + note
+        report.add(target, status, note.strip("; "))
+        names = ("lora_embedding_A", "lora_embedding_B") if e.layer == "embedding" else \
+            ("lora_A.weight", "lora_B.weight")
+        module_tensors = adapter.module_tensors(target)
+        tensors[f"{PREFIX}{target}.{names[0]}"] = module_tensors["lora_A"]
+        tensors[f"{PREFIX}{target}.{names[1]}"] = module_tensors["lora_B"]
+        if "magnitude" in module_tensors:
+            tensors[f"{PREFIX}{target}.lora_magnitude_vector"] = module_tensors["magnitude"]
+    for payload in manifest.payloads.values():
+        if payload.kind == "bias_delta":
+            raise UsageError(f"payload {payload.target!r} (bias delta) has no PEFT LoRA representation")
+        target = payload.target
+        if payload.kind == "full_weight":
+            head, _, leaf = target.rpartition(".")
+            target = f"{head}.base_layer.{leaf}"
+        tensors[f"{PREFIX}{target}"] = adapter.tensors[payload.tensor.name]
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    return config, tensors
+
+
+def _plain_number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+

@@ -1,0 +1,76 @@
+"""The manifest schema's per-method part, derived from the method descriptors (never written by hand).
+
+``tools/make_schema.py`` writes it into ``manifest.schema.json``; a test keeps the file in sync.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .descriptor import Method
+from .registry import METHODS
+
+
+#: The container-level definitions of the hand-written schema; everything else is generated.
+CONTAINER_DEFS = ("param_name", "dtype", "shape", "tensor_ref", "base_weight", "payload", "module")
+
+
+def _strip_titles(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_titles(v) for k, v in node.items() if k != "title" and not (k == "default" and v is None)}
+    if isinstance(node, list):
+        return [_strip_titles(v) for v in node]
+    return node
+
+
+def params_schema(method: Method) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(JSON Schema of the method's params, the ``$defs`` it refers to).
+
+    Example:
+        >>> from adapterfmt.methods import get_method
+        >>> params_schema(get_method("lora"))[0]["required"]
+        ['rank', 'alpha', 'use_rslora', 'scale']
+    """
+    schema = method.params_model.model_json_schema(ref_template="#/$defs/{model}")
+    defs = schema.pop("$defs", {})
+    return _strip_titles(schema), {name: _strip_titles(d) for name, d in defs.items()}
+
+
+def method_rules() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(the module schema's ``allOf`` if/then rules, one per method; the ``$defs`` they use).
+
+    Example:
+        >>> rules, defs = method_rules()
+        >>> rules[0]["if"]["properties"]["method"]["const"]
+        'lora'
+    """
+    rules, defs = [], {}
+    for method in METHODS:
+        params, extra = params_schema(method)
+        defs.update(extra)
+        defs[f"{method.name}_params"] = params
+        roles = [r.name for r in method.roles]
+        required = [r.name for r in method.roles if r.required]
+        rules.append({"if": {"properties": {"method": {"const": method.name}}},
+                      "then": {"properties": {
+                          "params": {"$ref": f"#/$defs/{method.name}_params"},
+                          "layer": {"enum": list(method.layers)},
+                          "tensors": {"required": required, "propertyNames": {"enum": roles}}}}})
+    return rules, defs
+
+
+def build_schema(base: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (the container-level schema) with the per-method rules and params filled in.
+
+    Example:
+        >>> build_schema(load_schema())["$defs"]["lora_params"]["type"]  # doctest: +SKIP
+        'object'
+    """
+    schema = dict(base)
+    defs = {k: base["$defs"][k] for k in CONTAINER_DEFS}
+    rules, method_defs = method_rules()
+    module = dict(defs["module"])
+    module["allOf"] = rules
+    defs["module"] = module
+    defs.update(method_defs)
+    schema["$defs"] = defs
+    return schema

@@ -1,0 +1,60 @@
+"""Check this implementation against the spec's conformance vectors.
+
+Usage: ``python -m adapterfmt.ops.conformance spec/vectors`` (exit 0 when every vector passes).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from ..methods import get_method, read_checked_adapter
+
+EXPECTED_SUFFIX = ".expected.safetensors"
+BASE_FILE = "base.safetensors"
+# ΔW is compared in fp32 against an fp64-derived expectation; BLAS summation order may differ
+# between machines, so the tolerance is relative to the largest entry.
+REL_TOL = 1e-5
+
+
+def check_vector(path: Path) -> list[str]:
+    """Problems found for one vector file (empty when it conforms)."""
+    expected = load_file(str(path.with_name(path.name[: -len(".safetensors")] + EXPECTED_SUFFIX)))
+    base_path = path.parent / BASE_FILE
+    base = load_file(str(base_path)) if base_path.is_file() else {}
+    adapter = read_checked_adapter(path)
+    problems = []
+    for target, entry in adapter.manifest.modules.items():
+        weight = base.get(entry.base_weight)
+        canon = None
+        if weight is not None:
+            canon = entry.canonical(weight.float())
+        delta = get_method(entry.method).delta(entry, adapter.module_tensors(target), canon)
+        want = expected.get(target)
+        if want is None:
+            problems.append(f"{path.name}: no expected ΔW for {target}")
+            continue
+        err = float((delta.double() - want.double()).abs().max())
+        limit = REL_TOL * max(float(want.abs().max()), 1e-30)
+        if list(delta.shape) != list(want.shape) or err > limit:
+            problems.append(f"{path.name}: {target}: max|ΔW error| {err:.3g} > {limit:.3g}")
+    return problems
+
+
+def run(directory: Path) -> int:
+    files = sorted(p for p in directory.rglob("*.safetensors")
+                   if not p.name.endswith(EXPECTED_SUFFIX) and p.name != BASE_FILE)
+    failures = 0
+    for path in files:
+        problems = check_vector(path)
+        failures += bool(problems)
+        print(f"{'FAIL' if problems else 'ok  '} {path.relative_to(directory)}")
+        for problem in problems:
+            print(f"     {problem}")
+    print(f"{len(files) - failures} passed, {failures} failed")
+    return 1 if failures or not files else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(Path(sys.argv[1] if len(sys.argv) > 1 else "spec/vectors")))

@@ -1,0 +1,174 @@
+"""``convert``: read any format, optionally change method or rank, write any format, report every module."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..atomic import check_output_path
+from ..conversion_report import EXACT_MATH, LOSSLESS, LOSSY, SCALE_FOLDED, ConversionReport
+from ..engine.base import bind_base
+from ..errors import LossyConversionError, UsageError
+from ..format import Adapter
+from ..format.container import require_finite
+from ..formats import (FORMATS, AdapterFormat, FormatOptions, ReadOptions, WriteOptions, detect_format,
+                       format_for_output, get_format)
+from ..formats._lowrank import base_config_summary
+from ..methods import convert_module, get_method
+from ..progress import progress
+from .hub import is_hub, resolve_path
+from .load import load_base
+
+STATUS_ORDER = [LOSSLESS, EXACT_MATH, SCALE_FOLDED, LOSSY]
+
+
+def convert_methods(adapter: Adapter, to: str, options: dict[str, Any], report: ConversionReport) -> Adapter:
+    """Convert every module whose method differs from ``to``; statuses go into ``report``.
+
+    Example:
+        >>> lora = convert_methods(nola_adapter, "lora", {}, ConversionReport())  # doctest: +SKIP
+    """
+    manifest = adapter.manifest
+    tensors = dict(adapter.tensors)
+    into = get_method(to)
+    for target, entry in progress(list(manifest.modules.items()), f"convert to {to}"):
+        if entry.method == to:
+            continue
+        method = get_method(entry.method)
+        old_tensors = adapter.module_tensors(target)
+        new_entry, new_tensors, status, note = convert_module(target, entry, old_tensors, to, options)
+        for ref in entry.tensors.values():
+            tensors.pop(ref.name, None)
+        for role, ref in new_entry.tensors.items():
+            tensors[ref.name] = new_tensors[role]
+        manifest.modules[target] = new_entry
+        reference = result = None
+        if not method.needs_base and not into.needs_base:
+            # Measure what the conversion did to ΔW (fp64 comparison in the report).
+            reference = method.delta(entry, old_tensors)
+            result = into.delta(new_entry, new_tensors)
+        report.add(target, status, f"{entry.method} -> {to}" + (f": {note}" if note else ""),
+                   reference=reference, result=result)
+    return Adapter(manifest=manifest, tensors=tensors, version=adapter.version)
+
+
+def option_fields() -> dict[str, list[str]]:
+    """Every format option name -> the formats (``--from x`` / ``--to y``) that take it (for the CLI)."""
+    fields: dict[str, list[str]] = {}
+    for fmt in FORMATS:
+        for model, flag in ((fmt.read_options, "--from"), (fmt.write_options, "--to")):
+            for name in model.model_fields:
+                fields.setdefault(name, []).append(f"{flag} {fmt.name}")
+    return fields
+
+
+def _typed_options(model: type[FormatOptions], given: dict[str, Any], where: str) -> FormatOptions:
+    from pydantic import ValidationError
+    try:
+        return model.model_validate({k: v for k, v in given.items() if k in model.model_fields and v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-")
+        raise UsageError(f"{flag}: {first['msg']}", hint=f"see adapterfmt convert --help ({where})") from None
+
+
+def _check_unused(given: dict[str, Any], reader: AdapterFormat, writer: AdapterFormat) -> None:
+    used = set(reader.read_options.model_fields) | set(writer.write_options.model_fields)
+    fields = option_fields()
+    for name, value in given.items():
+        if value not in (None, False) and name not in used:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} does not apply to --from {reader.name} --to {writer.name}",
+                             hint=f"{flag} is for {', '.join(fields.get(name, ['nothing']))}")
+
+
+def choose_writer(dst: Path, to: str | None) -> AdapterFormat:
+    """The output format: ``--to``, else the one the destination's suffix names, else adapterfmt.
+
+    A ``--to`` that contradicts the suffix (``--to peft out.gguf``) is refused.
+
+    Example:
+        >>> choose_writer(Path("adapter.gguf"), None).name
+        'gguf'
+    """
+    by_suffix = format_for_output(dst)
+    claimed = [f.name for f in FORMATS if f.can_write and dst.suffix.lower() in f.suffixes] if dst.suffix else []
+    if to is None:
+        return by_suffix or get_format("adapterfmt", writing=True)
+    writer = get_format(to, writing=True)
+    if claimed and writer.name not in claimed:
+        raise UsageError(f"--to {writer.name} but the output name ends in {dst.suffix!r} (a {claimed[0]} file)",
+                         path=dst, hint=f"name the output for {writer.name}, or use --to {claimed[0]}")
+    return writer
+
+
+def _merge_statuses(read_report: ConversionReport, *later: ConversionReport) -> list:
+    statuses = {m.module: m for m in read_report.modules}
+    for stage in later:
+        for m in stage.modules:
+            prev = statuses.get(m.module)
+            if prev is None or STATUS_ORDER.index(m.status) >= STATUS_ORDER.index(prev.status):
+                if prev is not None and prev.note and not m.note:
+                    m.note = prev.note
+                statuses[m.module] = m
+    return [statuses[k] for k in sorted(statuses)]
+
+
+def convert(src: Path | str, dst: Path | str, *, to: str | None = None, source_format: str | None = None,
+            base: Path | str | None = None, method: str | None = None, allow_pickle: bool = False,
+            overwrite: bool = False, strict: bool = False, method_options: dict[str, Any] | None = None,
+            format_options: dict[str, Any] | None = None, resize: dict[str, Any] | None = None) -> ConversionReport:
+    """Convert an adapter between formats (and methods); returns the per-module report.
+
+    ``format_options`` holds the readers' and writers' own options by field name (e.g.
+    ``{"cuda_sm_count": 108}``); each format takes the fields of its options model.
+
+    Example:
+        >>> report = convert("peft-dir", "adapter.safetensors")  # doctest: +SKIP
+        >>> report.worst  # doctest: +SKIP
+        'lossless'
+    """
+    src, dst = resolve_path(src), Path(dst)
+    check_output_path(dst, [src] + ([Path(base)] if base and not is_hub(base) else []))
+    reader = get_format(source_format) if source_format else detect_format(src)
+    writer = choose_writer(dst, to)
+    given = dict(format_options or {})
+    _check_unused(given, reader, writer)
+    report = ConversionReport(source_format=reader.name, target_format=writer.name)
+    read_report = ConversionReport()
+    checkpoint = load_base(base)
+    adapter = reader.read(src, ReadOptions(base=checkpoint, allow_pickle=allow_pickle,
+                                           format=_typed_options(reader.read_options, given, f"--from {reader.name}")),
+                          read_report)
+    if checkpoint is not None and checkpoint.config:
+        # Head counts, layer count etc. travel with the adapter (GGUF/MLX export need them later).
+        adapter.manifest.source.setdefault("base_config", base_config_summary(checkpoint.config))
+    require_finite(adapter, src)
+    if checkpoint is not None:
+        bind_base(adapter, checkpoint, str(src))
+    report.notes += read_report.notes
+    method_report = ConversionReport()
+    wanted = method
+    if wanted is None and writer.writes_methods is not None:
+        foreign = [m for m in adapter.manifest.methods() if m not in writer.writes_methods]
+        if foreign:
+            wanted = "lora"
+            report.notes.append(f"{writer.name} cannot hold {', '.join(foreign)}: materialised as LoRA")
+    if wanted is None and resize is not None and set(adapter.manifest.methods()) - {"lora", "dora"}:
+        wanted = "lora"  # rank changes work on LoRA factors
+    if wanted is not None:
+        adapter = convert_methods(adapter, wanted, dict(method_options or {}), method_report)
+    if resize is not None:  # {} = exact compaction; {"rank": N} or {"energy": F} truncate
+        from .resize import resize_adapter
+        adapter = resize_adapter(adapter, method_report, **resize)
+    if strict and method_report.worst == LOSSY:
+        lossy = [m.module for m in method_report.modules if m.status == LOSSY]
+        raise LossyConversionError(f"conversion is lossy for {len(lossy)} module(s) (first: {lossy[0]}) "
+                                   "and --strict was given; nothing was written", path=src,
+                                   hint="drop --strict to accept the measured loss")
+    write_report = ConversionReport()
+    writer.write(adapter, dst, write_report, WriteOptions(
+        base=checkpoint, overwrite=overwrite,
+        format=_typed_options(writer.write_options, given, f"--to {writer.name}")))
+    report.modules = _merge_statuses(read_report, method_report, write_report)
+    report.notes += write_report.notes
+    return report

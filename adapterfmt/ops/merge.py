@@ -1,0 +1,57 @@
+"""``merge`` / ``unmerge`` for users: resolve ``hf://`` paths and adapter specs, then run the engine."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..engine.merge import merge as engine_merge
+from ..engine.stream import StreamStats
+from ..engine.unmerge import unmerge as engine_unmerge
+from ..errors import UsageError
+from ..format import Adapter
+from .hub import resolve_path
+
+AdapterSpec = Path | str | Adapter | tuple
+
+
+def adapter_list(adapters: Sequence[AdapterSpec] | AdapterSpec) -> list[tuple[Path | Adapter, float]]:
+    """Normalise ``"a.safetensors"``, ``("a.safetensors", 0.7)`` or an :class:`Adapter` to (source, weight).
+
+    Example:
+        >>> adapter_list(["a.safetensors", ("b.safetensors", 0.5)])
+        [(PosixPath('a.safetensors'), 1.0), (PosixPath('b.safetensors'), 0.5)]
+    """
+    if isinstance(adapters, (str, Path, Adapter)):
+        adapters = [adapters]
+    out = []
+    for item in adapters:
+        source, weight = (item if isinstance(item, tuple) else (item, 1.0)) if not isinstance(item, Adapter) \
+            else (item, 1.0)
+        if isinstance(item, tuple) and len(item) != 2:
+            raise UsageError(f"adapter {item!r} is not (path, weight)", hint="pass paths or (path, weight) pairs")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise UsageError(f"adapter weight {weight!r} is not a number", hint="pass (path, weight) pairs")
+        out.append((source if isinstance(source, Adapter) else resolve_path(source), float(weight)))
+    if not out:
+        raise UsageError("no adapter given", hint="pass at least one adapter file")
+    return out
+
+
+def merge(base: Path | str, adapters: Sequence[AdapterSpec] | AdapterSpec, out: Path | str, **options) -> StreamStats:
+    """Merge adapters (each with a weight) into a base model, streaming, into a new directory.
+
+    Example:
+        >>> merge("tiny-llama", [("a.safetensors", 0.7), ("b.safetensors", 0.3)], "merged")  # doctest: +SKIP
+    """
+    return engine_merge(resolve_path(base), adapter_list(adapters), out, **options)
+
+
+def unmerge(merged: Path | str, adapters: Sequence[AdapterSpec] | AdapterSpec, out: Path | str, *,
+            base: Path | str | None = None, **options) -> StreamStats:
+    """Subtract adapters from a merged model; with ``base``, report how exactly the original came back.
+
+    Example:
+        >>> unmerge("merged", ["a.safetensors"], "restored", base="tiny-llama")  # doctest: +SKIP
+    """
+    return engine_unmerge(resolve_path(merged), adapter_list(adapters), out,
+                          base=None if base is None else resolve_path(base), **options)
