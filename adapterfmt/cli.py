@@ -348,8 +348,9 @@ def merge(base, adapters, out, device, dtype, shard_size, force, overwrite, as_j
 def unmerge(merged, adapters, out, base, device, shard_size, force, overwrite, as_json):
     """Subtract merged adapters again: W = round(fp32(W') − Σ weight·ΔW), rounded once.
 
-    Low-precision unmerge is approximate (at most one ulp of the merged value per element);
-    with --base the fraction restored bit-exactly and the worst error in ulps are reported.
+    Low-precision unmerge is approximate: for additive methods (LoRA, NOLA, OLoRA, PiSSA, SORSA) at most
+    about one ulp of the merged value per element; DoRA's row normalisation is inverted in fp32 and can
+    be off by more. With --base the fraction restored bit-exactly and the worst error in ulps are reported.
 
     \b
     Examples:
@@ -370,7 +371,8 @@ def unmerge(merged, adapters, out, base, device, shard_size, force, overwrite, a
 @main.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Keep the demo's files here (default: a temporary directory).")
-def demo(out_dir):
+@click.option("--overwrite", is_flag=True, help="Replace the demo's files in a non-empty --out directory.")
+def demo(out_dir, overwrite):
     """Run the whole job on a tiny random model: make adapters, convert, merge, validate.
 
     Needs no network: the model is built from a config on the spot.
@@ -378,9 +380,10 @@ def demo(out_dir):
     \b
     Example:
       adapterfmt demo --out ./demo-out
+      adapterfmt demo --out ./demo-out --overwrite
     """
     from .ops.demo import run_demo
-    for line in run_demo(out_dir):
+    for line in run_demo(out_dir, overwrite=overwrite):
         click.echo(line)
 
 

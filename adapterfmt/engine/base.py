@@ -32,6 +32,10 @@ def bind_base(adapter: Adapter, base: BaseCheckpoint, path: str | None = None, *
         >>> bind_base(adapter, BaseCheckpoint("tiny-llama"))  # doctest: +SKIP
     """
     manifest = adapter.manifest
+    recorded = manifest.base.architecture
+    if recorded and base.architecture and recorded != base.architecture:
+        raise BaseMismatchError(f"the adapter was made for {recorded}, the base is {base.architecture}", path=path,
+                                hint="use the base the adapter was made for")
     expected = {e.base_weight: w for e in manifest.modules.values()
                 for w in [manifest.base.weights.get(e.base_weight)] if w is not None}
     for payload in manifest.payloads.values():

@@ -144,7 +144,13 @@ def convert(src: Path | str, dst: Path | str, *, to: str | None = None, source_f
         adapter.manifest.source.setdefault("base_config", base_config_summary(checkpoint.config))
     require_finite(adapter, src)
     if checkpoint is not None:
+        claimed = adapter.manifest.base.name_or_path
         bind_base(adapter, checkpoint, str(src))
+        if claimed and claimed != checkpoint.name_or_path:
+            # The file names the model it claims; the fingerprints are of the base actually given.
+            adapter.manifest.source["bound_base"] = checkpoint.name_or_path
+            report.notes.append(f"the adapter names base {claimed!r}; fingerprints were taken from "
+                                f"{checkpoint.name_or_path!r} (recorded as source.bound_base)")
     report.notes += read_report.notes
     method_report = ConversionReport()
     wanted = method

@@ -7,6 +7,8 @@ from typing import Iterator
 
 import torch
 
+from ..errors import UsageError
+
 
 def _tiny_base(path: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -48,8 +50,10 @@ def _peft_style_adapter(base: Path, out: Path, *, use_dora: bool, use_rslora: bo
     return out
 
 
-def run_demo(out_dir: Path | str | None = None) -> Iterator[str]:
+def run_demo(out_dir: Path | str | None = None, *, overwrite: bool = False) -> Iterator[str]:
     """Build a tiny model, make adapters of several methods, convert, merge, validate; yield log lines.
+
+    A non-empty ``out_dir`` is refused unless ``overwrite`` (then the demo's files are replaced).
 
     Example:
         >>> for line in run_demo():  # doctest: +SKIP
@@ -61,6 +65,9 @@ def run_demo(out_dir: Path | str | None = None) -> Iterator[str]:
     from .validate import validate
 
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="adapterfmt-demo-"))
+    if work.is_dir() and any(work.iterdir()) and not overwrite:
+        raise UsageError("demo directory is not empty", path=work,
+                         hint="pass --overwrite to replace the demo's files, or choose another --out")
     work.mkdir(parents=True, exist_ok=True)
     yield f"demo directory: {work}"
     base = _tiny_base(work / "base-model")
@@ -137,5 +144,5 @@ def _make_nola(path: Path, base: Path) -> Path:
         manifest.base.weights[name] = BaseWeight(shape=[out_f, in_f])
     adapter = Adapter(manifest, tensors)
     bind_base(adapter, ckpt)
-    write_checked_adapter(adapter, path)
+    write_checked_adapter(adapter, path, overwrite=True)
     return path

@@ -1,0 +1,125 @@
+"""Regression tests for the small exact-or-refuse defects of the consumer issue (one test per defect)."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import adapterfmt
+from adapterfmt.cli import main
+from adapterfmt.errors import BaseMismatchError, UsageError
+from tests.helpers import make_peft_adapter, tiny_llama
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory, llama_base):
+    root = tmp_path_factory.mktemp("edges")
+    peft_dir = make_peft_adapter(llama_base, root / "peft", r=4, lora_alpha=8, target_modules=TARGETS)
+    native = root / "lora.safetensors"
+    adapterfmt.convert(peft_dir, native, base=llama_base)
+    return peft_dir, native
+
+
+def test_convert_without_to_infers_gguf_from_the_suffix(lora, llama_base, tmp_path):
+    _, native = lora
+    report = adapterfmt.convert(native, tmp_path / "a.gguf", base=llama_base)
+    assert report.target_format == "gguf"
+    assert (tmp_path / "a.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def test_to_contradicting_the_suffix_is_refused(lora, tmp_path):
+    _, native = lora
+    with pytest.raises(UsageError, match=r"--to peft but the output name ends in '\.gguf'"):
+        adapterfmt.convert(native, tmp_path / "a.gguf", to="peft")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_to_is_case_insensitive_and_read_only_formats_are_refused(lora, tmp_path):
+    _, native = lora
+    assert adapterfmt.convert(native, tmp_path / "p", to="PEFT").target_format == "peft"
+    with pytest.raises(UsageError, match="'nola_official' is read-only") as err:
+        adapterfmt.convert(native, tmp_path / "x.safetensors", to="nola_official")
+    assert "nola_official" not in err.value.hint and "gguf" in err.value.hint
+
+
+def test_validate_fingerprint_mismatch_does_not_name_a_flag_validate_lacks(lora, tmp_path):
+    _, native = lora
+    other = tiny_llama(tmp_path / "other", seed=5)
+    result = adapterfmt.validate(native, base=other)
+    assert not result.valid and "fingerprint mismatch" in result.problems[0]
+    assert "--force" not in result.problems[0]
+    runner = CliRunner()
+    out = runner.invoke(main, ["merge", "--base", str(other), "--adapter", str(native), "--out", str(tmp_path / "m")])
+    assert out.exit_code == 1 and "--force" in out.output  # merge has --force, so it may name it
+
+
+def test_api_merge_accepts_plain_adapter_paths(lora, llama_base, tmp_path):
+    _, native = lora
+    stats = adapterfmt.merge(llama_base, [str(native)], tmp_path / "m")
+    assert stats.tensors_changed == 4
+    with pytest.raises(UsageError, match="not a number"):
+        adapterfmt.merge(llama_base, [(str(native), "heavy")], tmp_path / "m2")
+
+
+def test_inspect_and_validate_on_a_peft_directory_say_convert_first(lora):
+    peft_dir, _ = lora
+    runner = CliRunner()
+    for command in ("inspect", "validate"):
+        out = runner.invoke(main, [command, str(peft_dir)])
+        assert out.exit_code == 2, out.output
+        assert "convert it first" in out.output and "not a regular file" not in out.output
+
+
+def test_demo_twice_into_one_directory_is_refused_with_the_flag_demo_has(tmp_path):
+    (tmp_path / "old").write_text("x")
+    runner = CliRunner()
+    out = runner.invoke(main, ["demo", "--out", str(tmp_path)])
+    assert out.exit_code == 2 and "--overwrite" in out.output
+    help_text = runner.invoke(main, ["demo", "--help"]).output
+    assert "--overwrite" in help_text
+
+
+def test_unmerge_of_a_bf16_merge_output_is_verified_not_refused(lora, llama_base, tmp_path):
+    _, native = lora
+    merged = tmp_path / "merged-bf16"
+    adapterfmt.merge(llama_base, [native], merged, dtype="bf16")
+    stats = adapterfmt.unmerge(merged, [native], tmp_path / "restored", base=llama_base)
+    check = stats.verification
+    assert check["elements_compared"] > 0
+    # Compared with the base rounded to bf16: the merged value's rounding bounds the error.
+    assert check["max_error_merged_ulps"] <= 2.0
+
+
+def test_unmerge_help_does_not_promise_one_ulp_for_dora():
+    text = CliRunner().invoke(main, ["unmerge", "--help"]).output
+    assert "DoRA" in text and "additive methods" in text
+
+
+def test_convert_base_with_other_architecture_is_refused(lora, tmp_path, gpt2_base):
+    _, native = lora
+    with pytest.raises(BaseMismatchError):
+        adapterfmt.convert(native, tmp_path / "x.safetensors", base=gpt2_base)
+
+
+def test_unknown_format_option_for_the_chosen_formats_is_refused(lora, tmp_path):
+    _, native = lora
+    with pytest.raises(UsageError, match="--cuda-sm-count does not apply to --from adapterfmt --to peft"):
+        adapterfmt.convert(native, tmp_path / "p2", to="peft", format_options={"cuda_sm_count": 108})
+
+
+def test_tensor_bytes_checked_before_merge(tmp_path, llama_base):
+    # A base shard whose header lies about a tensor's byte length is refused by the checked span reader.
+    state = load_file(str(llama_base / "model.safetensors"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(state, str(bad / "model.safetensors"))
+    raw = bytearray((bad / "model.safetensors").read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + header_len].decode()
+    raw[8:8 + header_len] = header.replace('"F32"', '"F16"', 1).encode()
+    (bad / "model.safetensors").write_bytes(bytes(raw))
+    from adapterfmt.errors import AdapterFmtError
+    with pytest.raises(AdapterFmtError):
+        adapterfmt.merge(bad, [tmp_path], tmp_path / "m")
