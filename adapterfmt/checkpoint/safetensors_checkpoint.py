@@ -108,7 +108,36 @@ class BaseCheckpoint:
         return list(self._info)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._info
+        return name in self._info or name in self.tied_weights
+
+    @cached_property
+    def tied_weights(self) -> dict[str, str]:
+        """Weights the model ties but the files store once: {alias: stored source}, e.g.
+        ``{"lm_head.weight": "model.embed_tokens.weight"}``. transformers' own tie table for the
+        config's architecture (built on the meta device, no weights), so no names are hard-coded here.
+        """
+        arch = self.architecture
+        if not arch:
+            return {}
+        try:
+            import torch
+            import transformers
+            from transformers import AutoConfig
+            config = AutoConfig.from_pretrained(str(self.root), local_files_only=True)
+            model_class = getattr(transformers, arch, None)
+            if model_class is None:
+                return {}
+            with torch.device("meta"):
+                model = model_class(config)
+            tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+        except Exception:  # an unknown or custom architecture: no ties known, nothing aliased
+            return {}
+        return {alias: source for alias, source in tied.items()
+                if alias not in self._info and source in self._info}
+
+    def resolve(self, name: str) -> str:
+        """The stored tensor that holds ``name`` (itself, or the source of a tied alias)."""
+        return self.tied_weights.get(name, name) if name not in self._info else name
 
     def dtype_name(self, name: str) -> str:
         return self._require(name)[0]
@@ -118,7 +147,7 @@ class BaseCheckpoint:
 
     def _require(self, name: str) -> tuple[str, list[int]]:
         try:
-            return self._info[name]
+            return self._info[self.resolve(name)]
         except KeyError:
             raise BaseMismatchError(f"base model has no parameter {name!r}", path=self.path,
                                     hint="the adapter was made for a different model; check --base") from None
@@ -126,6 +155,7 @@ class BaseCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor (a copy from the memory map)."""
         self._require(name)
+        name = self.resolve(name)
         return self._open(self._where[name]).get_tensor(name)
 
     @cached_property
@@ -139,4 +169,4 @@ class BaseCheckpoint:
     def fingerprint(self, name: str) -> str:
         """The tensor's fingerprint, touching only the sampled pages (not the whole tensor)."""
         self._require(name)
-        return span_fingerprint(self.spans[name])
+        return span_fingerprint(self.spans[self.resolve(name)])

@@ -22,7 +22,7 @@ from ..format.container import require_finite
 from ..methods import get_method
 from ..methods.descriptor import Method, take_rows
 from .devices import exact_math, resolve_device
-from .plan import (OUT_DTYPES, StreamingCheckpoint, TensorJob, Update, check_adapters, make_jobs,
+from .plan import (OUT_DTYPES, StreamingCheckpoint, TensorJob, Update, check_adapters, make_jobs, untied_aliases,
                    shard_jobs)
 from .stream import BufferPool, StreamStats, execute, peak_rss_bytes
 from ..format.dtypes import DTYPE_FROM_NAME
@@ -218,12 +218,17 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
     loaded = load_adapters(adapters)
     check_adapters(loaded, base, force, adapter_paths(adapters))
     plan = shard_jobs(make_jobs(base, loaded, dtype), shard_size)
+    untied = untied_aliases(base, {job.out.name for job in plan.jobs if job.changed})
     ctx = MathContext(torch_device)
     ctx.reserve(plan.jobs)
     stats = StreamStats(device=str(torch_device))
+    for alias in untied:
+        stats.notes.append(f"untied {alias} from {base.tied_weights[alias]}: the adapter changes only one of the "
+                           "two uses, so both are written and config.json says tie_word_embeddings: false")
     with exact_math(torch_device), torch.no_grad():
         execute(plan, base, out_dir, lambda job, stored: merge_tensor(job, stored, ctx), stats,
-                overwrite=overwrite, progress=progress, out_dtype=OUT_DTYPES[dtype], desc="merge")
+                overwrite=overwrite, progress=progress, out_dtype=OUT_DTYPES[dtype], desc="merge",
+                untie=bool(untied))
     if base.path.is_file():
         stats.notes.append("base was a single file; no config copied")
     stats.seconds = time.perf_counter() - start

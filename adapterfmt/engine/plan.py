@@ -130,16 +130,34 @@ def make_jobs(base: StreamingCheckpoint, adapters: list[tuple[Adapter, float]], 
                 raise UsageError(f"payload {payload.target!r} replaces a whole tensor and cannot be weighted",
                                  hint="merge this adapter with weight 1")
             replacements[payload.target] = Replacement(adapter, float(weight), payload)
+    aliases: dict[str, list[str]] = {}
+    for alias in untied_aliases(base, set(updates) | set(replacements)):
+        aliases.setdefault(base.tied_weights[alias], []).append(alias)
     jobs = []
     for span in base.ordered():
-        rep = replacements.get(span.name)
-        if rep is not None and rep.payload.kind == "bias_delta" and updates.get(span.name):
-            raise UsageError(f"{span.name!r} gets both a bias delta and a module update",
-                             hint="merge these adapters one at a time")
-        shape = tuple(rep.payload.tensor.shape) if rep and rep.payload.kind != "bias_delta" else span.shape
-        out = OutTensor(span.name, output_dtype(span, dtype), shape)
-        jobs.append(TensorJob(span, out, updates.get(span.name, []), rep))
+        # A tied alias the adapters touch (or whose source they touch) becomes its own tensor, written
+        # right after its source: the merged model must compute what base + adapter computed.
+        for name in [span.name] + aliases.get(span.name, []):
+            jobs.append(_job(span, name, updates.get(name, []), replacements.get(name), dtype))
     return jobs
+
+
+def _job(span: TensorSpan, name: str, updates: list[Update], rep: Replacement | None, dtype: str) -> TensorJob:
+    if rep is not None and rep.payload.kind == "bias_delta" and updates:
+        raise UsageError(f"{name!r} gets both a bias delta and a module update", hint="merge these adapters one at a time")
+    shape = tuple(rep.payload.tensor.shape) if rep and rep.payload.kind != "bias_delta" else span.shape
+    return TensorJob(span, OutTensor(name, output_dtype(span, dtype), shape), updates, rep)
+
+
+def untied_aliases(base: BaseCheckpoint, touched: set[str]) -> list[str]:
+    """Tied aliases (``lm_head.weight``) that must be written untied because an adapter touches them or
+    their source (``embed_tokens``): PEFT applies such an adapter to one of the two uses only.
+
+    Example:
+        >>> untied_aliases(base, {"model.embed_tokens.weight"})  # doctest: +SKIP
+        ['lm_head.weight']
+    """
+    return sorted(alias for alias, source in base.tied_weights.items() if alias in touched or source in touched)
 
 
 def shard_names(count: int) -> list[str]:
@@ -187,4 +205,4 @@ def index_json(plan: Plan) -> dict:
 
 
 __all__ = ["StreamingCheckpoint", "Update", "Replacement", "TensorJob", "Plan", "check_adapters", "make_jobs",
-           "shard_jobs", "index_json", "output_dtype", "dtype_name"]
+           "shard_jobs", "index_json", "output_dtype", "dtype_name", "untied_aliases"]

@@ -94,8 +94,11 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def copy_side_files(base: StreamingCheckpoint, dest: Path, out_dtype: str | None) -> int:
-    """Copy config, generation config, tokenizer files; never weights or pickles. Returns bytes copied."""
+def copy_side_files(base: StreamingCheckpoint, dest: Path, out_dtype: str | None, untie: bool = False) -> int:
+    """Copy config, generation config, tokenizer files; never weights or pickles. Returns bytes copied.
+
+    ``untie``: the output stores tied weights separately, so the config says ``tie_word_embeddings: false``.
+    """
     if base.path.is_file():
         return 0
     copied = 0
@@ -103,11 +106,13 @@ def copy_side_files(base: StreamingCheckpoint, dest: Path, out_dtype: str | None
         if (not item.is_file() or item.name.startswith(".") or item.suffix.lower() in WEIGHT_SUFFIXES
                 or item.name.endswith(".index.json") or item in base.shard_files):
             continue
-        if item.name == "config.json" and out_dtype is not None:
+        if item.name == "config.json" and (out_dtype is not None or untie):
             config = json.loads(item.read_text())
             for key in ("dtype", "torch_dtype"):  # transformers 5 / 4 spellings
-                if key in config:
+                if key in config and out_dtype is not None:
                     config[key] = config_dtype_name(out_dtype)
+            if untie:
+                config["tie_word_embeddings"] = False
             (dest / item.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         else:
             shutil.copyfile(item, dest / item.name)
@@ -117,7 +122,7 @@ def copy_side_files(base: StreamingCheckpoint, dest: Path, out_dtype: str | None
 
 def execute(plan: Plan, base: StreamingCheckpoint, out_dir: Path, compute: Compute, stats: StreamStats, *,
             overwrite: bool = False, progress: bool = False, out_dtype: str | None = None,
-            desc: str = "merge") -> StreamStats:
+            desc: str = "merge", untie: bool = False) -> StreamStats:
     """Write ``plan`` into ``out_dir`` atomically; ``compute(job, stored_tensor)`` makes each changed tensor.
 
     Example:
@@ -148,7 +153,7 @@ def execute(plan: Plan, base: StreamingCheckpoint, out_dir: Path, compute: Compu
             text = json.dumps(index_json(plan), indent=2) + "\n"
             (tmp / INDEX_FILE).write_text(text)
             stats.bytes_written += len(text)
-        stats.bytes_written += copy_side_files(base, tmp, out_dtype)
+        stats.bytes_written += copy_side_files(base, tmp, out_dtype, untie)
     stats.shards = len(plan.shards)
     stats.out = str(out_dir)
     return stats

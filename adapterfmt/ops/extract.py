@@ -21,7 +21,7 @@ from .hub import resolve_path
 
 def _default_targets(base: BaseCheckpoint, tuned: BaseCheckpoint) -> list[str]:
     skip = ("embed", "wte", "wpe", "lm_head", "shared")
-    return [n for n in base.names() if n.endswith(".weight") and len(base.shape(n)) == 2 and n in tuned
+    return [n for n in base.names() if n.endswith(".weight") and len(base.shape(n)) == 2 and n in tuned.names()
             and not any(s in n for s in skip)]
 
 
@@ -49,7 +49,7 @@ def extract(base_dir: Path | str, tuned_dir: Path | str, out: Path | str, *, ran
     targets = set(_default_targets(base, tuned))
     skipped = []
     for name in progress(base.names(), "extract"):
-        if name not in tuned or base.shape(name) != tuned.shape(name):
+        if name not in tuned.names() or base.shape(name) != tuned.shape(name):
             continue
         w0, w1 = base.get(name), tuned.get(name)
         if torch.equal(w0, w1):
@@ -89,7 +89,7 @@ def extract(base_dir: Path | str, tuned_dir: Path | str, out: Path | str, *, ran
 
 def _check_same_model(base: BaseCheckpoint, tuned: BaseCheckpoint, where: Path) -> None:
     """A fine-tune has the base's tensor names and shapes; anything else is another model."""
-    shared = [n for n in base.names() if n in tuned]
+    shared = [n for n in base.names() if n in set(tuned.names())]
     if not shared:
         raise BaseMismatchError(f"shares no weight with --base ({base.architecture} vs {tuned.architecture})",
                                 path=where, hint="--tuned must be a fine-tune of --base")
