@@ -543,23 +543,24 @@ INVALID = {
 }
 
 
-def main() -> None:
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    (OUT / "invalid").mkdir(parents=True)
-    (OUT / "base.safetensors").write_bytes(container(BASE, {"format": "pt"}))
+def main(out: Path = OUT) -> None:
+    """Write every vector and INDEX.json under ``out`` (replacing it)."""
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "invalid").mkdir(parents=True)
+    (out / "base.safetensors").write_bytes(container(BASE, {"format": "pt"}))
     index = {"version": "1.1", "base": "base.safetensors", "positive": [], "invalid": []}
     for name, (build, version) in POSITIVE.items():
-        build().write(OUT / f"{name}.safetensors", version)
+        build().write(out / f"{name}.safetensors", version)
         index["positive"].append({"file": f"{name}.safetensors", "expected": f"{name}.expected.safetensors",
                                   "base": "base.safetensors", "version": version, "expected_dtype": "F64",
                                   "rtol": RTOL, "order": ORDER, "about": " ".join(build.__doc__.split())})
     for name, (build, refusal, rule) in INVALID.items():
-        (OUT / "invalid" / f"{name}.safetensors").write_bytes(build())
+        (out / "invalid" / f"{name}.safetensors").write_bytes(build())
         index["invalid"].append({"file": f"invalid/{name}.safetensors", "refusal": refusal, "rule": rule})
-    (OUT / "INDEX.json").write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n")
-    print(f"wrote {len(POSITIVE)} positive and {len(INVALID)} must-refuse vectors to {OUT}")
+    (out / "INDEX.json").write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {len(POSITIVE)} positive and {len(INVALID)} must-refuse vectors to {out}")
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT)
