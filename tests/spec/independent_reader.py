@@ -1,17 +1,17 @@
-"""A second adapterfmt 1.1 reader, written from spec/ alone (numpy, json, struct, hashlib, math, re).
+"""A second adapterfmt 1.1 reader, written from spec/ alone (numpy, json, struct, math, re).
 
 It imports nothing from adapterfmt, torch or safetensors: if it and the package disagree on a file,
-either the spec is ambiguous or one of them is wrong. It parses the container, checks every rule of
-spec/README.md §9, and computes ΔW per module as spec/README.md §6 and the method files define it.
+either the spec is ambiguous or one of them is wrong. This module parses the container and checks every
+rule of spec/README.md §9; independent_delta.py computes ΔW, spec_schema.py checks the JSON Schema,
+spec_philox.py regenerates NOLA bases.
 
 Example:
     >>> adapter = read("spec/vectors/v1.1/lora_patterns.safetensors")  # doctest: +SKIP
-    >>> delta(adapter, "model.q_proj").shape  # doctest: +SKIP
-    (8, 6)
+    >>> adapter.version, list(adapter.manifest["modules"])[:1]  # doctest: +SKIP
+    ((1, 1), ['model.down_proj'])
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from spec_schema import Schema, load_schema
+
 READER_VERSION = (1, 1)
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "spec" / "manifest.schema.json"
 MAX_HEADER = 100_000_000
 MAX_MANIFEST_CHARS = 67_108_864
 MAX_INT = 2**53 - 1
@@ -29,6 +30,7 @@ VERSION_RE = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
 INIT_RE = {"olora": re.compile(r"olora"), "pissa": re.compile(r"pissa|pissa_niter_[0-9]+")}
 NAME_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 SEED_RE = re.compile(r"0|[1-9][0-9]{0,19}")
+KNOWN_METHODS = ("lora", "dora", "olora", "pissa", "sorsa", "nola")
 
 
 class Refusal(Exception):
@@ -167,143 +169,6 @@ def to_array64(dtype: str, shape: list[int], raw: bytes) -> np.ndarray:
     return to_array(dtype, shape, raw).astype(np.float64)
 
 
-# ------------------------------------------------------------------ schema (JSON Schema subset)
-def load_schema() -> dict:
-    return json.loads(SCHEMA_PATH.read_text())
-
-
-def _ecma(pattern: str) -> re.Pattern:
-    # ECMA-262 `$` (no multiline) matches only at the very end; Python's `$` also before a final \n.
-    return re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern)
-
-
-def _is_type(value, kind: str) -> bool:
-    return {"object": isinstance(value, dict), "array": isinstance(value, list),
-            "string": isinstance(value, str), "boolean": isinstance(value, bool), "null": value is None,
-            "integer": type(value) is int or (type(value) is float and value.is_integer()),
-            "number": type(value) in (int, float)}[kind]
-
-
-class Schema:
-    """The subset of draft 2020-12 that manifest.schema.json uses; ``opened`` as README §3 says."""
-
-    def __init__(self, schema: dict, opened: bool):
-        self.root, self.opened = schema, opened
-
-    def check(self, value, node=None, where="manifest"):
-        node = self.root if node is None else node
-        if "$ref" in node:
-            target = self.root
-            for part in node["$ref"].lstrip("#/").split("/"):
-                target = target[part]
-            self.check(value, target, where)
-        for key in ("type", "enum", "const", "pattern", "minLength", "maxLength", "minimum",
-                    "exclusiveMinimum", "items", "minItems", "maxItems", "required", "properties",
-                    "additionalProperties", "propertyNames", "allOf", "oneOf"):
-            if key in node:
-                getattr(self, "_" + key)(value, node[key], node, where)
-
-    def fail(self, where, what):
-        raise ManifestError(f"schema: {where}: {what}")
-
-    def _type(self, v, kinds, node, where):
-        kinds = [kinds] if isinstance(kinds, str) else kinds
-        if not any(_is_type(v, k) for k in kinds):
-            self.fail(where, f"not {kinds}")
-
-    def _enum(self, v, options, node, where):
-        if not any(type(v) is type(o) and v == o for o in options):
-            self.fail(where, f"{v!r} not one of {options}")
-
-    def _const(self, v, c, node, where):
-        if v != c:
-            self.fail(where, f"{v!r} is not {c!r}")
-
-    def _pattern(self, v, p, node, where):
-        if isinstance(v, str) and not _ecma(p).search(v):
-            self.fail(where, f"{v!r} does not match {p}")
-
-    def _minLength(self, v, n, node, where):
-        if isinstance(v, str) and len(v) < n:
-            self.fail(where, "too short")
-
-    def _maxLength(self, v, n, node, where):
-        if isinstance(v, str) and len(v) > n:
-            self.fail(where, "too long")
-
-    def _minimum(self, v, n, node, where):
-        if _is_type(v, "number") and not isinstance(v, bool) and v < n:
-            self.fail(where, f"{v} < {n}")
-
-    def _exclusiveMinimum(self, v, n, node, where):
-        if _is_type(v, "number") and not isinstance(v, bool) and v <= n:
-            self.fail(where, f"{v} <= {n}")
-
-    def _items(self, v, sub, node, where):
-        if isinstance(v, list):
-            for i, item in enumerate(v):
-                self.check(item, sub, f"{where}[{i}]")
-
-    def _minItems(self, v, n, node, where):
-        if isinstance(v, list) and len(v) < n:
-            self.fail(where, "too few items")
-
-    def _maxItems(self, v, n, node, where):
-        if isinstance(v, list) and len(v) > n:
-            self.fail(where, "too many items")
-
-    def _required(self, v, names, node, where):
-        if isinstance(v, dict):
-            for name in names:
-                if name not in v:
-                    self.fail(where, f"missing {name!r}")
-
-    def _properties(self, v, props, node, where):
-        if isinstance(v, dict):
-            for name, sub in props.items():
-                if name in v:
-                    self.check(v[name], sub, f"{where}.{name}")
-
-    def _additionalProperties(self, v, extra, node, where):
-        if not isinstance(v, dict):
-            return
-        known = node.get("properties", {})
-        for name, value in v.items():
-            if name in known:
-                continue
-            if extra is False:
-                if not self.opened:
-                    self.fail(where, f"unknown member {name!r}")
-            elif isinstance(extra, dict):
-                self.check(value, extra, f"{where}.{name}")
-
-    def _propertyNames(self, v, sub, node, where):
-        if isinstance(v, dict):
-            if self.opened and "enum" in sub:
-                return
-            for name in v:
-                self.check(name, sub, f"{where} key {name!r}")
-
-    def _allOf(self, v, subs, node, where):
-        for sub in subs:
-            if "if" in sub:
-                if self._valid(v, sub["if"]):
-                    self.check(v, sub.get("then", {}), where)
-            else:
-                self.check(v, sub, where)
-
-    def _oneOf(self, v, subs, node, where):
-        if sum(self._valid(v, s) for s in subs) != 1:
-            self.fail(where, "matches not exactly one alternative")
-
-    def _valid(self, v, sub) -> bool:
-        try:
-            self.check(v, sub)
-        except ManifestError:
-            return False
-        return True
-
-
 # ------------------------------------------------------------------ the file
 class Adapter:
     """A read file: version, manifest and its tensors (dtype, shape, raw bytes) by container name."""
@@ -335,11 +200,11 @@ def read(path) -> Adapter:
     if text is None or len(text) > MAX_MANIFEST_CHARS:
         raise ManifestError("adapterfmt.manifest missing or over the limit")
     manifest = strict_json(text, ManifestError)
-    Schema(load_schema(), opened=version[1] > READER_VERSION[1]).check(manifest)
+    Schema(load_schema(), opened=version[1] > READER_VERSION[1], error=ManifestError).check(manifest)
     check_names(manifest)
     named = check_tensors(manifest, tensors)
     for module, entry in manifest["modules"].items():
-        if entry["method"] not in METHODS_KNOWN:
+        if entry["method"] not in KNOWN_METHODS:
             raise UnknownMethodError(f"{module}: unknown method {entry['method']!r}")
         if entry["method"] == "nola":
             generator = entry["params"]["generator"]
@@ -454,163 +319,3 @@ def check_roles(module: str, entry: dict, named: dict) -> None:
             raise TensorError(f"{module}: role {role} has dtype {ref['dtype']}")
         if ref["shape"] != shapes[role]:
             raise TensorError(f"{module}: role {role} has shape {ref['shape']}, expected {shapes[role]}")
-
-
-# ------------------------------------------------------------------ ΔW (README §6, method files)
-def fl32(x: float) -> np.float32:
-    return np.float32(x)
-
-
-def delta(adapter: Adapter, module: str, base: np.ndarray | None = None) -> np.ndarray:
-    """ΔW of one module, fp32, canonical (out, in), in the spec's reference operation order.
-
-    ``base`` is the canonical fp32 base weight (needed by DoRA only).
-    """
-    entry = adapter.manifest["modules"][module]
-    return METHODS_KNOWN[entry["method"]](adapter, module, entry, base)
-
-
-def _lora(adapter, module, entry, base):
-    product = adapter.role(module, "lora_B") @ adapter.role(module, "lora_A")
-    return product * fl32(entry["params"]["scale"])
-
-
-def _dora(adapter, module, entry, base):
-    if base is None:
-        raise ValueError("DoRA needs the base weight")
-    v = base + _lora(adapter, module, entry, base)
-    norm = np.sqrt((v * v).sum(axis=1, dtype=np.float32))
-    merged = (adapter.role(module, "magnitude") / norm)[:, None] * v
-    return merged - base
-
-
-def _init_relative(adapter, module, entry, base):
-    trained = adapter.role(module, "lora_B") @ adapter.role(module, "lora_A")
-    init = adapter.role(module, "lora_B0") @ adapter.role(module, "lora_A0")
-    return (trained - init) * fl32(entry["params"]["scale"])
-
-
-def _sorsa(adapter, module, entry, base):
-    def product(suffix):
-        u, s, vt = (adapter.role(module, n + suffix) for n in ("U_p", "S_p", "Vt_p"))
-        return (u * s[None, :]) @ vt
-    return (product("") - product("0")) * fl32(entry["params"]["scale"])
-
-
-def _nola(adapter, module, entry, base):
-    p = entry["params"]
-    out, inn = entry["shape"]
-    rows = p.get("rows", [0, out])
-    factors = {}
-    for side, dims in (("A", (p["rank"], inn)), ("B", (rows[1] - rows[0], p["rank"]))):
-        coef = adapter.role(module, f"coef_{side}")
-        offset = (adapter.role(module, f"offset_{side}") if f"offset_{side}" in entry["tensors"] else None)
-        factors[side] = nola_factor(int(p[side]["seed"]), dims, coef, p[side]["basis_scale"], offset)
-    full = np.zeros((out, inn), dtype=np.float32)
-    full[rows[0]:rows[1]] = (factors["B"] @ factors["A"]) * fl32(p["scale"])
-    return full
-
-
-METHODS_KNOWN = {"lora": _lora, "dora": _dora, "olora": _init_relative, "pissa": _init_relative,
-                 "sorsa": _sorsa, "nola": _nola}
-
-
-def nola_factor(seed: int, dims: tuple[int, int], coef: np.ndarray, basis_scale: float,
-                offset: np.ndarray | None) -> np.ndarray:
-    """spec/nola.md §3 steps 1–4, fp32."""
-    rows, cols = dims
-    per = rows * cols
-    step = max(1, (1 << 22) // per)
-    acc = np.zeros(per, dtype=np.float32)
-    for c0 in range(0, len(coef), step):
-        c1 = min(len(coef), c0 + step)
-        acc += coef[c0:c1] @ philox_basis(seed, c0 * per, c1 * per).reshape(c1 - c0, per)
-    acc = acc * fl32(basis_scale)
-    factor = acc.reshape(rows, cols)
-    return factor + offset if offset is not None else factor
-
-
-# ------------------------------------------------------------------ Philox4x32-10 (nola-generator.md)
-M0, M1, W0, W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
-MASK = 0xFFFFFFFF
-
-
-def philox4x32_10(counters: np.ndarray, key: tuple[int, int]) -> np.ndarray:
-    """Random123 philox4x32_R<10>: counters (n, 4) of uint32 values -> (n, 4) outputs (uint64 holding u32)."""
-    x = [counters[:, i].astype(np.uint64) for i in range(4)]
-    k0, k1 = key
-    mask = np.uint64(MASK)
-    for round_index in range(10):
-        if round_index:
-            k0, k1 = (k0 + W0) & MASK, (k1 + W1) & MASK
-        p0 = np.uint64(M0) * x[0]
-        p1 = np.uint64(M1) * x[2]
-        hi0, lo0 = p0 >> np.uint64(32), p0 & mask
-        hi1, lo1 = p1 >> np.uint64(32), p1 & mask
-        x = [hi1 ^ x[1] ^ np.uint64(k0), lo1, hi0 ^ x[3] ^ np.uint64(k1), lo0]
-    return np.stack(x, axis=1)
-
-
-def philox_basis(seed: int, start: int, stop: int) -> np.ndarray:
-    """Elements [start, stop) of the flat basis of generator philox4x32-10 v1, fp32."""
-    if not 0 <= seed < 2**64:
-        raise ValueError("seed is not a uint64")
-    n = np.arange(start, stop, dtype=np.uint64)
-    c = n // np.uint64(4)
-    counters = np.stack([c & np.uint64(MASK), c >> np.uint64(32), np.zeros_like(c), np.zeros_like(c)], axis=1)
-    words = philox4x32_10(counters, (seed & MASK, seed >> 32))
-    u = words[np.arange(len(n)), (n % np.uint64(4)).astype(np.int64)]
-    integer = (np.uint64(2) * (u >> np.uint64(8))).astype(np.int64) - (1 << 24)
-    return integer.astype(np.float32) * np.float32(2.0**-24)
-
-
-def basis_fingerprint(seed: int, numel: int) -> str:
-    """nola-generator.md §4: hex SHA-256 of the first min(numel, 4096) fp32 LE elements."""
-    return hashlib.sha256(philox_basis(seed, 0, min(numel, 4096)).astype("<f4").tobytes()).hexdigest()
-
-
-# ------------------------------------------------------------------ validator extras (README §7, §9)
-def weight_fingerprint(dtype: str, shape: list[int], raw: bytes) -> str:
-    """README §7 on a stored tensor."""
-    width = DTYPE_BYTES[dtype]
-    count = math.prod(shape)
-    k = min(count, 1024)
-    sample = b"".join(raw[(i * count // k) * width:(i * count // k + 1) * width] for i in range(k))
-    prefix = f"{dtype}:{'x'.join(str(d) for d in shape)}:".encode()
-    return "sample1024-sha256:" + hashlib.sha256(prefix + sample).hexdigest()
-
-
-def validate(adapter: Adapter, base_tensors: dict | None = None) -> list[str]:
-    """Validator rules: NaN/Inf, NOLA basis fingerprints, and with a base the checks of README §7."""
-    problems = []
-    for name, (dtype, shape, raw) in adapter.tensors.items():
-        if dtype in FACTOR_DTYPES and not np.isfinite(to_array64(dtype, shape, raw)).all():
-            problems.append(f"{name}: NaN/Inf")
-    for module, entry in adapter.manifest["modules"].items():
-        if entry["method"] != "nola":
-            continue
-        p = entry["params"]
-        rows = p.get("rows", [0, entry["shape"][0]])
-        for side, per in (("A", p["rank"] * entry["shape"][1]), ("B", (rows[1] - rows[0]) * p["rank"])):
-            got = basis_fingerprint(int(p[side]["seed"]), p[side]["num_basis"] * per)
-            if "sha256:" + got != p[side]["fingerprint"]:
-                problems.append(f"{module}: basis {side} fingerprint differs")
-    for name, want in adapter.manifest["base"]["weights"].items():
-        if base_tensors is None:
-            break
-        if name not in base_tensors:
-            problems.append(f"base lacks {name}")
-            continue
-        dtype, shape, raw = base_tensors[name]
-        if shape != want["shape"] or want.get("dtype") not in (None, dtype):
-            problems.append(f"base {name} is {dtype}{shape}")
-        elif want.get("fingerprint") not in (None, weight_fingerprint(dtype, shape, raw)):
-            problems.append(f"base {name} fingerprint differs")
-    return problems
-
-
-def canonical_base(adapter: Adapter, module: str, base_tensors: dict) -> np.ndarray:
-    """The module's base weight from a parsed base file, fp32, canonical orientation."""
-    entry = adapter.manifest["modules"][module]
-    weight = to_array(*base_tensors[entry["base_weight"]])
-    return weight.T.copy() if entry["fan_in_fan_out"] else weight

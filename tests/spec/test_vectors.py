@@ -26,7 +26,9 @@ from adapterfmt.format import read_adapter
 from adapterfmt.methods import get_method
 from safetensors.torch import load_file
 
-from . import independent_reader as ir
+import independent_delta as idl
+import independent_reader as ir
+import spec_philox
 
 ROOT = Path(__file__).resolve().parents[2]
 V11 = ROOT / "spec" / "vectors" / "v1.1"
@@ -80,7 +82,7 @@ def test_independent_philox_matches_the_spec_known_answers():
     for counter, key, output in rows:
         words = np.array([[int(w, 16) for w in counter.split()]], dtype=np.uint64)
         k0, k1 = (int(w, 16) for w in key.split())
-        assert [int(v) for v in ir.philox4x32_10(words, (k0, k1))[0]] == [int(w, 16) for w in output.split()]
+        assert [int(v) for v in spec_philox.philox4x32_10(words, (k0, k1))[0]] == [int(w, 16) for w in output.split()]
 
 
 @pytest.mark.parametrize("seed, count, digest", [
@@ -90,20 +92,20 @@ def test_independent_philox_matches_the_spec_known_answers():
 ])
 def test_independent_basis_fingerprints_match_the_spec(seed, count, digest):
     assert digest in spec_text("nola-generator.md")
-    assert ir.basis_fingerprint(seed, count) == digest
+    assert spec_philox.basis_fingerprint(seed, count) == digest
 
 
 def test_fingerprint_edge_cases_agree_with_the_package():
     import torch
     from adapterfmt.format.fingerprint import tensor_fingerprint
     scalar = np.array(1.5, dtype="<f4")
-    assert ir.weight_fingerprint("F32", [], scalar.tobytes()) == \
+    assert idl.weight_fingerprint("F32", [], scalar.tobytes()) == \
         "sample1024-sha256:" + hashlib.sha256(b"F32::" + scalar.tobytes()).hexdigest()
-    assert ir.weight_fingerprint("F32", [0, 4], b"") == "sample1024-sha256:" + hashlib.sha256(b"F32:0x4:").hexdigest()
-    assert tensor_fingerprint(torch.tensor(1.5)) == ir.weight_fingerprint("F32", [], scalar.tobytes())
-    assert tensor_fingerprint(torch.zeros(0, 4)) == ir.weight_fingerprint("F32", [0, 4], b"")
+    assert idl.weight_fingerprint("F32", [0, 4], b"") == "sample1024-sha256:" + hashlib.sha256(b"F32:0x4:").hexdigest()
+    assert tensor_fingerprint(torch.tensor(1.5)) == idl.weight_fingerprint("F32", [], scalar.tobytes())
+    assert tensor_fingerprint(torch.zeros(0, 4)) == idl.weight_fingerprint("F32", [0, 4], b"")
     big = torch.arange(3000, dtype=torch.float32).reshape(30, 100)
-    assert tensor_fingerprint(big) == ir.weight_fingerprint("F32", [30, 100], big.numpy().tobytes())
+    assert tensor_fingerprint(big) == idl.weight_fingerprint("F32", [30, 100], big.numpy().tobytes())
 
 
 def base_tensors(directory: Path) -> dict:
@@ -123,11 +125,11 @@ def worst_relative_error(deltas: dict[str, np.ndarray], expected: dict) -> float
 def test_independent_reader_accepts_positive_vectors(name):
     entry, base = POSITIVE[name], base_tensors(V11)
     adapter = ir.read(V11 / name)
-    deltas = {m: ir.delta(adapter, m, ir.canonical_base(adapter, m, base)) for m in adapter.manifest["modules"]}
+    deltas = {m: idl.delta(adapter, m, idl.canonical_base(adapter, m, base)) for m in adapter.manifest["modules"]}
     expected = ir.parse_container((V11 / entry["expected"]).read_bytes())[1]
     assert set(deltas) == set(expected)
     assert worst_relative_error(deltas, expected) <= entry["rtol"]
-    assert ir.validate(adapter, base) == []
+    assert idl.validate(adapter, base) == []
 
 
 @pytest.mark.parametrize("name", sorted(INVALID))
@@ -142,7 +144,7 @@ def test_independent_reader_refuses_invalid_vectors(name):
 def test_independent_reader_reads_v10_vectors(name):
     adapter, base = ir.read(V10 / name), base_tensors(V10)
     assert adapter.version == (1, 0)
-    deltas = {m: ir.delta(adapter, m, ir.canonical_base(adapter, m, base) if e["method"] == "dora" else None)
+    deltas = {m: idl.delta(adapter, m, idl.canonical_base(adapter, m, base) if e["method"] == "dora" else None)
               for m, e in adapter.manifest["modules"].items()}
     expected = ir.parse_container((V10 / name.replace(".safetensors", ".expected.safetensors")).read_bytes())[1]
     assert worst_relative_error(deltas, expected) <= 1e-5
@@ -217,8 +219,12 @@ def test_cli_process_prints_one_line_and_exits_1():
 def test_independent_reader_imports_nothing_of_ours():
     """Its independence is the point: only the standard library's json/struct/hashlib/math/re and numpy."""
     import ast
-    tree = ast.parse(Path(ir.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "hashlib", "json", "math", "re", "struct", "pathlib", "numpy"}, imported
+    ours = {"independent_reader", "independent_delta", "spec_schema", "spec_philox"}
+    imported = set()
+    for name in ours:
+        tree = ast.parse(Path(__file__).with_name(f"{name}.py").read_text())
+        imported |= {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                     for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    allowed = {"__future__", "hashlib", "json", "math", "re", "struct", "pathlib", "numpy"}
+    assert imported <= allowed | ours, imported - allowed - ours
