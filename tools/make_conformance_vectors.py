@@ -1,5 +1,8 @@
 """Regenerate spec/vectors/v1.0 (run once per format version; the files are then frozen forever).
 
+Frozen: running it now would rewrite v1.0 with the current (1.1) writer. v1.1 vectors come from
+tools/make_conformance_vectors_v11.py.
+
 Expected ΔW values are computed in float64 from the stored tensors, independently of adapterfmt's
 method code, then rounded to fp32.
 """

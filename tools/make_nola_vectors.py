@@ -4,7 +4,10 @@
 
 Writes ``nola_small.safetensors`` (a NOLA adapter: coefficients, offsets, seeds; no basis) and
 ``nola_small.expected.safetensors`` (ΔW per module, float64, computed from the fp32 basis
-values with float64 arithmetic; key = module name). See spec/nola.md §7.
+values with float64 arithmetic; key = module name).
+
+The v1.0 files are frozen (pinned in tests/hardening/test_version_compat.py); running this now would
+rewrite them with the current writer. New vectors go to v1.1: tools/make_conformance_vectors_v11.py.
 """
 from __future__ import annotations
 

@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..atomic import atomic_file
-from ..jsonio import strict_json_loads
+from ..jsonio import MANIFEST_INT_LIMIT, strict_json_loads
 from ..errors import HeaderError, InputIOError, ManifestError, TensorError
 from .dtypes import dtype_name
+from .header import read_checked_header
 from .manifest import Manifest
 from .schema import validate_manifest_dict
 from .versions import (FORMAT_NAME, FORMAT_VERSION, KEY_FORMAT, KEY_MANIFEST, KEY_VERSION,
@@ -62,6 +63,7 @@ def read_header(path: Path | str) -> tuple[dict[str, str], dict[str, tuple[str, 
                           hint="the file is truncated or corrupt; re-download or re-export it") from None
     except OSError as exc:
         raise InputIOError(f"cannot read: {exc.strerror or exc}", path=path, hint="check permissions") from None
+    read_checked_header(path)  # spec §1 rules the Rust reader lets through (duplicate members, entry members)
     return metadata, info
 
 
@@ -79,7 +81,7 @@ def parse_manifest(metadata: dict[str, str], path: str | None = None) -> tuple[M
         raise ManifestError(f"manifest is {len(text)} bytes, over the {MAX_MANIFEST_BYTES} limit", path=path,
                             hint="the file is malformed or hostile")
     try:
-        data = strict_json_loads(text)
+        data = strict_json_loads(text, int_limit=MANIFEST_INT_LIMIT)
     except (ValueError, RecursionError) as exc:
         raise ManifestError(f"manifest is not valid JSON ({exc})", path=path,
                             hint="the file was damaged; re-export it") from None
@@ -90,6 +92,12 @@ def parse_manifest(metadata: dict[str, str], path: str | None = None) -> tuple[M
 def check_tensors_against_manifest(manifest: Manifest, info: dict[str, tuple[str, list[int]]],
                                    path: str | None = None) -> None:
     """Every claimed tensor exists with the claimed dtype/shape, and no tensor is unclaimed."""
+    named = [ref.name for m in manifest.modules.values() for ref in m.tensors.values()]
+    named += [p.tensor.name for p in manifest.payloads.values()]
+    if len(set(named)) != len(named):
+        twice = next(name for name in named if named.count(name) > 1)
+        raise ManifestError(f"tensor {twice!r} is named by two roles or payloads", path=path,
+                            hint="each role needs its own tensor; re-export the file")
     refs = manifest.tensor_refs()
     missing = sorted(set(refs) - set(info))
     if missing:
@@ -109,6 +117,30 @@ def check_tensors_against_manifest(manifest: Manifest, info: dict[str, tuple[str
                                 hint="the manifest disagrees with the tensors; re-export the file")
 
 
+#: Allowed dtypes of every method role (spec/README.md §6); descriptors may narrow them per role.
+FACTOR_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def check_manifest_rules(manifest: Manifest, path: str | None = None) -> None:
+    """Method-independent rules of spec/README.md §6–§8: role dtypes, base.weights shapes, payload keys."""
+    for target, entry in manifest.modules.items():
+        for role, ref in entry.tensors.items():
+            if ref.dtype not in FACTOR_DTYPES:
+                raise TensorError(f"module {target!r}: role {role} is {ref.dtype}; factors are "
+                                  f"{', '.join(FACTOR_DTYPES)}", path=path,
+                                  hint="the file was written by a broken tool; re-export it")
+        listed = manifest.base.weights.get(entry.base_weight)
+        want = list(reversed(entry.shape)) if entry.fan_in_fan_out else list(entry.shape)
+        if listed is not None and list(listed.shape) != want:
+            raise ManifestError(f"module {target!r}: base.weights lists {entry.base_weight!r} as {listed.shape}, "
+                                f"but the module's shape means {want}", path=path,
+                                hint="the manifest contradicts itself; re-export the file")
+    for key, payload in manifest.payloads.items():
+        if payload.target != key:
+            raise ManifestError(f"payload {key!r} has target {payload.target!r}", path=path,
+                                hint="a payload is keyed by its target; re-export the file")
+
+
 def read_adapter(path: Path | str) -> Adapter:
     """Read and structurally check an adapterfmt file (a local path; methods are checked a layer up).
 
@@ -121,6 +153,7 @@ def read_adapter(path: Path | str) -> Adapter:
     metadata, info = read_header(path)
     manifest, version = parse_manifest(metadata, str(path))
     check_tensors_against_manifest(manifest, info, str(path))
+    check_manifest_rules(manifest, str(path))
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
@@ -171,6 +204,7 @@ def write_adapter(adapter: Adapter, path: Path | str, *, overwrite: bool = False
     data = json.loads(manifest.to_json())
     validate_manifest_dict(data, str(path))
     check_tensors_against_manifest(manifest, refs_for(adapter.tensors), str(path))
+    check_manifest_rules(manifest, str(path))
     metadata = {KEY_FORMAT: FORMAT_NAME, KEY_VERSION: version_string(), KEY_MANIFEST: manifest.to_json(),
                 "format": "pt"}
     tensors = {name: t.detach().contiguous().cpu() for name, t in adapter.tensors.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from importlib import resources
 from typing import Any
 
@@ -36,6 +37,20 @@ def _allow_additional(node: Any) -> Any:
     return node
 
 
+def _python_pattern(pattern: str) -> str:
+    # The schema's patterns are ECMA-262: there `$` matches only at the very end, in Python also
+    # before a final "\n", so "model.q_proj\n" would pass. `\Z` is ECMA's `$`.
+    return pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith("\\$") else pattern
+
+
+def _whole_string_pattern(validator, pattern, instance, schema):
+    if validator.is_type(instance, "string") and not re.search(_python_pattern(pattern), instance):
+        yield jsonschema.exceptions.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _whole_string_pattern})
+
+
 def validate_manifest_dict(data: Any, path: str | None = None, *, lenient: bool = False) -> None:
     """Raise :class:`ManifestError` naming the first schema violation.
 
@@ -45,7 +60,7 @@ def validate_manifest_dict(data: Any, path: str | None = None, *, lenient: bool 
         ...
         adapterfmt.errors.ManifestError: ...
     """
-    validator = jsonschema.Draft202012Validator(load_schema(lenient))
+    validator = _Validator(load_schema(lenient))
     error = jsonschema.exceptions.best_match(validator.iter_errors(data))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"

@@ -7,7 +7,7 @@ import warnings
 from ..errors import ManifestError, VersionError
 
 FORMAT_NAME = "adapterfmt"
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
 SUPPORTED_MAJORS = (1,)
 
 # safetensors metadata is a str -> str map; our keys are namespaced so that other
@@ -16,7 +16,8 @@ KEY_FORMAT = "adapterfmt.format"
 KEY_VERSION = "adapterfmt.version"
 KEY_MANIFEST = "adapterfmt.manifest"
 
-_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
+# fullmatch: "1.1\n" is not a version ($ would match before the newline).
+_VERSION_RE = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
 
 
 def version_string(version: tuple[int, int] = FORMAT_VERSION) -> str:
@@ -33,7 +34,7 @@ def parse_version(text: str, path: str | None = None) -> tuple[int, int]:
         >>> parse_version("1.0")
         (1, 0)
     """
-    match = _VERSION_RE.match(text or "")
+    match = _VERSION_RE.fullmatch(text or "")
     if not match:
         raise ManifestError(f"format version {text!r} is not MAJOR.MINOR", path=path,
                             hint="the file is damaged or was not written by an adapterfmt writer")

@@ -115,24 +115,31 @@ class Method:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- derived behaviour
-    def params(self, entry: ModuleEntry, *, path: str | None = None, target: str = "") -> Params:
+    def params(self, entry: ModuleEntry, *, path: str | None = None, target: str = "",
+               lenient: bool = False) -> Params:
         """The entry's params as the typed model; a clear ManifestError when they do not fit.
+
+        ``lenient`` (a file of a newer minor version): unknown optional fields are ignored (spec §3).
 
         Example:
             >>> LORA.params(entry).rank  # doctest: +SKIP
             16
         """
+        given = entry.params
+        if lenient and isinstance(given, dict):
+            given = {k: v for k, v in given.items() if k in self.params_model.model_fields}
         try:
-            return self.params_model.model_validate(entry.params)
+            return self.params_model.model_validate(given)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "params"
             raise ManifestError(f"module {target!r} ({self.name}): params.{where}: {first['msg']}", path=path,
                                 hint="the manifest is damaged or hand-edited; re-export the adapter") from None
 
-    def check_entry(self, target: str, entry: ModuleEntry, path: str | None = None) -> Params:
+    def check_entry(self, target: str, entry: ModuleEntry, path: str | None = None, *,
+                    lenient: bool = False) -> Params:
         """Check params, roles, dtypes, shapes and the scale rule of one module (no tensor data read)."""
-        params = self.params(entry, path=path, target=target)
+        params = self.params(entry, path=path, target=target, lenient=lenient)
         if entry.layer not in self.layers:
             raise ManifestError(f"module {target!r}: {self.name} is not defined for {entry.layer} layers",
                                 path=path, hint="the manifest is inconsistent; re-export the adapter")

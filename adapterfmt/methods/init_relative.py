@@ -7,12 +7,14 @@ residual's rounding error E is not representable and is only recorded (``max_abs
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 import torch
 from pydantic import Field
 
 from ..conversion_report import EXACT_MATH
+from ..errors import ManifestError
 from .descriptor import Method, Role, refuse_conversion, take_rows, tensor_refs
 from .linalg import orthonormality_error, unit_columns
 from .lora import LoraParams, lora_params, lora_scale
@@ -50,10 +52,18 @@ class InitRelativeLoRA(Method):
     converts_to = ("lora",)
     formula = "ΔW = scale·(B·A − B0·A0)"
 
-    def __init__(self, name: str, summary: str, init_columns_normalised: bool):
+    def __init__(self, name: str, summary: str, init_columns_normalised: bool, init_pattern: str):
         self.name = name
         self.summary = summary
         self._normalise_init = init_columns_normalised
+        self._init_pattern = re.compile(init_pattern)
+
+    def check_entry(self, target, entry, path=None, *, lenient=False):
+        params = super().check_entry(target, entry, path, lenient=lenient)
+        if not self._init_pattern.fullmatch(params.init):
+            raise ManifestError(f"module {target!r}: method {self.name} with init {params.init!r}", path=path,
+                                hint="params.init must name this method's initialisation; re-export the adapter")
+        return params
 
     def expected_scale(self, params):
         return lora_scale(params.rank, params.alpha, params.use_rslora)
@@ -91,7 +101,8 @@ class InitRelativeLoRA(Method):
 
 
 OLORA = InitRelativeLoRA("olora", "QR-initialised LoRA (Büyükakyüz 2024); stored against the original base "
-                         "with init B0, A0", init_columns_normalised=False)
+                         "with init B0, A0", init_columns_normalised=False, init_pattern="olora")
 # PiSSA's B0 = U_r·diag(√(S_r/s)) has orthogonal, not orthonormal, columns: normalise before measuring.
 PISSA = InitRelativeLoRA("pissa", "principal-SVD-initialised LoRA (Meng et al. 2024); stored against the "
-                         "original base with B0, A0", init_columns_normalised=True)
+                         "original base with B0, A0", init_columns_normalised=True,
+                         init_pattern=r"pissa|pissa_niter_[0-9]+")

@@ -32,14 +32,14 @@ def get_method(name: str, *, path: str | None = None, module: str | None = None)
             path=path, hint="upgrade adapterfmt or re-export the adapter with a supported method") from None
 
 
-def check_manifest_methods(manifest: Manifest, path: str | None = None) -> None:
+def check_manifest_methods(manifest: Manifest, path: str | None = None, *, lenient: bool = False) -> None:
     """Every module's method is known and its entry satisfies the method's descriptor (no data read).
 
     Example:
         >>> check_manifest_methods(read_adapter("a.safetensors").manifest)  # doctest: +SKIP
     """
     for target, entry in manifest.modules.items():
-        get_method(entry.method, path=path, module=target).check_entry(target, entry, path)
+        get_method(entry.method, path=path, module=target).check_entry(target, entry, path, lenient=lenient)
 
 
 def convert_module(target: str, entry, tensors, to: str, options: dict):
@@ -64,8 +64,9 @@ def read_checked_adapter(path) -> Adapter:
         >>> adapter = read_checked_adapter("adapter.safetensors")  # doctest: +SKIP
     """
     from ..format import read_adapter
+    from ..format.versions import FORMAT_VERSION
     adapter = read_adapter(path)
-    check_manifest_methods(adapter.manifest, str(path))
+    check_manifest_methods(adapter.manifest, str(path), lenient=adapter.version[1] > FORMAT_VERSION[1])
     return adapter
 
 

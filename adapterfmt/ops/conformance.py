@@ -43,8 +43,10 @@ def check_vector(path: Path) -> list[str]:
 
 
 def run(directory: Path) -> int:
+    # Files under invalid/ are must-refuse vectors (spec/README.md §11), checked by tests/spec.
     files = sorted(p for p in directory.rglob("*.safetensors")
-                   if not p.name.endswith(EXPECTED_SUFFIX) and p.name != BASE_FILE)
+                   if not p.name.endswith(EXPECTED_SUFFIX) and p.name != BASE_FILE
+                   and "invalid" not in p.relative_to(directory).parts)
     failures = 0
     for path in files:
         problems = check_vector(path)

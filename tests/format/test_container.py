@@ -37,7 +37,7 @@ def test_golden_header(tmp_path):
     meta = header.pop("__metadata__")
     assert header == {"m.q.lora_A": {"dtype": "F32", "shape": [1, 6], "data_offsets": [0, 24]},
                       "m.q.lora_B": {"dtype": "F32", "shape": [4, 1], "data_offsets": [24, 40]}}
-    assert meta["adapterfmt.format"] == "adapterfmt" and meta["adapterfmt.version"] == "1.0"
+    assert meta["adapterfmt.format"] == "adapterfmt" and meta["adapterfmt.version"] == "1.1"
     assert meta["format"] == "pt"
     assert meta[KEY_MANIFEST] == (
         '{"base":{"architecture":null,"name_or_path":null,"revision":null,"weights":{}},"created_by":"golden",'

@@ -1,9 +1,9 @@
 """The NOLA method descriptor: ΔW = s·B·A with A, B seeded-basis combinations (``spec/nola.md``)."""
 from __future__ import annotations
 
-from ...errors import AdapterFmtError, ManifestError
+from ...errors import AdapterFmtError, ManifestError, UnknownMethodError
 from ..descriptor import Method, Role, refuse_conversion
-from .bases import fingerprint
+from .bases import GENERATORS, fingerprint, known_generators
 from .convert import lora_to_nola, nola_to_lora
 from .module import SIDES, NolaParams, fl32, nola_delta, side_dims
 
@@ -23,8 +23,13 @@ class NOLA(Method):
         return {"out": entry.shape[0], "in": entry.shape[1], "r": params.rank, "k": params.A.num_basis,
                 "l": params.B.num_basis, "rows": stop - start}
 
-    def check_entry(self, target, entry, path=None):
-        params = super().check_entry(target, entry, path)
+    def check_entry(self, target, entry, path=None, *, lenient=False):
+        params = super().check_entry(target, entry, path, lenient=lenient)
+        if (params.generator.id, params.generator.version) not in GENERATORS:
+            raise UnknownMethodError(f"module {target!r}: unknown NOLA basis generator {params.generator.id}/"
+                                     f"v{params.generator.version} (this version regenerates "
+                                     f"{', '.join(known_generators())})", path=path,
+                                     hint="upgrade adapterfmt; the basis cannot be regenerated")
         rows = params.rows or [0, entry.shape[0]]
         if not 0 <= rows[0] < rows[1] <= entry.shape[0]:
             raise ManifestError(f"module {target!r}: rows {rows} outside 0..{entry.shape[0]}", path=path,
