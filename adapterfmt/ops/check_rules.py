@@ -178,14 +178,16 @@ TGI_FIX = for_fix("tgi")
 TGI_NAME_RE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 
 
-def _tgi_unmapped(f: AdapterFacts) -> list[str]:
-    """Modules TGI never applies: names outside its lookup, and layer types missing in some layers."""
-    names = [n for n in f.lora_modules if n != "lm_head" and not TGI_NAME_RE.match(n)]
+def _tgi_unmapped_names(f: AdapterFacts) -> list[str]:
+    """LoRA modules outside TGI's layer lookup (embeddings included): never applied."""
+    return [n for n in f.lora_modules if n != "lm_head" and not TGI_NAME_RE.match(n)]
+
+
+def _tgi_partial_types(f: AdapterFacts) -> list[str]:
+    """TGI layer types present in some blocks only (compared with the base's layer count when known)."""
     n_layers = f.base_config.get("num_hidden_layers")
-    for path, layers in f.layer_types().items():
-        if path in TGI_LAYER_TYPES and len(layers) != int(n_layers or max(layers) + 1):
-            names.append(f"{path} (only layers {sorted(layers)})")
-    return names
+    return [f"{path} (layers {sorted(layers)})" for path, layers in sorted(f.layer_types().items())
+            if path in TGI_LAYER_TYPES and len(layers) != int(n_layers or max(layers) + 1)]
 
 
 def _tgi_padding_changes(f: AdapterFacts) -> bool:
@@ -199,11 +201,14 @@ TGI_RULES = (
     Rule("modules_to_save", IGNORED, _has_payload("modules_to_save"),
          lambda f: f"modules_to_save ({some(f.payload_kinds['modules_to_save'])}) are never mapped onto the model",
          MERGE_FIX, exact_fix=False, source=f"{TGI}adapters/lora.py LoraConfig.map_weights_for_model"),
-    Rule("unmapped_modules", IGNORED, lambda f: bool(_tgi_unmapped(f)),
-         lambda f: f"not applied: {some(_tgi_unmapped(f), 3)}; TGI adapts only q/k/v/o/gate/up/down_proj of "
-                   "model.layers.N and lm_head, and drops a layer type entirely when any layer lacks it",
-         TGI_FIX, source=f"{TGI}utils/adapter.py build_layer_weight_lookup; adapters/lora.py "
-                         "LoraWeights.prepare_weights"),
+    Rule("unmapped_modules", IGNORED, lambda f: bool(_tgi_unmapped_names(f)),
+         lambda f: f"not applied: {some(_tgi_unmapped_names(f), 3)}; TGI adapts only q/k/v/o/gate/up/down_proj "
+                   "of model.layers.N and lm_head", MERGE_FIX, exact_fix=False,
+         source=f"{TGI}utils/adapter.py build_layer_weight_lookup; adapters/lora.py map_weights_for_model"),
+    Rule("partial_layers", IGNORED, lambda f: bool(_tgi_partial_types(f)),
+         lambda f: f"{some(_tgi_partial_types(f), 2)}: TGI drops a layer type entirely when any layer lacks it "
+                   "(--for tgi adds zero LoRA to the missing layers; needs the layer count from --base)",
+         TGI_FIX, source=f"{TGI}adapters/lora.py LoraWeights.prepare_weights ('return None')"),
     Rule("mixed_rank_in_type", REFUSE, lambda f: any(len(r) > 1 for r in f.ranks_by_layer_type().values()),
          lambda f: "a layer type has modules of different ranks; TGI stacks one type across layers "
                    "(torch.stack fails)", TGI_FIX, source=f"{TGI}adapters/lora.py LoraWeights.__init__"),
