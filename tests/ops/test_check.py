@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -371,3 +374,60 @@ def test_fold_keeps_bf16_when_exact_and_widens_otherwise(adapters):
     assert dtype[names[2]] == torch.bfloat16  # untouched
     status = {m.module: m.status for m in report.modules}
     assert status[names[0]] == "exact" and status[names[1]] == "scale_folded" and status[names[2]] == "lossless"
+
+
+# ------------------------------------------------------------------ llama.cpp's own converter, when available
+LLAMA_CPP_DIRS = [Path(p) for p in (os.environ.get("LLAMA_CPP_DIR", ""),
+                                     "/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp") if p]
+CONVERTER = next((d / "convert_lora_to_gguf.py" for d in LLAMA_CPP_DIRS if (d / "convert_lora_to_gguf.py").is_file()),
+                 None)
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output"}
+
+
+def run_llamacpp_converter(peft_dir: Path, base: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CONVERTER), "--base", str(base), "--outtype", "f32",
+                           "--outfile", str(out), str(peft_dir)], capture_output=True, text=True, timeout=300,
+                          cwd=CONVERTER.parent)
+
+
+def llama_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py LlamaModel.permute: the RoPE row order llama.cpp stores q/k in."""
+    return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def gguf_deltas(path: Path) -> dict[str, torch.Tensor]:
+    """llama.cpp runtime: src/llama-adapter.h get_scale = adapter.lora.alpha / rank, rank = lora_b.ne[0]."""
+    import gguf
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields["adapter.lora.alpha"]
+    alpha = float(field.parts[field.data[0]][0])
+    t = {x.name: torch.from_numpy(x.data.copy()).double() for x in reader.tensors}
+    return {n[:-len(".weight.lora_a")]: (alpha / t[n].shape[0]) * t[n.replace("lora_a", "lora_b")] @ t[n]
+            for n in t if n.endswith(".lora_a")}
+
+
+@pytest.mark.skipif(CONVERTER is None, reason="llama.cpp's convert_lora_to_gguf.py not found (set LLAMA_CPP_DIR)")
+def test_real_llamacpp_converter_mis_scales_plain_and_is_exact_for_llamacpp(adapters, llama_base, tmp_path):
+    """The real converter: the plain PEFT export comes out mis-scaled (rsLoRA, alpha_pattern dropped), the
+    --for llama.cpp export computes our ΔW under llama.cpp's alpha/rank rule; DoRA is refused."""
+    adapter = adapterfmt.read_adapter(adapters["patterns"])
+    config = json.loads((llama_base / "config.json").read_text())
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    want = {}
+    for name, delta in our_deltas(adapter).items():
+        layer, path = name.split(".")[2], name.split(".", 3)[3]
+        gname = f"blk.{layer}.{GGUF_NAMES[path]}"
+        n_head = heads.get(GGUF_NAMES[path])
+        want[gname] = llama_permute(delta, n_head) if n_head else delta
+    results = {}
+    for kind, make in (("plain", _export), ("ready", lambda a, p: (write_for(a, "llama.cpp", p), p)[1])):
+        peft_dir = make(adapter, tmp_path / kind)
+        proc = run_llamacpp_converter(peft_dir, llama_base, tmp_path / f"{kind}.gguf")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[kind] = gguf_deltas(tmp_path / f"{kind}.gguf")
+    assert worst_rel(results["plain"], want) > 0.1
+    assert_same_deltas(results["ready"], want)
+    dora_dir = _export(adapterfmt.read_adapter(adapters["full"]), tmp_path / "dora")
+    proc = run_llamacpp_converter(dora_dir, llama_base, tmp_path / "dora.gguf")
+    assert proc.returncode != 0 and "Not a lora_A or lora_B tensor" in proc.stderr + proc.stdout
