@@ -179,8 +179,9 @@ TGI_NAME_RE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(ga
 
 
 def _tgi_unmapped_names(f: AdapterFacts) -> list[str]:
-    """LoRA modules outside TGI's layer lookup (embeddings included): never applied."""
-    return [n for n in f.lora_modules if n != "lm_head" and not TGI_NAME_RE.match(n)]
+    """LoRA modules TGI never applies: outside q/k/v/o/gate/up/down of model.layers.N (embeddings, and
+    lm_head, which the lookup maps but get_model_with_lora_adapters never prepares)."""
+    return [n for n in f.lora_modules if not TGI_NAME_RE.match(n)]
 
 
 def _tgi_partial_types(f: AdapterFacts) -> list[str]:
@@ -203,12 +204,14 @@ TGI_RULES = (
          MERGE_FIX, exact_fix=False, source=f"{TGI}adapters/lora.py LoraConfig.map_weights_for_model"),
     Rule("unmapped_modules", IGNORED, lambda f: bool(_tgi_unmapped_names(f)),
          lambda f: f"not applied: {some(_tgi_unmapped_names(f), 3)}; TGI adapts only q/k/v/o/gate/up/down_proj "
-                   "of model.layers.N and lm_head", MERGE_FIX, exact_fix=False,
-         source=f"{TGI}utils/adapter.py build_layer_weight_lookup; adapters/lora.py map_weights_for_model"),
+                   "of model.layers.N (lm_head only draws an 'unused adapter weights' warning)", MERGE_FIX,
+         exact_fix=False, source=f"{TGI}utils/adapter.py build_layer_weight_lookup; adapters/lora.py "
+                                 "map_weights_for_model; models/__init__.py get_model_with_lora_adapters"),
     Rule("partial_layers", IGNORED, lambda f: bool(_tgi_partial_types(f)),
          lambda f: f"{some(_tgi_partial_types(f), 2)}: TGI drops a layer type entirely when any layer lacks it "
                    "(--for tgi adds zero LoRA to the missing layers; needs the layer count from --base)",
-         TGI_FIX, source=f"{TGI}adapters/lora.py LoraWeights.prepare_weights ('return None')"),
+         TGI_FIX, source=f"{TGI}adapters/lora.py LoraWeights.prepare_weights ('return None'); "
+                         "models/__init__.py get_model_with_lora_adapters"),
     Rule("mixed_rank_in_type", REFUSE, lambda f: any(len(r) > 1 for r in f.ranks_by_layer_type().values()),
          lambda f: "a layer type has modules of different ranks; TGI stacks one type across layers "
                    "(torch.stack fails)", TGI_FIX, source=f"{TGI}adapters/lora.py LoraWeights.__init__"),
@@ -221,7 +224,8 @@ TGI_RULES = (
                    "prepare_weights writes the padded rank back into the config, so every layer type after the "
                    f"first is scaled by lora_alpha/{tgi_padded_rank(f.config.r)}",
          TGI_FIX, source=f"{TGI}adapters/lora.py LoraWeights.prepare_weights (config.r = padded_rank); "
-                         "utils/sgmv.py pad_rank"),
+                         "utils/sgmv.py pad_rank; models/__init__.py get_model_with_lora_adapters (one "
+                         "config for q, k, v, o, gate, up, down in that order)"),
     Rule("rslora", OK, lambda f: bool(f.rslora_modules),
          lambda f: "use_rslora is honoured (lora_alpha/sqrt(r)) with the global r", TGI_FIX,
          source=f"{TGI}adapters/lora.py get_scaling_factor"),

@@ -238,7 +238,8 @@ def sglang_deltas(peft_dir: Path) -> dict[str, torch.Tensor]:
     return {m: (b @ a) * (config["lora_alpha"] / config["r"]) for m, (a, b) in pairs.items()}
 
 
-TGI_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+# models/__init__.py get_model_with_lora_adapters: the layer types prepared, in order, with one config.
+TGI_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def tgi_deltas(peft_dir: Path, n_layers: int) -> dict[str, torch.Tensor]:
@@ -250,7 +251,7 @@ def tgi_deltas(peft_dir: Path, n_layers: int) -> dict[str, torch.Tensor]:
     r, out = config["r"], {}
     for layer_type in TGI_ORDER:
         names = [m for m in pairs if m.endswith(layer_type)]
-        if not names or len(names) < (1 if layer_type == "lm_head" else n_layers):
+        if len(names) < n_layers:
             continue
         scale = config["lora_alpha"] / (r ** 0.5 if config.get("use_rslora") else r)
         for m in names:
