@@ -68,11 +68,14 @@ class TargetVerdict:
 
     @property
     def fix(self) -> str | None:
-        """The convert command that makes every finding exact, or None when one has no exact fix."""
+        """What makes every finding exact (commands joined by ' and '), or None when one has no exact fix."""
         bad = [f for f in self.findings if f.severity != OK]
         if any(not f.exact_fix for f in bad):
             return None
-        return next((f.fix for f in bad if f.fix), None) or next((f.fix for f in self.findings if f.fix), None)
+        fixes = list(dict.fromkeys(f.fix for f in bad if f.fix))
+        if not fixes:
+            fixes = [next((f.fix for f in self.findings if f.fix), None)]
+        return " and ".join(fixes) if fixes[0] else None
 
     def verdict(self) -> str:
         """One line: what happens as is, and the exact route (or why there is none)."""
@@ -131,7 +134,7 @@ def check_adapter(adapter_or_path: Adapter | str | Path, targets: Iterable[str],
         if name not in RULES:
             raise UsageError(f"unknown check target {target!r}",
                              hint=f"choose from {', '.join(sorted(RULES))}")
-        fields = {"file": path, "out": out, "base": base}
+        fields = {"file": path, "out": out, "base": base, "max_rank": facts.max_rank}
         findings = [Finding(name, r.id, r.severity, r.message(facts), r.fix.format(**fields) if r.fix else None,
                             r.exact_fix, r.source) for r in RULES[name] if r.applies(facts)]
         findings.sort(key=lambda f: SEVERITY_ORDER.index(f.severity))

@@ -120,9 +120,9 @@ VLLM_RULES = (
          source=f"{VLLM_HELPER}._validate_features"),
     Rule("rank_limit", REFUSE, lambda f: f.max_rank > VLLM_DEFAULT_MAX_RANK,
          lambda f: f"rank {f.max_rank} > vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}: refused "
-                   f"('LoRA rank ... is greater than max_lora_rank') unless the server runs with "
-                   f"--max-lora-rank >= {f.max_rank}",
-         None, source=f"{VLLM_HELPER}.validate_legal"),
+                   "('LoRA rank ... is greater than max_lora_rank' for the config r; a larger tensor does not fit "
+                   f"the LoRA buffers) unless the server runs with --max-lora-rank >= {f.max_rank}",
+         "vllm serve {base} --enable-lora --max-lora-rank {max_rank}", source=f"{VLLM_HELPER}.validate_legal"),
     Rule("patterns_ignored", MISSCALED, lambda f: f.config is not None and bool(f.misscaled(global_scale)),
          lambda f: _misscaled_message(f, global_scale, "vLLM drops rank_pattern/alpha_pattern (from_dict keeps "
                                       "only its own fields) and scales every module by lora_alpha/r"),
