@@ -433,3 +433,20 @@ def test_real_llamacpp_converter_mis_scales_plain_and_is_exact_for_llamacpp(adap
     dora_dir = _export(adapterfmt.read_adapter(adapters["full"]), tmp_path / "dora")
     proc = run_llamacpp_converter(dora_dir, llama_base, tmp_path / "dora.gguf")
     assert proc.returncode != 0 and "Not a lora_A or lora_B tensor" in proc.stderr + proc.stdout
+
+
+def test_for_target_materialises_nola_and_matches_its_delta(adapters, tmp_path):
+    """A NOLA adapter (made from LoRA with the public API) becomes LoRA for vLLM, ΔW equal to fp32 rounding."""
+    nola_path = tmp_path / "nola.safetensors"
+    adapterfmt.convert(adapters["plain"], nola_path, method="nola", method_options={"nola_basis": (64, 64), "seed": 7})
+    nola = adapterfmt.read_adapter(nola_path)
+    assert fired(nola, "vllm").get("non_lora_method") == OK
+    want = our_deltas(nola)
+    write_for(nola, "vllm", tmp_path / "ready")
+    assert_same_deltas(vllm_deltas(tmp_path / "ready"), want, rel=1e-5)
+
+
+def test_check_accepts_a_path_and_target_aliases(adapters):
+    report = check_adapter(str(adapters["plain"]), ["GGUF", "mlx-lm"])
+    assert [t.target for t in report.targets] == ["llama.cpp", "mlx"]
+    assert report.path == str(adapters["plain"])
