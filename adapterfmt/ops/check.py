@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import UsageError
-from ..format import Adapter, read_adapter
+from ..format import Adapter
 from .adapter_facts import AdapterFacts, adapter_facts
 
 REFUSE, IGNORED, MISSCALED, OK = "refuse", "ignored", "mis-scaled", "ok"
@@ -126,7 +126,7 @@ def check_adapter(adapter_or_path: Adapter | str | Path, targets: Iterable[str],
     """
     from .check_rules import RULES, TARGET_ALIASES
     path = str(adapter_or_path) if isinstance(adapter_or_path, (str, Path)) else "ADAPTER"
-    adapter = read_adapter(adapter_or_path) if isinstance(adapter_or_path, (str, Path)) else adapter_or_path
+    adapter = load_for_check(adapter_or_path) if isinstance(adapter_or_path, (str, Path)) else adapter_or_path
     facts = adapter_facts(adapter.manifest)
     verdicts = []
     for target in targets:
@@ -140,3 +140,23 @@ def check_adapter(adapter_or_path: Adapter | str | Path, targets: Iterable[str],
         findings.sort(key=lambda f: SEVERITY_ORDER.index(f.severity))
         verdicts.append(TargetVerdict(name, findings))
     return CheckReport(path=path, targets=verdicts)
+
+
+def load_for_check(path: str | Path) -> Adapter:
+    """The adapter to check: an adapterfmt file's manifest only (no tensor data), or any foreign format
+    adapterfmt reads (a PEFT directory, GGUF, MLX, kohya), read as ``convert`` would.
+
+    Example:
+        >>> adapter = load_for_check("my-peft-adapter")  # doctest: +SKIP
+    """
+    from ..format.container import parse_manifest, read_header
+    from ..formats import ReadOptions, detect_format
+    from ..hub import resolve_path
+    from ..report import ConversionReport
+    path = resolve_path(path)
+    fmt = detect_format(Path(path))
+    if fmt.name == "adapterfmt":
+        metadata, _ = read_header(path)
+        manifest, version = parse_manifest(metadata, str(path))
+        return Adapter(manifest=manifest, tensors={}, version=version)
+    return fmt.read(Path(path), ReadOptions(), ConversionReport())

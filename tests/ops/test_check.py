@@ -450,3 +450,12 @@ def test_check_accepts_a_path_and_target_aliases(adapters):
     report = check_adapter(str(adapters["plain"]), ["GGUF", "mlx-lm"])
     assert [t.target for t in report.targets] == ["llama.cpp", "mlx"]
     assert report.path == str(adapters["plain"])
+
+
+def test_check_reads_a_peft_directory_like_the_converted_file(adapters, llama_base, tmp_path):
+    """`check` takes what `convert` reads: the PEFT directory gives the same findings as our file."""
+    peft_dir = make_peft_adapter(llama_base, tmp_path / "peft", **ADAPTERS["patterns"])
+    from_dir = check_adapter(peft_dir, TARGETS).to_dict()["targets"]
+    from_file = check_adapter(adapters["patterns"], TARGETS).to_dict()["targets"]
+    assert [(t["target"], t["verdict"], [f["rule"] for f in t["findings"]]) for t in from_dir] == \
+        [(t["target"], t["verdict"], [f["rule"] for f in t["findings"]]) for t in from_file]
