@@ -24,11 +24,22 @@ TGI_LAYER_TYPES = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "
 
 
 def for_fix(target: str, to: str = "peft") -> str:
+    """The ``convert --for`` command template for a target.
+
+    Example:
+        >>> for_fix("vllm")
+        'adapterfmt convert {file} {out} --to peft --for vllm'
+    """
     return "adapterfmt convert {file} {out} --to " + to + " --for " + target
 
 
 def some(names: list[str], limit: int = 2) -> str:
-    """``a, b and 3 more``: a short list of module names for a message."""
+    """``a, b and 3 more``: a short list of module names for a message.
+
+    Example:
+        >>> some(["q", "k", "v", "o"])
+        'k, o and 2 more'
+    """
     names = sorted(names)
     head = ", ".join(names[:limit])
     return head + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -52,7 +63,12 @@ def llamacpp_scale(facts: AdapterFacts, module: dict) -> float:
 
 
 def tgi_padded_rank(rank: int) -> int:
-    """The rank TGI's pad_rank gives a LoRA (world size 1, SGMV kernels present)."""
+    """The rank TGI's pad_rank gives a LoRA (world size 1, SGMV kernels present).
+
+    Example:
+        >>> tgi_padded_rank(4), tgi_padded_rank(8), tgi_padded_rank(24), tgi_padded_rank(32)
+        (8, 8, 32, 32)
+    """
     if rank <= TGI_MIN_SGMV_RANK:
         return TGI_MIN_SGMV_RANK
     return -(-rank // TGI_SGMV_BLOCK) * TGI_SGMV_BLOCK

@@ -15,7 +15,6 @@ is refused by name. The written file stays a valid PEFT adapter computing the sa
 from __future__ import annotations
 
 import copy
-import math
 import re
 
 import torch
