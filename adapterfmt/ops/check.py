@@ -1,0 +1,162 @@
+"""``adapterfmt check``: will this adapter load in vLLM / SGLang / TGI / llama.cpp / MLX-LM / diffusers /
+ComfyUI / PEFT, what will that consumer silently ignore or mis-scale, and which ``adapterfmt convert``
+command produces a file that computes exactly our ΔW there.
+
+The rules are data (``adapterfmt.ops.check_rules.RULES``: a table of :class:`Rule` per target), each
+read from the consumer's source and cited in ``docs/consumers.md``. The check works on the manifest
+only (no tensor data, no base model).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..errors import UsageError
+from ..format import Adapter
+from .adapter_facts import AdapterFacts, adapter_facts
+
+REFUSE, IGNORED, MISSCALED, OK = "refuse", "ignored", "mis-scaled", "ok"
+#: Worst first: the verdict of a target is its worst finding.
+SEVERITY_ORDER = (REFUSE, IGNORED, MISSCALED, OK)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One consumer behaviour: when ``applies(facts)``, the consumer does ``severity`` for ``message(facts)``.
+
+    ``fix`` is the command that produces a file computing exactly our ΔW there (placeholders
+    ``{file}``, ``{out}``, ``{base}``), or an alternative when no adapter file can (``exact_fix=False``).
+    """
+
+    id: str
+    severity: str
+    applies: Callable[[AdapterFacts], bool]
+    message: Callable[[AdapterFacts], str]
+    fix: str | None = None
+    exact_fix: bool = True
+    source: str = ""
+
+
+@dataclass
+class Finding:
+    """One line of the check: a rule that fired for a target."""
+
+    target: str
+    rule: str
+    severity: str
+    message: str
+    fix: str | None
+    exact_fix: bool
+    source: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TargetVerdict:
+    """The findings for one target and the verdict they add up to."""
+
+    target: str
+    findings: list[Finding]
+
+    @property
+    def severity(self) -> str:
+        worst = min((SEVERITY_ORDER.index(f.severity) for f in self.findings), default=len(SEVERITY_ORDER) - 1)
+        return SEVERITY_ORDER[worst]
+
+    @property
+    def fix(self) -> str | None:
+        """What makes every finding exact (commands joined by ' and '), or None when one has no exact fix."""
+        bad = [f for f in self.findings if f.severity != OK]
+        if any(not f.exact_fix for f in bad):
+            return None
+        fixes = list(dict.fromkeys(f.fix for f in bad if f.fix))
+        if not fixes:
+            fixes = [next((f.fix for f in self.findings if f.fix), None)]
+        return " and ".join(fixes) if fixes[0] else None
+
+    def verdict(self) -> str:
+        """One line: what happens as is, and the exact route (or why there is none)."""
+        as_is = {REFUSE: "refused", IGNORED: "loads but silently ignores part of the adapter",
+                 MISSCALED: "loads but computes a different ΔW (mis-scaled)", OK: "loads and computes our ΔW"}
+        text = f"{self.target}: as is, {as_is[self.severity]}"
+        blocking = [f.rule for f in self.findings if f.severity != OK and not f.exact_fix]
+        if blocking:
+            return f"{text}; no adapter file computes our ΔW there ({', '.join(blocking)})"
+        if self.severity == OK:
+            return text + (f"; write it with: {self.fix}" if self.fix else "")
+        return f"{text}; exact with: {self.fix}"
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "verdict": self.severity, "summary": self.verdict(), "fix": self.fix,
+                "findings": [f.to_dict() for f in self.findings]}
+
+
+@dataclass
+class CheckReport:
+    """The whole check: one :class:`TargetVerdict` per requested target."""
+
+    path: str
+    targets: list[TargetVerdict]
+
+    def to_dict(self) -> dict:
+        """The ``--json`` output."""
+        return {"path": self.path, "targets": [t.to_dict() for t in self.targets]}
+
+    def lines(self) -> list[str]:
+        """Human output: per target one line per finding, then the verdict line."""
+        out = []
+        for t in self.targets:
+            for f in t.findings:
+                fix = f" -> {f.fix}" if f.fix and f.severity != OK else ""
+                out.append(f"{t.target}: [{f.severity}] {f.message}{fix}")
+            out.append(f"{t.target}: VERDICT {t.verdict()}")
+        return out
+
+
+def check_adapter(adapter_or_path: Adapter | str | Path, targets: Iterable[str],
+                  out: str = "OUT", base: str = "BASE") -> CheckReport:
+    """Check an adapter (an :class:`Adapter` or an adapterfmt file) against consumer targets.
+
+    Example:
+        >>> report = check_adapter("adapter.safetensors", ["vllm", "peft"])  # doctest: +SKIP
+        >>> print("\\n".join(report.lines()))  # doctest: +SKIP
+    """
+    from .check_rules import RULES, TARGET_ALIASES
+    path = str(adapter_or_path) if isinstance(adapter_or_path, (str, Path)) else "ADAPTER"
+    adapter = load_for_check(adapter_or_path) if isinstance(adapter_or_path, (str, Path)) else adapter_or_path
+    facts = adapter_facts(adapter.manifest)
+    verdicts = []
+    for target in targets:
+        name = TARGET_ALIASES.get(target.lower(), target.lower())
+        if name not in RULES:
+            raise UsageError(f"unknown check target {target!r}",
+                             hint=f"choose from {', '.join(sorted(RULES))}")
+        fields = {"file": path, "out": out, "base": base, "max_rank": facts.max_rank}
+        findings = [Finding(name, r.id, r.severity, r.message(facts), r.fix.format(**fields) if r.fix else None,
+                            r.exact_fix, r.source) for r in RULES[name] if r.applies(facts)]
+        findings.sort(key=lambda f: SEVERITY_ORDER.index(f.severity))
+        verdicts.append(TargetVerdict(name, findings))
+    return CheckReport(path=path, targets=verdicts)
+
+
+def load_for_check(path: str | Path) -> Adapter:
+    """The adapter to check: an adapterfmt file's manifest only (no tensor data), or any foreign format
+    adapterfmt reads (a PEFT directory, GGUF, MLX, kohya), read as ``convert`` would.
+
+    Example:
+        >>> adapter = load_for_check("my-peft-adapter")  # doctest: +SKIP
+    """
+    from ..format.container import parse_manifest, read_header
+    from ..formats import ReadOptions, detect_format
+    from ..hub import resolve_path
+    from ..report import ConversionReport
+    path = resolve_path(path)
+    fmt = detect_format(Path(path))
+    if fmt.name == "adapterfmt":
+        metadata, _ = read_header(path)
+        manifest, version = parse_manifest(metadata, str(path))
+        return Adapter(manifest=manifest, tensors={}, version=version)
+    return fmt.read(Path(path), ReadOptions(), ConversionReport())
