@@ -21,6 +21,7 @@ _API = {
     "convert": "adapterfmt.ops.convert",
     "validate": "adapterfmt.ops.validate",
     "inspect_adapter": "adapterfmt.ops.inspection",
+    "check_adapter": "adapterfmt.ops.check",
     "merge": "adapterfmt.ops.merge",
     "unmerge": "adapterfmt.ops.merge",
     "extract": "adapterfmt.ops.extract",

@@ -185,9 +185,12 @@ def with_format_options(command):
               help="Upload DST to this Hugging Face model repo afterwards (needs a login token).")
 @click.option("--nola-basis", type=BasisSizes(), default=None, help="NOLA basis sizes for --method nola.")
 @click.option("--seed", type=int, default=None, help="Master seed for NOLA bases (per-module seeds are derived).")
+@click.option("--for", "for_target", default=None, metavar="TARGET",
+              help="Lay the adapter out so that TARGET (vllm, sglang, tgi, llama.cpp, mlx, peft, ...) computes "
+                   "exactly our ΔW (folds scales, pads ranks), or refuse with the reason.")
 @with_format_options
 def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, strict, compact, new_rank, energy,
-            device, as_json, push_to_hub, nola_basis, seed, **format_options):
+            device, as_json, push_to_hub, nola_basis, seed, for_target, **format_options):
     """Convert an adapter between formats and methods, printing a per-module report.
 
     Formats (--to/--from): adapterfmt, peft, gguf (llama.cpp), kohya (A1111/ComfyUI), mlx (MLX-LM);
@@ -206,6 +209,7 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
       adapterfmt convert adapter.safetensors ./mlx-adapter --to mlx --json
       adapterfmt convert lora.safetensors nola.safetensors --method nola --nola-basis 1024 --seed 7
       adapterfmt convert vit_nola.safetensors out.safetensors --from nola_official --nola-rank 1
+      adapterfmt convert adapter.safetensors ./for-vllm --to peft --for vllm
     """
     from .errors import UsageError
     from .ops.convert import convert as run_convert
@@ -217,7 +221,8 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
     method_options = {k: v for k, v in {"nola_basis": nola_basis, "seed": seed}.items() if v is not None}
     report = run_convert(src, dst, to=to, source_format=source_format, base=base, method=method,
                          allow_pickle=allow_pickle, overwrite=overwrite, strict=strict,
-                         method_options=method_options, format_options=format_options, resize=resize)
+                         method_options=method_options, format_options=format_options, resize=resize,
+                         for_target=for_target)
     if push_to_hub:
         from .ops.hub import push_to_hub as run_push
         report.notes.append(f"uploaded to {run_push(dst, push_to_hub)}")
@@ -226,6 +231,36 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
     else:
         click.echo("\n".join(report.lines()))
         click.echo(f"wrote {dst}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--target", "-t", "targets", multiple=True, metavar="TARGET",
+              help="Consumer to check against, repeatable: peft, vllm, sglang, tgi, llama.cpp, mlx, diffusers, "
+                   "comfyui (default: all).")
+@click.option("--out", default="OUT", show_default=True, help="Output path shown in the suggested commands.")
+@click.option("--base", default="BASE", show_default=True, help="Base model path shown in the suggested commands.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check(file, targets, out, base, as_json):
+    """Say where an adapter will work: per consumer, will it load, what it ignores or mis-scales, and the
+    convert command that produces a file computing exactly our ΔW there.
+
+    Exit code 0 when every target computes our ΔW as is, 1 otherwise.
+
+    \b
+    Examples:
+      adapterfmt check adapter.safetensors
+      adapterfmt check adapter.safetensors --target vllm --target llama.cpp --json
+      adapterfmt check ./my-peft-adapter -t mlx
+    """
+    from .ops.check import OK, check_adapter
+    from .ops.check_rules import TARGETS
+    report = check_adapter(file, list(targets) or list(TARGETS), out=out, base=base)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo("\n".join(report.lines()))
+    sys.exit(0 if all(t.severity == OK for t in report.targets) else 1)
 
 
 @main.command()

@@ -10,33 +10,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from ..errors import UsageError
 from ..format import Adapter
-from .adapter_facts import AdapterFacts, adapter_facts
-
-REFUSE, IGNORED, MISSCALED, OK = "refuse", "ignored", "mis-scaled", "ok"
-#: Worst first: the verdict of a target is its worst finding.
-SEVERITY_ORDER = (REFUSE, IGNORED, MISSCALED, OK)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One consumer behaviour: when ``applies(facts)``, the consumer does ``severity`` for ``message(facts)``.
-
-    ``fix`` is the command that produces a file computing exactly our ΔW there (placeholders
-    ``{file}``, ``{out}``, ``{base}``), or an alternative when no adapter file can (``exact_fix=False``).
-    """
-
-    id: str
-    severity: str
-    applies: Callable[[AdapterFacts], bool]
-    message: Callable[[AdapterFacts], str]
-    fix: str | None = None
-    exact_fix: bool = True
-    source: str = ""
-
+from .adapter_facts import adapter_facts
+from .check_model import IGNORED, MISSCALED, OK, REFUSE, SEVERITY_ORDER, Rule  # noqa: F401 (re-exported)
+from .check_rules import RULES, TARGET_ALIASES
 
 @dataclass
 class Finding:
@@ -124,7 +104,6 @@ def check_adapter(adapter_or_path: Adapter | str | Path, targets: Iterable[str],
         >>> report = check_adapter("adapter.safetensors", ["vllm", "peft"])  # doctest: +SKIP
         >>> print("\\n".join(report.lines()))  # doctest: +SKIP
     """
-    from .check_rules import RULES, TARGET_ALIASES
     path = str(adapter_or_path) if isinstance(adapter_or_path, (str, Path)) else "ADAPTER"
     adapter = load_for_check(adapter_or_path) if isinstance(adapter_or_path, (str, Path)) else adapter_or_path
     facts = adapter_facts(adapter.manifest)
@@ -149,10 +128,10 @@ def load_for_check(path: str | Path) -> Adapter:
     Example:
         >>> adapter = load_for_check("my-peft-adapter")  # doctest: +SKIP
     """
+    from ..conversion_report import ConversionReport
     from ..format.container import parse_manifest, read_header
     from ..formats import ReadOptions, detect_format
-    from ..hub import resolve_path
-    from ..report import ConversionReport
+    from .hub import resolve_path
     path = resolve_path(path)
     fmt = detect_format(Path(path))
     if fmt.name == "adapterfmt":

@@ -10,7 +10,7 @@ import math
 import re
 
 from .adapter_facts import AdapterFacts
-from .check import IGNORED, MISSCALED, OK, REFUSE, Rule
+from .check_model import IGNORED, MISSCALED, OK, REFUSE, Rule
 
 TARGETS = ("peft", "vllm", "sglang", "tgi", "llama.cpp", "mlx", "diffusers", "comfyui")
 TARGET_ALIASES = {"llamacpp": "llama.cpp", "llama_cpp": "llama.cpp", "gguf": "llama.cpp", "mlx-lm": "mlx",

@@ -8,47 +8,15 @@ from ..atomic import check_output_path
 from ..conversion_report import EXACT_MATH, LOSSLESS, LOSSY, SCALE_FOLDED, ConversionReport
 from ..engine.base import bind_base
 from ..errors import LossyConversionError, UsageError
-from ..format import Adapter
 from ..format.container import require_finite
 from ..formats import (FORMATS, AdapterFormat, FormatOptions, ReadOptions, WriteOptions, detect_format,
                        format_for_output, get_format)
 from ..formats._lowrank import base_config_summary
-from ..methods import convert_module, get_method
-from ..progress import progress
 from .hub import is_hub, resolve_path
 from .load import load_base
+from .method_conversion import convert_methods
 
 STATUS_ORDER = [LOSSLESS, EXACT_MATH, SCALE_FOLDED, LOSSY]
-
-
-def convert_methods(adapter: Adapter, to: str, options: dict[str, Any], report: ConversionReport) -> Adapter:
-    """Convert every module whose method differs from ``to``; statuses go into ``report``.
-
-    Example:
-        >>> lora = convert_methods(nola_adapter, "lora", {}, ConversionReport())  # doctest: +SKIP
-    """
-    manifest = adapter.manifest
-    tensors = dict(adapter.tensors)
-    into = get_method(to)
-    for target, entry in progress(list(manifest.modules.items()), f"convert to {to}"):
-        if entry.method == to:
-            continue
-        method = get_method(entry.method)
-        old_tensors = adapter.module_tensors(target)
-        new_entry, new_tensors, status, note = convert_module(target, entry, old_tensors, to, options)
-        for ref in entry.tensors.values():
-            tensors.pop(ref.name, None)
-        for role, ref in new_entry.tensors.items():
-            tensors[ref.name] = new_tensors[role]
-        manifest.modules[target] = new_entry
-        reference = result = None
-        if not method.needs_base and not into.needs_base:
-            # Measure what the conversion did to ΔW (fp64 comparison in the report).
-            reference = method.delta(entry, old_tensors)
-            result = into.delta(new_entry, new_tensors)
-        report.add(target, status, f"{entry.method} -> {to}" + (f": {note}" if note else ""),
-                   reference=reference, result=result)
-    return Adapter(manifest=manifest, tensors=tensors, version=adapter.version)
 
 
 def option_fields() -> dict[str, list[str]]:
@@ -116,11 +84,13 @@ def _merge_statuses(read_report: ConversionReport, *later: ConversionReport) -> 
 def convert(src: Path | str, dst: Path | str, *, to: str | None = None, source_format: str | None = None,
             base: Path | str | None = None, method: str | None = None, allow_pickle: bool = False,
             overwrite: bool = False, strict: bool = False, method_options: dict[str, Any] | None = None,
-            format_options: dict[str, Any] | None = None, resize: dict[str, Any] | None = None) -> ConversionReport:
+            format_options: dict[str, Any] | None = None, resize: dict[str, Any] | None = None,
+            for_target: str | None = None) -> ConversionReport:
     """Convert an adapter between formats (and methods); returns the per-module report.
 
     ``format_options`` holds the readers' and writers' own options by field name (e.g.
-    ``{"cuda_sm_count": 108}``); each format takes the fields of its options model.
+    ``{"cuda_sm_count": 108}``); each format takes the fields of its options model. ``for_target``
+    (``vllm``, ``sglang``, ...) lays the adapter out so that consumer computes exactly our ΔW, or refuses.
 
     Example:
         >>> report = convert("peft-dir", "adapter.safetensors")  # doctest: +SKIP
@@ -166,6 +136,9 @@ def convert(src: Path | str, dst: Path | str, *, to: str | None = None, source_f
     if resize is not None:  # {} = exact compaction; {"rank": N} or {"energy": F} truncate
         from .resize import resize_adapter
         adapter = resize_adapter(adapter, method_report, **resize)
+    if for_target is not None:
+        from .for_target import prepare_for_target
+        adapter = prepare_for_target(adapter, for_target, method_report)
     if strict and method_report.worst == LOSSY:
         lossy = [m.module for m in method_report.modules if m.status == LOSSY]
         raise LossyConversionError(f"conversion is lossy for {len(lossy)} module(s) (first: {lossy[0]}) "

@@ -21,11 +21,12 @@ import torch
 
 from ..errors import UsageError
 from ..format import Adapter, TensorRef
-from ..format.fingerprint import dtype_name
+from ..format.dtypes import dtype_name
 from ..methods.lora import lora_params
-from ..report import EXACT_MATH, LOSSLESS, SCALE_FOLDED, ConversionReport
+from ..conversion_report import EXACT_MATH, LOSSLESS, SCALE_FOLDED, ConversionReport
 from .adapter_facts import BLOCK_RE, AdapterFacts, adapter_facts
 from .check import OK, check_adapter
+from .method_conversion import convert_methods
 from .check_rules import TARGET_ALIASES, TGI_LAYER_TYPES, tgi_padded_rank
 
 
@@ -34,7 +35,7 @@ def prepare_for_target(adapter: Adapter, target: str, report: ConversionReport) 
 
     Example:
         >>> from adapterfmt.format import read_adapter
-        >>> from adapterfmt.report import ConversionReport
+        >>> from adapterfmt.conversion_report import ConversionReport
         >>> report = ConversionReport()
         >>> ready = prepare_for_target(read_adapter("a.safetensors"), "vllm", report)  # doctest: +SKIP
     """
@@ -55,7 +56,6 @@ def _as_lora(adapter: Adapter, report: ConversionReport) -> Adapter:
     """Non-LoRA methods (NOLA, OLoRA, PiSSA, SORSA) materialised as LoRA, as every PEFT export does."""
     if set(adapter.manifest.methods()) <= {"lora", "dora"}:
         return adapter
-    from ..conversion import convert_methods
     return convert_methods(Adapter(copy.deepcopy(adapter.manifest), dict(adapter.tensors), adapter.version),
                            "lora", {}, report)
 

@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 
 import adapterfmt
 from adapterfmt.errors import UsageError
-from adapterfmt.formats import get_format
+from adapterfmt.formats import WriteOptions, get_format
 from adapterfmt.methods import get_method
 from adapterfmt.ops.check import OK, check_adapter
 from adapterfmt.ops.check_rules import RULES, TARGETS
 from adapterfmt.ops.for_target import prepare_for_target
-from adapterfmt.report import ConversionReport
+from adapterfmt.conversion_report import ConversionReport
 
 from ..helpers import load_model, make_peft_adapter
 
@@ -70,7 +70,7 @@ def our_deltas(adapter, base_dir: Path | None = None) -> dict[str, torch.Tensor]
 def write_for(adapter, target: str, out: Path) -> ConversionReport:
     report = ConversionReport()
     ready = prepare_for_target(adapter, target, report)
-    get_format("peft").write(ready, out, ConversionReport())
+    get_format("peft").write(ready, out, ConversionReport(), WriteOptions())
     return report
 
 
@@ -289,7 +289,7 @@ def test_for_target_export_computes_our_delta(adapters, tmp_path, target):
     adapter = adapterfmt.read_adapter(adapters["patterns"])
     want = our_deltas(adapter)
     plain = tmp_path / "plain"
-    get_format("peft").write(adapter, plain, ConversionReport())
+    get_format("peft").write(adapter, plain, ConversionReport(), WriteOptions())
     if target == "sglang":  # current SGLang refuses the pattern entries outright
         with pytest.raises(AssertionError, match="SGLang refuses"):
             CONSUMERS[target](plain)
@@ -312,7 +312,7 @@ def test_tgi_export_fills_missing_layers(adapters, tmp_path):
 
 
 def _export(adapter, path: Path) -> Path:
-    get_format("peft").write(adapter, path, ConversionReport())
+    get_format("peft").write(adapter, path, ConversionReport(), WriteOptions())
     return path
 
 

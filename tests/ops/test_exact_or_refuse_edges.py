@@ -130,3 +130,16 @@ def test_tensor_bytes_checked_before_merge(tmp_path, llama_base):
     from adapterfmt.errors import AdapterFmtError
     with pytest.raises(AdapterFmtError):
         adapterfmt.merge(bad, [tmp_path], tmp_path / "m")
+
+
+def test_check_and_convert_for_target_from_the_command_line(lora, tmp_path):
+    _, native = lora
+    runner = CliRunner()
+    out = runner.invoke(main, ["check", str(native), "-t", "peft", "--json"])
+    assert out.exit_code == 0, out.output
+    assert '"verdict": "ok"' in out.output
+    out = runner.invoke(main, ["check", str(native)])
+    assert "VERDICT vllm" in out.output and "VERDICT llama.cpp" in out.output
+    out = runner.invoke(main, ["convert", str(native), str(tmp_path / "for-vllm"), "--to", "peft", "--for", "vllm"])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "for-vllm" / "adapter_config.json").is_file()
