@@ -1,12 +1,17 @@
 """kohya sd-scripts / A1111 / ComfyUI LoRA files: one safetensors with ``<name>.lora_down.weight``,
 ``<name>.lora_up.weight`` and a 0-d ``<name>.alpha`` (scale = alpha / rank; no alpha means scale 1).
 
-Names are kohya's rule applied to the transformers module path: prefix + "_" + path with every
-"." replaced by "_". For LLMs we write the prefix ``lora_transformer`` (as DiT trainers do for a
-``transformer`` component), e.g. ``lora_transformer_model_layers_0_self_attn_q_proj``; reading
-accepts ``lora_transformer``, ``lora_te[N]``, ``lora_unet`` and ``lora_llm``. Because module names
-contain "_", mapping back needs the base's module list (``--base``) or the name table adapterfmt
-writes into the header (``adapterfmt.kohya_names``). rsLoRA has no kohya flag: alpha = scale·rank.
+Names are kohya's rule applied to a module path: prefix + "_" + path with every "." replaced by
+"_". Because module names contain "_", mapping back needs the base's module list (``--base``) or
+the name table adapterfmt writes into the header (``adapterfmt.kohya_names``). rsLoRA has no
+kohya flag: alpha = scale·rank.
+
+Exact or refuse: the consumers of kohya files (diffusers, ComfyUI, A1111) map only the names they
+know for a diffusion pipeline's components, and silently apply nothing otherwise. So the writer
+writes a module only under the kohya name it was read with (a kohya file round-trips exactly)
+and refuses modules that have no such name (any LLM adapter: use peft, gguf or mlx). A file whose
+names span several pipeline components (``lora_te1_`` and ``lora_te2_``, ``lora_unet_`` and
+``lora_te_``) is refused until multi-component adapters exist: one base cannot name them all.
 """
 from __future__ import annotations
 
@@ -27,20 +32,21 @@ from ..conversion_report import EXACT_MATH, LOSSLESS
 from ._lowrank import add_lowrank_module, most_common, require_linear
 from .base import AdapterFormat
 
-PREFIX = "lora_transformer"
 READ_PREFIXES = ("lora_transformer", "lora_te", "lora_te1", "lora_te2", "lora_te3", "lora_unet", "lora_llm")
 NAMES_KEY = "adapterfmt.kohya_names"
 ROLES = {"lora_down.weight": "lora_A", "lora_up.weight": "lora_B", "alpha": "alpha"}
 KEY_RE = re.compile(r"^(?P<name>lora_[A-Za-z0-9]+_.+?)\.(?P<suffix>lora_down\.weight|lora_up\.weight|alpha)$")
+#: manifest.source key: module -> the kohya name it was read with.
+SOURCE_NAMES = "kohya_names"
 LYCORIS = ("hada_", "lokr_", "lora_mid", "dora_scale", "oft_", "diff")
 
 
-def kohya_name(module: str, prefix: str = PREFIX) -> str:
+def kohya_name(module: str, prefix: str) -> str:
     """kohya's name for a module: dots become underscores.
 
     Example:
-        >>> kohya_name("model.layers.0.self_attn.q_proj")
-        'lora_transformer_model_layers_0_self_attn_q_proj'
+        >>> kohya_name("text_model.encoder.layers.0.self_attn.q_proj", "lora_te")
+        'lora_te_text_model_encoder_layers_0_self_attn_q_proj'
     """
     return f"{prefix}_{module.replace('.', '_')}"
 
@@ -76,6 +82,7 @@ class KohyaFormat(AdapterFormat):
                                          + (f" (LyCORIS {kind.rstrip('_')} is not supported)" if kind else ""),
                                          path=path, hint="only plain LoRA (lora_down/lora_up/alpha) is supported")
             grouped.setdefault(match["name"], {})[ROLES[match["suffix"]]] = tensor
+        _one_component(grouped, path)
         lookup = _name_table(metadata, options.base, path)
         manifest, tensors = Manifest(), {}
         for name, parts in sorted(grouped.items()):
@@ -100,17 +107,22 @@ class KohyaFormat(AdapterFormat):
         if not manifest.modules:
             raise ForeignFormatError("no LoRA tensors found", path=path, hint="the file is empty")
         manifest.base.name_or_path = metadata.get("adapterfmt.base_name_or_path")
-        manifest.source = {"format": "kohya", "metadata": {k: v for k, v in metadata.items() if k.startswith("ss_")}}
+        manifest.source = {"format": "kohya", "metadata": {k: v for k, v in metadata.items() if k.startswith("ss_")},
+                           SOURCE_NAMES: {lookup[name]: name for name in grouped}}
         adapter = Adapter(manifest=manifest, tensors=tensors)
         return adapter
 
     # ---------------------------------------------------------------- writing
     def write(self, adapter: Adapter, path: Path, report, options) -> Path:
         require_linear(adapter, "kohya", report, options.base)
-        prefix = PREFIX
+        known = adapter.manifest.source.get(SOURCE_NAMES) or {}
         names, state = {}, {}
         for target, entry in adapter.manifest.modules.items():
-            name = kohya_name(target, prefix)
+            name = known.get(target)
+            if not isinstance(name, str) or not KEY_RE.match(f"{name}.alpha"):
+                raise UsageError(f"module {target!r} has no kohya name that a kohya consumer (diffusers, ComfyUI, "
+                                 "A1111) maps; they would silently apply nothing",
+                                 hint="kohya files are for diffusion pipelines; for LLMs use --to peft, gguf or mlx")
             if name in names:
                 raise UsageError(f"modules {names[name]!r} and {target!r} get the same kohya name {name!r}")
             names[name] = target
@@ -138,6 +150,15 @@ class KohyaFormat(AdapterFormat):
         with atomic_file(path, overwrite=options.overwrite) as tmp:
             save_file(state, str(tmp), metadata=metadata)
         return path
+
+
+def _one_component(grouped: dict[str, dict], path: Path) -> None:
+    """Refuse names from several pipeline components: one base module list cannot resolve them all."""
+    prefixes = sorted({name.split("_", 2)[0] + "_" + name.split("_", 2)[1] for name in grouped})
+    if len(prefixes) > 1:
+        raise ForeignFormatError(f"the file holds modules of several pipeline components ({', '.join(prefixes)})",
+                                 path=path, hint="multi-component (UNet + text encoders) kohya files are not "
+                                                 "supported yet; nothing was written")
 
 
 def _alpha(name: str, tensor: torch.Tensor, path: Path) -> float:

@@ -59,6 +59,7 @@ def run_demo(out_dir: Path | str | None = None, *, overwrite: bool = False) -> I
         >>> for line in run_demo():  # doctest: +SKIP
         ...     print(line)
     """
+    from .check import check_adapter
     from .convert import convert
     from .inspection import format_inspection, inspect_adapter
     from .merge import merge
@@ -88,11 +89,13 @@ def run_demo(out_dir: Path | str | None = None, *, overwrite: bool = False) -> I
     back = work / "peft-roundtrip"
     report = convert(adapters["rslora"], back, to="peft", overwrite=True)
     yield f"4. exported rslora.safetensors back to PEFT ({back.name}): {report.worst}"
-    for fmt, dst in (("gguf", work / "lora.gguf"), ("mlx", work / "mlx-adapter"), ("kohya", work / "kohya.safetensors")):
+    for fmt, dst in (("gguf", work / "lora.gguf"), ("mlx", work / "mlx-adapter")):
         there = convert(adapters["lora"], dst, to=fmt, base=base, overwrite=True)
         again = convert(dst, work / f"lora-from-{fmt}.safetensors", base=base, overwrite=True)
         yield (f"   lora.safetensors -> {fmt} ({there.worst}) -> adapterfmt ({again.worst}); "
                f"max ΔW error {_max_error(there, again):.2g}")
+    check = check_adapter(adapters["rslora"], ["vllm", "llama.cpp"], out="OUT", base=str(base))
+    yield "   where rslora.safetensors works as is: " + "; ".join(t.verdict() for t in check.targets)
     nola = _make_nola(work / "nola.safetensors", base)
     info = inspect_adapter(nola)
     result = validate(nola, base=base)

@@ -12,9 +12,9 @@ Q0 = "lora_transformer_model_layers_0_self_attn_q_proj"
 
 
 def kohya_file(env: Env):
-    from adapterfmt.ops.convert import convert
+    from tests.formats.kohya_files import write_kohya_file
     path = env.tmp / "k.safetensors"
-    convert(env.shared.adapter, path, to="kohya")
+    write_kohya_file(env.shared.adapter, path, prefix="lora_transformer")
     return path
 
 
