@@ -66,8 +66,9 @@ class Method:
     row_separable: ClassVar[bool] = False
     #: Layer kinds the method is defined for.
     layers: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "embedding")
-    #: ΔW formula as the spec's method table shows it.
+    #: ΔW formula as the spec's method table shows it, and the spec file that defines the method.
     formula: ClassVar[str] = ""
+    spec_file: ClassVar[str] = "this file"
 
     # ---------------------------------------------------------------- declarative hooks
     def dims(self, entry: ModuleEntry, params: Params) -> dict[str, int]:

@@ -51,6 +51,7 @@ class InitRelativeLoRA(Method):
     row_separable = True
     converts_to = ("lora",)
     formula = "ΔW = scale·(B·A − B0·A0)"
+    spec_file = "methods-principal.md"
 
     def __init__(self, name: str, summary: str, init_columns_normalised: bool, init_pattern: str):
         self.name = name

@@ -74,3 +74,34 @@ def build_schema(base: dict[str, Any]) -> dict[str, Any]:
     defs.update(method_defs)
     schema["$defs"] = defs
     return schema
+
+
+def _role_text(role) -> str:
+    shape = ", ".join(str(d) for d in role.shape)
+    return f"`{role.name}` ({shape})" + ("" if role.required else " optional")
+
+
+def _params_text(method: Method) -> str:
+    fields = method.params_model.model_fields
+    required = [f"`{n}`" for n, f in fields.items() if f.is_required()]
+    optional = [f"`{n}`" for n, f in fields.items() if not f.is_required()]
+    return ", ".join(required) + (f"; optional {', '.join(optional)}" if optional else "")
+
+
+def spec_method_table() -> str:
+    """The spec's method table (spec/README.md §6), one row per method descriptor.
+
+    Example:
+        >>> spec_method_table().splitlines()[0].startswith("| method |")
+        True
+    """
+    rows = ["| method | roles (shape) | params | ΔW / merged weight (canonical, fp32) | needs base | layers | spec |",
+            "|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        rows.append(f"| `{method.name}` | {', '.join(_role_text(r) for r in method.roles)} | {_params_text(method)} "
+                    f"| {method.formula} | {'yes' if method.needs_base else 'no'} | {', '.join(method.layers)} "
+                    f"| {method.spec_file} |")
+    dtypes = sorted({d for m in METHODS for r in m.roles for d in r.dtypes})
+    rows.append("")
+    rows.append(f"Every role may be stored as {', '.join(dtypes)}; values are converted to fp32 exactly before use.")
+    return "\n".join(rows)

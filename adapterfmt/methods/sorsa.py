@@ -65,6 +65,7 @@ class SORSA(Method):
              Role("U_p0", ("out", "r"), trained=False), Role("S_p0", ("r",), trained=False),
              Role("Vt_p0", ("r", "in"), trained=False))
     formula = "ΔW = scale·(U_p·diag(S_p)·Vt_p − U_p0·diag(S_p0)·Vt_p0)"
+    spec_file = "methods-principal.md"
 
     def expected_scale(self, params):
         return sorsa_scale(params.rank, params.alpha)

@@ -17,6 +17,7 @@ class NOLA(Method):
     converts_to = ("lora",)
     converts_from = ("lora",)
     formula = "ΔW[rows] = scale·B·A; A = offset_A + basis_scale_A·Σα_i·A_i, B likewise"
+    spec_file = "nola.md"
 
     def dims(self, entry, params):
         start, stop = params.rows or [0, entry.shape[0]]
