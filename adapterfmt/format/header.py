@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HeaderError, InputIOError
+from .dtypes import DTYPE_BYTES
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-               "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 ENTRY_MEMBERS = {"dtype", "shape", "data_offsets"}
 _HINT = "the file is truncated or corrupt; re-download or re-export it"
 

@@ -16,6 +16,8 @@ from ..errors import UsageError
 from ..format import Adapter
 from .adapter_facts import adapter_facts
 from .check_model import IGNORED, MISSCALED, OK, REFUSE, SEVERITY_ORDER, Rule  # noqa: F401 (re-exported)
+
+__all__ = ["IGNORED", "MISSCALED", "OK", "REFUSE", "SEVERITY_ORDER", "Rule", "check_adapter", "load_for_check"]
 from .check_rules import RULES, TARGET_ALIASES
 
 @dataclass
