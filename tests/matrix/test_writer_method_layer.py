@@ -3,7 +3,8 @@
 The pattern is PEFT's ``TEST_CASES``: one case table, one generic check. For each case an adapter is
 built from the method descriptors (``tests/matrix/builders.py``), written with the public API,
 converted with ``adapterfmt.convert(src, dst, to=writer, base=...)`` and converted back to
-adapterfmt. Invariants:
+adapterfmt. The factors' storage dtype (F32, F16, BF16) rotates over the variants, so every writer
+and layer kind sees all three. Invariants:
 
 * the call either succeeds or raises one of our errors (an ``AdapterFmtError`` subclass) whose
   message names the method or the layer kind the writer cannot hold; which cases refuse is pinned
@@ -59,7 +60,10 @@ CANNOT_HOLD = {"adapterfmt": set(), "peft": set(), "gguf": {"conv1d", "dora"},
 STATUS_SLACK = {EXACT_MATH: 2.0 ** -20, SCALE_FOLDED: 2.0 ** -20, LOSSY: 2.0 ** -20}
 OUTPUT_NAME = {"adapterfmt": "out.safetensors", "peft": "out-peft", "gguf": "out.gguf",
                "kohya": "out.safetensors", "mlx": "out-mlx"}
-CASES = [(w, layer, v) for w in WRITERS for layer in LAYERS for v in VARIANTS]
+#: Storage dtype of the factors, rotated over the variants so that every writer and layer sees all three.
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+CASES = [(w, layer, v, list(DTYPES)[i % len(DTYPES)]) for w in WRITERS for layer in LAYERS
+         for i, v in enumerate(VARIANTS)]
 
 _STATES: dict[Path, dict[str, np.ndarray]] = {}
 
@@ -114,12 +118,13 @@ def worst_status(*reports):
     return rows
 
 
-@pytest.mark.parametrize("writer,layer,variant", CASES, ids=["-".join(c) for c in CASES])
-def test_round_trip_with_reported_status_or_refusal(tmp_path, bases, writer, layer, variant):
+@pytest.mark.parametrize("writer,layer,variant,dtype", CASES, ids=["-".join(c) for c in CASES])
+def test_round_trip_with_reported_status_or_refusal(tmp_path, bases, writer, layer, variant, dtype):
     model, targets = LAYERS[layer]
     method = method_of(variant)
     gen = torch.Generator().manual_seed(zlib.crc32(f"{writer}/{layer}/{variant}".encode()))
-    src = adapterfmt.write_adapter(build_adapter(variant, targets, gen, nola_rows=True), tmp_path / "src.safetensors")
+    adapter = build_adapter(variant, targets, gen, DTYPES[dtype], nola_rows=True)
+    src = adapterfmt.write_adapter(adapter, tmp_path / "src.safetensors")
     before = adapterfmt.read_adapter(src)
     out = tmp_path / OUTPUT_NAME[writer]
     refusal_reasons = CANNOT_HOLD[writer] & {layer, method}
