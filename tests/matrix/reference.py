@@ -22,7 +22,7 @@ are exact in fp32, the reference in float64). |X| is the elementwise absolute va
 | lora, rslora | each ΔW_ij | ``(r + 2)·u·|s|·(|B|·|A|)_ij`` (r-term dot product, one scale rounding) |
 | olora, pissa | each ΔW_ij | ``(r + 3)·u·|s|·(|B|·|A| + |B0|·|A0|)_ij`` (two products, a difference, the scale) |
 | sorsa | each ΔW_ij | ``(r + 4)·u·|s|·(|U|·|S|·|Vt| + |U0|·|S0|·|Vt0|)_ij`` (as olora, plus U·diag(S)) |
-| dora | max |ΔW − ΔW64| | ``4·(in + r + 8)·u·(max|W'| + max|W|)`` (row norm over ``in``, the division, W' − W) |
+| dora | max |ΔW − ΔW64| | ``4·(in + r + 8)·u·(max|W'| + max|W|)`` (row norm over ``in``, division, W' − W) |
 | nola | max |ΔW − ΔW64| | ``1e-5·max|ΔW64|`` (``spec/nola.md`` §3, the normative conformance tolerance) |
 """
 from __future__ import annotations
@@ -108,8 +108,10 @@ NEEDS_BASE = {"dora"}
 
 
 def as_float64(tensors) -> dict[str, np.ndarray]:
-    """Stored tensors (torch, any float dtype) as float64 numpy arrays (an exact conversion)."""
-    return {role: t.double().numpy() for role, t in tensors.items()}
+    """Stored tensors (torch of any float dtype, or numpy) as float64 numpy arrays (an exact conversion)."""
+    return {role: t if isinstance(t, np.ndarray) and t.dtype == np.float64 else
+            (t.astype(np.float64) if isinstance(t, np.ndarray) else t.double().numpy())
+            for role, t in tensors.items()}
 
 
 def reference_delta(method: str, params: dict, shape, tensors, base: np.ndarray | None = None) -> np.ndarray:
@@ -122,8 +124,7 @@ def reference_delta(method: str, params: dict, shape, tensors, base: np.ndarray 
     """
     if method in NEEDS_BASE and base is None:
         raise ValueError(f"{method} needs the base weight")
-    return DELTA[method](params, list(shape), tensors if isinstance(next(iter(tensors.values())), np.ndarray)
-                         else as_float64(tensors), base)
+    return DELTA[method](params, list(shape), as_float64(tensors), base)
 
 
 def reference_merged(method: str, params: dict, shape, tensors, base: np.ndarray, weight: float = 1.0) -> np.ndarray:
