@@ -14,9 +14,10 @@ from adapterfmt.engine.merge import merge
 from adapterfmt.engine.unmerge import ulp_distance
 from adapterfmt.errors import BaseMismatchError
 from adapterfmt.format import read_adapter
-from adapterfmt.methods import METHOD_BY_NAME, convert_module, get_method
+from adapterfmt.methods import METHOD_BY_NAME
 from tests.engine.common import LLAMA_LINEAR, load_dir, peft_to_native, reference_merge
 from tests.helpers import load_model, logits, peft_merged_state, tiny_gpt2, tiny_llama
+from tests.matrix.reference import reference_merged
 
 # How to make a real adapter of each method for the generic checks; methods added later
 # register a factory here (kwargs for tests.helpers.make_peft_adapter).
@@ -26,16 +27,11 @@ FACTORIES = {
 }
 
 
-def fp64_reference(entry, tensors, base):
-    """The merged weight in float64 (canonical orientation) from the paper formulas."""
-    a, b = tensors["lora_A"].double(), tensors["lora_B"].double()
-    combined = base.double() + float(entry.params["scale"]) * (b @ a)
-    if entry.method == "dora":
-        return (tensors["magnitude"].double() / combined.norm(dim=1)).view(-1, 1) * combined
-    return combined
-
-
-FP64 = {"lora": fp64_reference, "dora": fp64_reference}
+def fp64_merged(entry, tensors, canon: torch.Tensor) -> torch.Tensor:
+    """W + ΔW in float64, canonical orientation, from the spec's formula (tests/matrix/reference.py),
+    never from the method's own code or its conversions."""
+    merged = reference_merged(entry.method, entry.params, entry.shape, tensors, canon.double().numpy())
+    return torch.from_numpy(merged)
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +110,6 @@ def adapter_of(method: str, base, tmp_path):
     return None, derived_adapter(method, lora, tmp_path / f"{method}.safetensors")
 
 
-def lora_equivalent_fp64(entry, tensors, base):
-    """base + ΔW in float64, ΔW from the method's exact LoRA equivalent (rank r or 2r)."""
-    lora_entry, lora_tensors, _, _ = convert_module("m", entry, tensors, "lora", {})
-    return fp64_reference(lora_entry, lora_tensors, base)
-
-
 @pytest.mark.parametrize("method", sorted(METHOD_BY_NAME))
 def test_every_method_streams_like_reference_and_within_1ulp_of_fp64(tmp_path, llama, method):
     _, native = adapter_of(method, llama, tmp_path)
@@ -131,7 +121,7 @@ def test_every_method_streams_like_reference_and_within_1ulp_of_fp64(tmp_path, l
     for target, entry in adapter.manifest.modules.items():
         stored = base[entry.base_weight]
         canon = stored.t() if entry.fan_in_fan_out else stored
-        exact = FP64.get(method, lora_equivalent_fp64)(entry, adapter.module_tensors(target), canon)
+        exact = fp64_merged(entry, adapter.module_tensors(target), canon)
         exact = (exact.t() if entry.fan_in_fan_out else exact).to(stored.dtype)
         assert int(ulp_distance(got[entry.base_weight], exact).max()) <= 1, target
 
