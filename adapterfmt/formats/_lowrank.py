@@ -125,7 +125,7 @@ def require_linear(adapter: Adapter, fmt: str, report: ConversionReport, base: A
     """
     for target, entry in adapter.manifest.modules.items():
         if entry.layer not in allowed:
-            raise UsageError(f"module {target!r} is {"an" if entry.layer[0] in "aeiou" else "a"} {entry.layer} layer, which {fmt} cannot hold",
+            raise UsageError(f"module {target!r} is {'an' if entry.layer[0] in 'aeiou' else 'a'} {entry.layer} layer, which {fmt} cannot hold",
                              hint=f"{fmt} supports {', '.join(allowed)} targets; drop that module first")
     for payload in adapter.manifest.payloads.values():
         tensor = adapter.tensors[payload.tensor.name]

@@ -120,7 +120,8 @@ class KohyaFormat(AdapterFormat):
         for target, entry in adapter.manifest.modules.items():
             name = known.get(target)
             if not isinstance(name, str) or not KEY_RE.match(f"{name}.alpha"):
-                raise UsageError(f"module {target!r} has no kohya name that a kohya consumer (diffusers, ComfyUI, "
+                raise UsageError(f"module {target!r} ({entry.layer} {entry.method}) has no kohya name that a kohya "
+                                 "consumer (diffusers, ComfyUI, "
                                  "A1111) maps; they would silently apply nothing",
                                  hint="kohya files are for diffusion pipelines; for LLMs use --to peft, gguf or mlx")
             if name in names:

@@ -23,7 +23,7 @@ are exact in fp32, the reference in float64). |X| is the elementwise absolute va
 | olora, pissa | each ΔW_ij | ``(r + 3)·u·|s|·(|B|·|A| + |B0|·|A0|)_ij`` (two products, a difference, the scale) |
 | sorsa | each ΔW_ij | ``(r + 4)·u·|s|·(|U|·|S|·|Vt| + |U0|·|S0|·|Vt0|)_ij`` (as olora, plus U·diag(S)) |
 | dora | max |ΔW − ΔW64| | ``4·(in + r + 8)·u·(max|W'| + max|W|)`` (row norm over ``in``, division, W' − W) |
-| nola | max |ΔW − ΔW64| | ``1e-5·max|ΔW64|`` (``spec/nola.md`` §3, the normative conformance tolerance) |
+| nola | |ΔW − ΔW64| | max(``1e-5·max|ΔW64|`` (spec/nola.md §3), ``(k+l+r+6)·u32·s·(|B|·|A|)`` over absolute terms) |
 """
 from __future__ import annotations
 
@@ -76,15 +76,20 @@ def sorsa_delta(params, shape, t, base=None):
     return sorsa_rule(params) * (trained - init)
 
 
-def nola_factor(params: dict, side: str, dims: tuple[int, int], t: dict) -> np.ndarray:
-    """offset + basis_scale·Σ coef_i·X_i with the fp32 basis values of the seed (spec/nola.md §3)."""
+def nola_factor(params: dict, side: str, dims: tuple[int, int], t: dict, magnitude: bool = False) -> np.ndarray:
+    """offset + basis_scale·Σ coef_i·X_i with the fp32 basis values of the seed (spec/nola.md §3).
+
+    ``magnitude``: the same sum over absolute values (what fp32 summation error is relative to).
+    """
     info = params[side]
     if (params["generator"]["id"], params["generator"]["version"]) != ("philox4x32-10", 1):
         raise NotImplementedError(f"reference covers philox4x32-10/v1 only, not {params['generator']}")
     k = int(info["num_basis"])
     basis = nola_basis_numpy(int(info["seed"]), (k, *dims)).astype(np.float64)
-    factor = float(info["basis_scale"]) * np.tensordot(t[f"coef_{side}"], basis, axes=1)
-    offset = t.get(f"offset_{side}")
+    coef, offset = t[f"coef_{side}"], t.get(f"offset_{side}")
+    if magnitude:
+        basis, coef, offset = np.abs(basis), np.abs(coef), None if offset is None else np.abs(offset)
+    factor = float(info["basis_scale"]) * np.tensordot(coef, basis, axes=1)
     return factor if offset is None else factor + offset
 
 
@@ -155,7 +160,16 @@ def delta_bound(method: str, params: dict, tensors64: dict, reference: np.ndarra
         inp = reference.shape[1]
         return 4 * (inp + rank + 8) * U32 * (float(np.abs(reference + base).max()) + float(np.abs(base).max()))
     if method == "nola":
-        return NOLA_RTOL * float(np.abs(reference).max())
+        # fp32 sums over k (and l) basis terms, then B·A: relative to the terms' magnitudes, not to a ΔW
+        # that may cancel to almost nothing (a 1x3 module with rank 1 did).
+        out, inp = reference.shape
+        start, stop = params.get("rows") or (0, out)
+        a = nola_factor(params, "A", (rank, inp), tensors64, magnitude=True)
+        b = nola_factor(params, "B", (stop - start, rank), tensors64, magnitude=True)
+        terms = np.zeros_like(reference)
+        terms[start:stop] = abs(params["scale"]) * (b @ a)
+        k, l = int(params["A"]["num_basis"]), int(params["B"]["num_basis"])
+        return np.maximum(NOLA_RTOL * float(np.abs(reference).max()), (k + l + rank + 6) * U32 * terms)
     raise KeyError(f"no tolerance row for {method}")
 
 

@@ -63,7 +63,8 @@ LAYERS = {
 #: writer -> the layer kinds and methods it cannot hold (a method is held when the writer stores it, or
 #: the method converts exactly to one it stores). Everything else must round-trip.
 CANNOT_HOLD = {"adapterfmt": set(), "peft": set(), "gguf": {"conv1d", "dora"},
-               "kohya": {"conv1d", "embedding", "dora"}, "mlx": {"conv1d", "embedding"}}
+               # kohya: no consumer maps an LLM module name (diffusers/ComfyUI apply nothing), so it refuses.
+               "kohya": {"linear", "conv1d", "embedding", "dora"}, "mlx": {"conv1d", "embedding"}}
 STATUS_SLACK = {EXACT_MATH: 2.0 ** -20, SCALE_FOLDED: 2.0 ** -20, LOSSY: 2.0 ** -20}
 OUTPUT_NAME = {"adapterfmt": "out.safetensors", "peft": "out-peft", "gguf": "out.gguf",
                "kohya": "out.safetensors", "mlx": "out-mlx"}
