@@ -107,6 +107,10 @@ class TorchCpuGenerator:
         self._state = initial_state(self.seed)
         self._pos = STATE_WORDS  # torch starts with left_=1: the first draw twists first
 
+    def state(self) -> tuple[np.ndarray, int]:
+        """(copy of the 624 state words, index of the next word to temper): torch's ``state_``/``next_``."""
+        return self._state.copy(), self._pos
+
     def random(self, count: int) -> np.ndarray:
         """``count`` 32-bit draws (torch ``CPUGeneratorImpl::random``) as uint32."""
         count = int(count)
