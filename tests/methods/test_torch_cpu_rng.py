@@ -100,7 +100,7 @@ def test_zero_element_kaiming_draws_nothing():
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_randperm_and_prefix_and_advance_match_torch(seed):
-    for n in [0, 1, 2, 3, 16, 17, 625, 4096, 70001]:
+    for n in [0, 1, 2, 3, 16, 17, 625, 4096, 20011]:
         t_gen, ours = torch_gen(seed), TorchCpuGenerator(seed)
         expected = torch.randperm(n, generator=t_gen).numpy()
         assert np.array_equal(expected, randperm(ours, n)), (seed, n)
