@@ -187,12 +187,17 @@ _NARROW = {  # dtype name -> float32 -> that dtype's value (as float32); torch c
 }
 
 
+#: Fraction bits of the legacy narrow path: numeric_limits<T>::digits for bfloat16 and float16.
+_LEGACY_DIGITS = {"bfloat16": 8, "float16": 11}
+
+
 def uniform(gen: TorchCpuGenerator, shape, low: float, high: float, *,
-            dtype: str = "float32", fma: bool = True) -> np.ndarray:
+            dtype: str = "float32", fma: bool = True, legacy_narrow: bool = False) -> np.ndarray:
     """``torch.empty(shape, dtype=dtype).uniform_(low, high, generator=gen)`` on CPU.
 
     Returns float32 values (for bfloat16/float16: the narrow values, exactly, held in float32).
     One 32-bit draw per element, in C order; the low 24 bits make the fraction.
+    ``legacy_narrow=True`` reproduces bfloat16/float16 as torch 2.8 and older computed them.
 
     Example:
         >>> uniform(TorchCpuGenerator(0), (2,), -1.0, 1.0).tolist()
@@ -205,13 +210,27 @@ def uniform(gen: TorchCpuGenerator, shape, low: float, high: float, *,
     if not (np.isfinite(low32) and np.isfinite(high32) and low32 <= high32):
         raise UsageError(f"uniform_ bounds [{low}, {high}) are not finite and ordered",
                          hint="pass finite low <= high")
-    width = np.float32(high32 - low32)
-    numel = int(np.prod(shape, dtype=np.int64))
-    fraction = (gen.random(numel) & np.uint32(0xFFFFFF)).astype(np.float32) * np.float32(2.0**-24)
-    values = _NARROW[dtype](_affine_fp32(fraction, low32, width, fma))
-    top, bottom = _NARROW[dtype](np.array([high32, low32], dtype=np.float32))
+    words = gen.random(int(np.prod(shape, dtype=np.int64)))
+    if legacy_narrow and dtype in _LEGACY_DIGITS:
+        return _uniform_legacy_narrow(words, low32, high32, dtype).reshape(tuple(shape))
+    narrow = _NARROW[dtype]
+    fraction = (words & np.uint32(0xFFFFFF)).astype(np.float32) * np.float32(2.0**-24)
+    values = narrow(_affine_fp32(fraction, low32, np.float32(high32 - low32), fma))
+    top, bottom = narrow(np.array([high32, low32], dtype=np.float32))
     values = np.where(values == top, bottom, values)  # torch: a value rounded up to `high` becomes `low`
     return values.reshape(tuple(shape))
+
+
+def _uniform_legacy_narrow(words: np.ndarray, low32: np.float32, high32: np.float32, dtype: str) -> np.ndarray:
+    """torch <= 2.8: bounds and width in the narrow dtype, a digits-bit fraction, no clamp.
+
+    Every product is exact in float32 (at most 11 + 11 bits), so fused and unfused agree.
+    """
+    narrow, digits = _NARROW[dtype], _LEGACY_DIGITS[dtype]
+    low, high = narrow(np.array([low32, high32], dtype=np.float32))
+    width = narrow(np.array([high - low], dtype=np.float32))[0]
+    fraction = (words & np.uint32((1 << digits) - 1)).astype(np.float32) * np.float32(2.0**-digits)
+    return narrow(fraction * width + low)
 
 
 def rand(gen: TorchCpuGenerator, shape, *, dtype: str = "float32") -> np.ndarray:
@@ -247,7 +266,7 @@ def kaiming_uniform_bound(fan: int, gain: float) -> float:
 
 
 def kaiming_uniform(gen: TorchCpuGenerator, shape, *, a: float = 0.0, dtype: str = "float32",
-                    fma: bool = True) -> np.ndarray:
+                    fma: bool = True, legacy_narrow: bool = False) -> np.ndarray:
     """``torch.nn.init.kaiming_uniform_(torch.empty(shape, dtype=dtype), a=a, generator=gen)``
     (mode ``fan_in``, nonlinearity ``leaky_relu``; ``a=0`` gives the ReLU gain sqrt(2), as PEFT's VeRA).
 
@@ -258,7 +277,7 @@ def kaiming_uniform(gen: TorchCpuGenerator, shape, *, a: float = 0.0, dtype: str
     if 0 in tuple(shape):  # torch warns and returns without drawing
         return np.empty(tuple(shape), dtype=np.float32)
     bound = kaiming_uniform_bound(fan_in(shape), leaky_relu_gain(a))
-    return uniform(gen, shape, -bound, bound, dtype=dtype, fma=fma)
+    return uniform(gen, shape, -bound, bound, dtype=dtype, fma=fma, legacy_narrow=legacy_narrow)
 
 
 # ---------------------------------------------------------------- randperm

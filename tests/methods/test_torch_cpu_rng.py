@@ -152,3 +152,23 @@ def test_numpy_side_runs_without_torch():
     vera_a, vera_b = vera_projections(0, 2, 3, 2)
     expected = [vera_a.tobytes().hex(), vera_b.tobytes().hex(), fourierft_indices(777, 4, 5, 3).tobytes().hex()]
     assert out.stdout.split() == expected
+
+
+# torch 2.11.0 (measured, see tools/torch_rng_versions/): kaiming_uniform_(empty((3, 1, 1000), dtype), a=sqrt(5),
+# generator=manual_seed(1)), first 8 values. torch 2.12 changed bfloat16/float16 uniform_ on CPU.
+TORCH_2_11_NARROW = {
+    "bfloat16": ["-0x1.72p-6", "0x1.b2p-6", "0x1.86p-9", "-0x1.c8p-7", "0x1.02p-5", "0x1.24p-9", "0x1.3p-6", "0x1.44p-10"],
+    "float16": ["0x1.2b8p-10", "-0x1.8fp-6", "0x1.cb4p-6", "0x1.238p-9", "0x1.84p-6", "-0x1.e18p-9", "-0x1.388p-7",
+                "0x1.464p-6"],
+}
+
+
+@pytest.mark.parametrize("dtype", list(TORCH_2_11_NARROW))
+def test_legacy_narrow_reproduces_torch_2_11(dtype):
+    expected = np.array([float.fromhex(v) for v in TORCH_2_11_NARROW[dtype]], dtype=np.float32)
+    for fma in (True, False):  # the legacy products are exact: no FMA dependence
+        got = kaiming_uniform(TorchCpuGenerator(1), (3, 1, 1000), a=math.sqrt(5), dtype=dtype, fma=fma,
+                              legacy_narrow=True)
+        assert np.array_equal(got.ravel()[:8], expected)
+    current = kaiming_uniform(TorchCpuGenerator(1), (3, 1, 1000), a=math.sqrt(5), dtype=dtype)
+    assert not np.array_equal(current.ravel()[:8], expected)
