@@ -22,7 +22,7 @@ def ours(key, fma, legacy=False):
 for path in sys.argv[1:]:
     dump = json.load(open(path))
     res = {}
-    for fma, legacy in ((True, False), (False, False), (True, True)):
+    for fma, legacy in ((True, False), (False, False), (True, True), (False, True)):
         bad = {}
         for key, values in dump["cases"].items():
             exp = np.array(values, dtype=np.float32 if not key.startswith(("randperm", "fourierft")) else np.int64)
