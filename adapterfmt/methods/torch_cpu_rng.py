@@ -197,7 +197,7 @@ def uniform(gen: TorchCpuGenerator, shape, low: float, high: float, *,
 
     Returns float32 values (for bfloat16/float16: the narrow values, exactly, held in float32).
     One 32-bit draw per element, in C order; the low 24 bits make the fraction.
-    ``legacy_narrow=True`` reproduces bfloat16/float16 as torch 2.8 and older computed them.
+    ``legacy_narrow=True`` reproduces bfloat16/float16 as torch 2.11 and older computed them.
 
     Example:
         >>> uniform(TorchCpuGenerator(0), (2,), -1.0, 1.0).tolist()
@@ -221,8 +221,9 @@ def uniform(gen: TorchCpuGenerator, shape, low: float, high: float, *,
     return values.reshape(tuple(shape))
 
 
-def _uniform_legacy_narrow(words: np.ndarray, low32: np.float32, high32: np.float32, dtype: str) -> np.ndarray:
-    """torch <= 2.8: bounds and width in the narrow dtype, a digits-bit fraction, no clamp.
+def _uniform_legacy_narrow(words: np.ndarray, low32: np.float32, high32: np.float32,
+                           dtype: str) -> np.ndarray:
+    """torch <= 2.11 (measured 2.0.1 to 2.11.0): bounds and width in the narrow dtype, a digits-bit fraction, no clamp.
 
     Every product is exact in float32 (at most 11 + 11 bits), so fused and unfused agree.
     """

@@ -172,3 +172,15 @@ def test_legacy_narrow_reproduces_torch_2_11(dtype):
         assert np.array_equal(got.ravel()[:8], expected)
     current = kaiming_uniform(TorchCpuGenerator(1), (3, 1, 1000), a=math.sqrt(5), dtype=dtype)
     assert not np.array_equal(current.ravel()[:8], expected)
+
+
+def test_own_twist_and_numpy_bulk_engine_give_the_same_words(monkeypatch):
+    from adapterfmt.methods import torch_cpu_rng
+    sizes = [1000, 200_000, 777, 70_000]  # crossing BULK_WORDS both ways, mid-block positions
+    bulk = TorchCpuGenerator(2**63 - 1)
+    bulk_words = [bulk.random(n) for n in sizes]
+    monkeypatch.setattr(torch_cpu_rng, "BULK_WORDS", 1 << 40)  # own twist only
+    own = TorchCpuGenerator(2**63 - 1)
+    for n, words in zip(sizes, bulk_words):
+        assert np.array_equal(own.random(n), words)
+    assert np.array_equal(own.state()[0], bulk.state()[0]) and own.state()[1] == bulk.state()[1]
