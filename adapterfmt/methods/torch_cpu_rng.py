@@ -223,7 +223,8 @@ def uniform(gen: TorchCpuGenerator, shape, low: float, high: float, *,
 
 def _uniform_legacy_narrow(words: np.ndarray, low32: np.float32, high32: np.float32,
                            dtype: str) -> np.ndarray:
-    """torch <= 2.11 (measured 2.0.1 to 2.11.0): bounds and width in the narrow dtype, a digits-bit fraction, no clamp.
+    """torch <= 2.11 (measured 2.0.1 to 2.11.0): bounds and width in the narrow dtype,
+    a ``digits``-bit fraction, no clamp.
 
     Every product is exact in float32 (at most 11 + 11 bits), so fused and unfused agree.
     """
