@@ -46,3 +46,30 @@ def fourierft_indices(seed: int, out_features: int, in_features: int, n_frequenc
     """
     flat = randperm(TorchCpuGenerator(seed), out_features * in_features, prefix=n_frequency)
     return np.stack([flat // in_features, flat % in_features])
+
+
+#: ``float_affine`` names (spec §3) -> the ``fma`` flag of the numpy reference. Fused first: it is
+#: what torch computes on any x86-64 CPU with AVX2.
+FLOAT_AFFINE = {"fused": True, "unfused": False}
+
+
+def vera_variant(seed: int, vera_a: np.ndarray, vera_b: np.ndarray) -> str | None:
+    """The ``float_affine`` variant that regenerates PEFT's saved ``vera_A``/``vera_B`` bit for bit, or None.
+
+    None means the saved projections must be kept: no variant of this generator reproduces them.
+
+    Example:
+        >>> a, b = vera_projections(3, 2, 5, 4, fma=False)
+        >>> vera_variant(3, a, b)
+        'unfused'
+    """
+    rank, in_features = vera_a.shape
+    out_features = vera_b.shape[0]
+    if vera_b.shape[1] != rank:
+        return None
+    for name, fma in FLOAT_AFFINE.items():
+        regen_a, regen_b = vera_projections(seed, rank, in_features, out_features, fma=fma)
+        same_a = regen_a.tobytes() == np.ascontiguousarray(vera_a, dtype=np.float32).tobytes()
+        if same_a and regen_b.tobytes() == np.ascontiguousarray(vera_b, dtype=np.float32).tobytes():
+            return name
+    return None

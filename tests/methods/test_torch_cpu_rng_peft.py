@@ -12,7 +12,7 @@ import torch
 from safetensors.numpy import load_file
 
 from adapterfmt.methods.torch_cpu_rng import TorchCpuGenerator, uniform
-from adapterfmt.methods.torch_cpu_rng_peft import fourierft_indices, vera_projections
+from adapterfmt.methods.torch_cpu_rng_peft import fourierft_indices, vera_projections, vera_variant
 
 TORCH_FMA = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 
@@ -45,6 +45,11 @@ def test_vera_buffers_equal_peft(seed, tmp_path):
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert np.array_equal(saved["base_model.vera_A"], vera_a)
     assert np.array_equal(saved["base_model.vera_B"], vera_b)
+    expected_variant = "fused" if TORCH_FMA else "unfused"
+    assert vera_variant(seed, saved["base_model.vera_A"], saved["base_model.vera_B"]) == expected_variant
+    tampered = saved["base_model.vera_B"].copy()
+    tampered[0, 0] = np.nextafter(tampered[0, 0], np.float32(np.inf))
+    assert vera_variant(seed, saved["base_model.vera_A"], tampered) is None
 
 
 @pytest.mark.parametrize("seed", [777, 0, 2**40 + 3])
