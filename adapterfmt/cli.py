@@ -117,7 +117,7 @@ def validate(file: Path, base: Path | None, as_json: bool):
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt inputs (torch.load(weights_only=True)).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (atomically).")
 @click.option("--strict", is_flag=True, help="Fail, writing nothing, if any module would be lossy "
-              "(scale folding is exact up to fp32 rounding and is allowed).")
+              "or need a scale fold that is not exact (only power-of-two folds are).")
 @click.option("--init-snapshot", type=click.Path(path_type=Path), default=None,
               help="Saved untrained init (PEFT adapter dir or SORSA post-init snapshot) for OLoRA/PiSSA/SORSA.")
 @click.option("--compact", is_flag=True, help="Re-factor LoRA modules at their numerical rank (exact).")

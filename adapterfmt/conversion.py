@@ -94,7 +94,9 @@ def convert(src: Path | str, dst: Path | str, *, to: str = "adapterfmt", source_
                                    "and --strict was given; nothing was written", path=src,
                                    hint="drop --strict to accept the measured loss")
     write_report = ConversionReport()
-    writer.write(adapter, dst, write_report, overwrite=overwrite, base=checkpoint, **(write_options or {}))
+    # strict travels to the writer: a scale fold that is not exact must be refused before writing.
+    writer.write(adapter, dst, write_report, overwrite=overwrite, base=checkpoint, strict=strict,
+                 **(write_options or {}))
     order = [LOSSLESS, "exact", "scale_folded", LOSSY]
     for stage in (method_report, write_report):
         for m in stage.modules:
