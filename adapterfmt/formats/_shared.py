@@ -101,25 +101,27 @@ def store_dtype(name: str | None) -> torch.dtype | None:
 
 
 def fold_to_global(adapter: Adapter, report: ConversionReport, global_scale: Callable[[ModuleEntry], float],
-                   note: Callable[[ModuleEntry], str] = lambda e: "", *, dtype: torch.dtype | None = None,
+                   note: Callable[[ModuleEntry], str] = lambda e: "", *,
+                   dtype: torch.dtype | None | Callable[[ModuleEntry], torch.dtype | None] = None,
                    strict: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Fit each module to a format with one global scale rule; returns ``{target: (A, B)}``.
 
     ``global_scale(entry)`` is the scale the target format will apply to that module. A module
     whose own scale differs has the ratio folded into B: computed in fp64, and stored in B's own
     dtype only when that is exact (a power-of-two ratio that neither overflows nor underflows),
-    else in fp32 (one rounding; ``scale_folded`` with the measured ΔW error). ``dtype`` forces
-    the stored dtype of A and B (a rounding cast is reported ``lossy``). With ``strict`` any
+    else in fp32 (one rounding; ``scale_folded`` with the measured ΔW error). ``dtype`` (or a
+    function of the entry giving it) forces the stored dtype of A and B (a rounding cast is ``lossy``). With ``strict`` any
     fold or cast that is not exact raises :class:`LossyConversionError` before anything is written.
 
     Example:
         >>> factors = fold_to_global(adapter, report, lambda e: 2.0, strict=True)  # doctest: +SKIP
     """
     out = {}
+    dtype_of = dtype if callable(dtype) else (lambda e: dtype)
     for target, entry in adapter.manifest.modules.items():
         tensors = adapter.module_tensors(target)
         a, b = tensors["lora_A"], tensors["lora_B"]
-        own, given = float(entry.params["scale"]), float(global_scale(entry))
+        own, given, dtype = float(entry.params["scale"]), float(global_scale(entry)), dtype_of(entry)
         if given == 0.0 and own != 0.0:
             raise UsageError(f"module {target!r}: cannot fold scale {own} into a global scale of 0")
         new_a, a_exact = cast_exactly(a, dtype)
