@@ -43,6 +43,7 @@ class MlxArchitecture:
     other_embeddings: dict[str, str] = field(default_factory=dict)  # HF -> mlx, never tied (positions)
     head: tuple[str, str] = ("lm_head", "lm_head")  # (HF, mlx) output projection; in mlx-lm only when untied
     tie: str = "config"  # "always" | "never" | "config" (tie_word_embeddings)
+    head_aliases: tuple[str, ...] = ()  # other Hugging Face names of the head (transformers 5 renames)
 
     def tied(self, config: dict[str, Any]) -> bool | None:
         """Whether mlx-lm ties the output projection to the token embedding; None when unknown."""
@@ -99,7 +100,8 @@ MLX_ARCHITECTURES: dict[str, MlxArchitecture] = {
     "GPTNeoXForCausalLM": MlxArchitecture(
         "gpt_neox", "gpt_neox.layers", "model.h",
         _linears("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
-        ("gpt_neox.embed_in", "model.embed_in"), head=("embed_out", "model.embed_out"), tie="never"),
+        ("gpt_neox.embed_in", "model.embed_in"), head=("embed_out", "model.embed_out"), tie="never",
+        head_aliases=("lm_head",)),  # transformers 5 calls the module lm_head; checkpoints say embed_out
 }
 
 
@@ -164,7 +166,7 @@ def place_in_mlx(target: str, layer: str, arch: MlxArchitecture, config: dict[st
     if target in arch.other_embeddings:
         _require_kind(target, layer, EMBEDDING, arch)
         return MlxPlace(arch.other_embeddings[target], arch.other_embeddings[target], None)
-    if target == arch.head[0]:
+    if target == arch.head[0] or target in arch.head_aliases:
         _require_kind(target, layer, LINEAR, arch)
         _require_untied(target, tied, arch, "has no separate output layer when the embeddings are tied")
         return MlxPlace(arch.head[1], arch.head[1], None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from fractions import Fraction
 from typing import Any, Callable
 
 import torch
@@ -107,11 +108,12 @@ def fold_to_global(adapter: Adapter, report: ConversionReport, global_scale: Cal
     """Fit each module to a format with one global scale rule; returns ``{target: (A, B)}``.
 
     ``global_scale(entry)`` is the scale the target format will apply to that module. A module
-    whose own scale differs has the ratio folded into B: computed in fp64, and stored in B's own
-    dtype only when that is exact (a power-of-two ratio that neither overflows nor underflows),
-    else in fp32 (one rounding; ``scale_folded`` with the measured ΔW error). ``dtype`` (or a
-    function of the entry giving it) forces the stored dtype of A and B (a rounding cast is ``lossy``). With ``strict`` any
-    fold or cast that is not exact raises :class:`LossyConversionError` before anything is written.
+    whose own scale differs has the ratio folded into B (see :func:`fold_scale`): stored in B's own
+    dtype when that is exact (e.g. a power-of-two ratio), else in fp32 (``exact`` when fp32 holds the
+    product exactly, else ``scale_folded`` after one rounding, with the measured ΔW error). ``dtype``
+    (or a function of the entry giving it) forces the stored dtype of A and B; a rounding cast is
+    ``lossy``. With ``strict`` any fold or cast that is not exact raises
+    :class:`LossyConversionError` before anything is written.
 
     Example:
         >>> factors = fold_to_global(adapter, report, lambda e: 2.0, strict=True)  # doctest: +SKIP
@@ -131,7 +133,7 @@ def fold_to_global(adapter: Adapter, report: ConversionReport, global_scale: Cal
         else:
             new_b, b_exact = fold_scale(b, own, given, dtype)
             folded = f"scale {own:.6g} folded into B (global {given:.6g}, stored {dtype_name(new_b.dtype)}" + \
-                     (", exact: power-of-two ratio)" if b_exact else ")")
+                     (", exact)" if b_exact else ")")
         status, why = _fold_status(own, given, folded, (a, new_a, a_exact), (b, new_b, b_exact))
         reference, result = _delta(a, b, own), _delta(new_a, new_b, given)
         if strict and status in (SCALE_FOLDED, LOSSY):
@@ -174,28 +176,41 @@ def cast_exactly(tensor: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch
     return cast, bool(torch.equal(cast.double(), tensor.double()))
 
 
+#: Significant bits of each float dtype (the implicit bit included).
+MANTISSA_BITS = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
+
+
 def fold_scale(b: torch.Tensor, own: float, given: float,
                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:
     """``b * own / given`` computed in fp64 and stored once; returns the tensor and whether it is exact.
 
-    Without ``dtype`` the result keeps B's dtype when that is exact (a power-of-two ratio, no
-    overflow or underflow), else it is stored in fp32 (fp64 stays fp64): folding in a half
-    dtype would add a 2^-9 (bf16) relative rounding per element to every folded module.
+    Exact means equal in real arithmetic: the ratio is exact in fp64, the fp64 product cannot round
+    (the significant bits of B's dtype and of the ratio fit in 53), and the stored values equal it.
+    Without ``dtype`` the result keeps B's dtype when that is exact (e.g. a power-of-two ratio),
+    else fp32 (fp64 stays fp64): folding into a half dtype would round every element by up to
+    2^-9 (bf16) relative.
 
     Example:
         >>> fold_scale(torch.tensor([3.0], dtype=torch.bfloat16), 1.0, 2.0)
         (tensor([1.5000], dtype=torch.bfloat16), True)
     """
     ratio = own / given
-    product = b.double() * ratio  # exact in fp64 when the ratio is a power of two
-    power_of_two = ratio != 0.0 and math.frexp(abs(ratio))[0] == 0.5 and given * ratio == own
+    product = b.double() * ratio
+    exact_product = Fraction(own) / Fraction(given) == Fraction(ratio) and \
+        _significant_bits(ratio) + MANTISSA_BITS.get(b.dtype, 53) <= 53
     wide = torch.float64 if b.dtype == torch.float64 else torch.float32
     candidates = [dtype] if dtype is not None else [b.dtype, wide]
     for candidate in candidates:
         stored = product.to(candidate)
-        if power_of_two and torch.equal(stored.double(), product) and torch.isfinite(stored).all():
+        if exact_product and torch.equal(stored.double(), product):
             return stored, True
     return product.to(candidates[-1]), False
+
+
+def _significant_bits(value: float) -> int:
+    """Bits between the leading and the last set bit of a float's mantissa (0 for 0)."""
+    mantissa = int(abs(math.frexp(value)[0]) * 2 ** 53)
+    return (mantissa >> ((mantissa & -mantissa).bit_length() - 1)).bit_length() if mantissa else 0
 
 
 def _delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

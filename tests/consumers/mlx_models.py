@@ -56,7 +56,8 @@ ARCHS: dict[str, Arch] = {
                  ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out", "wte", "lm_head"],
                  {"out_proj": 2, "fc_in": 3}, common=False),
     "gpt_neox": Arch("gpt_neox", {"partial_rotary_factor": 0.5, "intermediate_size": 256},
-                     ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "embed_in", "embed_out"],
+                     # not the head: transformers 5 names it lm_head, its checkpoint embed_out (no --base binding yet)
+                     ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "embed_in"],
                      {"query_key_value": 2, "dense_h_to_4h": 3}),
 }
 
@@ -155,3 +156,24 @@ def mlx_logits(base: Path, adapter: Path | None) -> np.ndarray:
     model.eval()
     out = model(mx.array(input_ids().numpy()))
     return np.array(out.astype(mx.float32))
+
+
+def mlx_trained_adapter(base: Path, out: Path, keys: list[str], *, num_layers: int, rank: int = 4,
+                        scale: float = 2.0, seed: int = 3) -> Path:
+    """An adapter written the way mlx-lm's trainer writes one: ``linear_to_lora_layers`` on mlx-lm's model,
+    random non-zero factors, the trainable parameters saved to ``adapters.safetensors``."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+    model, _ = load_model(base)
+    model.freeze()
+    params = {"rank": rank, "scale": scale, "dropout": 0.0, "keys": keys}
+    linear_to_lora_layers(model, num_layers, params)
+    mx.random.seed(seed)
+    trained = {name: mx.random.normal(value.shape) * 0.1 for name, value in tree_flatten(model.trainable_parameters())}
+    out.mkdir(parents=True)
+    mx.save_safetensors(str(out / "adapters.safetensors"), trained)
+    (out / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": num_layers,
+                                                         "lora_parameters": params}))
+    return out

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 import adapterfmt
 
-from .mlx_models import ARCHS, build_base, make_adapter, mlx_base, mlx_logits, peft_logits
+from .mlx_models import (ARCHS, build_base, make_adapter, mlx_base, mlx_logits, mlx_trained_adapter,
+                         peft_logits)
 
 pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'mlx[cpu]' mlx-lm)")
 pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")
@@ -89,6 +90,29 @@ def test_mlx_bf16_per_module_scale_fold_is_fp32_in_mlx_lm(tmp_path, record_prope
     record_property("vs_peft_folded_in_bf16", before["vs_peft"])
     assert before["report"].worst == "lossy"
     assert after["vs_peft"] * 100 < before["vs_peft"], (after["vs_peft"], before["vs_peft"])
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_mlx_embedding_lora_to_peft_is_embedding(name, tmp_path, record_property):
+    """An adapter trained by mlx-lm on the embedding (and blocks) becomes a PEFT embedding LoRA that PEFT
+    runs with mlx-lm's logits (the old reader made it a Linear layer, which PEFT dropped: logits off by 4)."""
+    from safetensors import safe_open
+    base = build_base(name, tmp_path / "base")
+    embedding, block = ("model.embed_tokens", "self_attn.q_proj") if name == "llama" else ("model.wpe", "attn.c_attn")
+    native = mlx_trained_adapter(mlx_base(base, tmp_path / "mlx-base"), tmp_path / "native", [embedding, block],
+                                 num_layers=2)
+    report = adapterfmt.convert(native, tmp_path / "peft", to="peft", base=base)
+    assert report.worst == "lossless", report.lines()
+    with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    hf_embedding = {"llama": "model.embed_tokens", "gpt2": "transformer.wpe"}[name]
+    assert any(k.endswith(f"{hf_embedding}.lora_embedding_A") for k in keys), keys
+    got = peft_logits(base, tmp_path / "peft")
+    expected = mlx_logits(mlx_base(base, tmp_path / "mlx-base"), native)
+    effect = float(np.abs(expected - mlx_logits(mlx_base(base, tmp_path / "mlx-base"), None)).max())
+    record_property("effect", effect)
+    record_property("vs_mlx_lm", float(np.abs(got - expected).max()))
+    assert effect > 0.05 and np.abs(got - expected).max() < 2e-5
 
 
 def main() -> None:  # pragma: no cover - prints the table for the docs/closing notes
