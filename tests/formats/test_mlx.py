@@ -249,22 +249,66 @@ def test_mlx_lm_head_and_c_attn_exported(native, workdir):
     assert list(weights["model.h.0.attn.c_attn.lora_b"].shape) == [2, 192]
 
 
-@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
-def test_mlx_tied_embedding_or_head_refused(target, workdir):
+@pytest.fixture(scope="module")
+def tied_peft(workdir):
+    base, peft = _peft_on("gemma", workdir / "tied", targets=["q_proj", "embed_tokens", "lm_head"])
+    convert(peft, workdir / "tied" / "adapter.safetensors")  # (binding a tied lm_head to --base: another defect)
+    return workdir / "tied" / "adapter.safetensors"
+
+
+def _with_base(path, out, architecture, tie, drop=()):
+    """The adapter with a recorded base (architecture, layer count, tie) and without the ``drop`` modules."""
+    adapter = read_adapter(path)
+    for target in drop:
+        for ref in adapter.manifest.modules.pop(target).tensors.values():
+            adapter.tensors.pop(ref.name)
+    adapter.manifest.base.architecture = architecture
+    config = {"architectures": [architecture], "num_hidden_layers": 3}
+    adapter.manifest.source["base_config"] = config | ({} if tie is None else {"tie_word_embeddings": tie})
+    return write_adapter(adapter, out, overwrite=True)
+
+
+@pytest.mark.parametrize("architecture, tie", [("GemmaForCausalLM", None), ("LlamaForCausalLM", True)])
+@pytest.mark.parametrize("target", ["model.embed_tokens", "lm_head"])
+def test_mlx_tied_embedding_or_head_refused(architecture, tie, target, tied_peft, workdir):
     """On a tied model mlx-lm has no lm_head, and its LoRAEmbedding would change the output too."""
-    base, peft = _peft_on("gemma", workdir / target, targets=["q_proj", target])
-    native = workdir / target / "adapter.safetensors"
-    # (--base binding of a tied lm_head LoRA is another defect of issue 11: record the base config by hand)
-    convert(peft, native)
-    adapter = read_adapter(native)
-    adapter.manifest.base.architecture = "GemmaForCausalLM"
-    adapter.manifest.source["base_config"] = {"architectures": ["GemmaForCausalLM"], "num_hidden_layers": 3,
-                                              "tie_word_embeddings": True}
-    write_adapter(adapter, native, overwrite=True)
-    with pytest.raises(UsageError, match="mlx-lm's gemma model (computes the logits with this embedding|has no "
-                                         "separate output)"):
-        convert(native, workdir / target / "mlx", to="mlx")
-    assert not (workdir / target / "mlx").exists()
+    other = {"model.embed_tokens": "lm_head", "lm_head": "model.embed_tokens"}[target]
+    native = _with_base(tied_peft, workdir / f"tied-{architecture}-{target}.safetensors", architecture, tie, [other])
+    model_type = {"GemmaForCausalLM": "gemma", "LlamaForCausalLM": "llama"}[architecture]
+    with pytest.raises(UsageError, match=f"{target}' cannot be exported to MLX: mlx-lm's {model_type} model "
+                                         "(computes the logits with this embedding|has no separate output)"):
+        convert(native, workdir / "tied-mlx", to="mlx")
+    assert not (workdir / "tied-mlx").exists()
+
+
+def test_mlx_unknown_tie_needs_base(tied_peft, workdir):
+    native = _with_base(tied_peft, workdir / "tie-unknown.safetensors", "LlamaForCausalLM", None, ["lm_head"])
+    with pytest.raises(UsageError, match="ties lm_head to the embeddings is unknown; pass --base"):
+        convert(native, workdir / "tie-unknown-mlx", to="mlx")
+    untied = _with_base(tied_peft, workdir / "untied.safetensors", "LlamaForCausalLM", False)
+    convert(untied, workdir / "untied-mlx", to="mlx")
+    keys = json.loads((workdir / "untied-mlx" / "adapter_config.json").read_text())["lora_parameters"]["keys"]
+    assert keys == ["lm_head", "model.embed_tokens", "self_attn.q_proj"]
+
+
+def test_mlx_dora_embedding_refused(workdir, base):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = make_peft_adapter(base, workdir / "peft-dora-embed", r=2, lora_alpha=4, use_dora=True,
+                                 target_modules=["q_proj", "embed_tokens"])
+    convert(peft, workdir / "dora-embed.safetensors", base=base)
+    with pytest.raises(UsageError, match="'model.embed_tokens': DoRA on an embedding is not exported to MLX"):
+        convert(workdir / "dora-embed.safetensors", workdir / "dora-embed-mlx", to="mlx")
+
+
+def test_mlx_table_covers_only_tested_architectures():
+    """Every architecture in the MLX table has a real mlx-lm logits test (tests/consumers), and back."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from adapterfmt.formats._mlx_architectures import MLX_ARCHITECTURES
+    from tests.consumers.mlx_models import ARCHS
+    tested = {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[arch.model_type] for arch in ARCHS.values()}
+    assert tested == set(MLX_ARCHITECTURES)
 
 
 def test_mlx_unknown_architecture_and_names_need_base(workdir, peft_dirs):
