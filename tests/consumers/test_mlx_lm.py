@@ -126,6 +126,11 @@ def main() -> None:  # pragma: no cover - prints the table for the docs/closing 
         r = measure(name, Path(tempfile.mkdtemp()), **kwargs)
         print(f"| {name} | {label} | {r['effect']:.3g} | {r['vs_peft']:.2g} | {r['vs_merged']:.2g} | "
               f"{r['merged_vs_peft']:.2g} |", flush=True)
+    for dtype in ("bf16", "keep"):  # a bf16 adapter: folded in bf16 (the old writer) / fp32 (now)
+        r = measure("llama", Path(tempfile.mkdtemp()), dtype=torch.bfloat16, write_options={"dtype": dtype})
+        worst = max((m.rel_error or 0.0) for m in r["report"].modules)
+        print(f"| llama, bf16 adapter, --dtype {dtype} | {r['report'].worst} | worst module ΔW rel error "
+              f"{worst:.2g} | {r['vs_peft']:.2g} vs PEFT |", flush=True)
 
 
 if __name__ == "__main__":
