@@ -80,6 +80,8 @@ MLX_ARCHITECTURES: dict[str, MlxArchitecture] = {
     "CohereForCausalLM": _llama_like("cohere", tie="always"),
     "GemmaForCausalLM": _llama_like("gemma", tie="always"),
     "Gemma2ForCausalLM": _llama_like("gemma2", tie="always"),
+    # gemma3_text ties when the checkpoint has no lm_head.weight, i.e. per tie_word_embeddings.
+    "Gemma3ForCausalLM": _llama_like("gemma3_text"),
     # Mixtral's experts are mlx-lm SwitchLinear layers and transformers-5 fused parameters: not mapped.
     "MixtralForCausalLM": _llama_like("mixtral", ATTENTION_ONLY),
     "Phi3ForCausalLM": _llama_like("phi3", _linears("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",

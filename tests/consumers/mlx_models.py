@@ -43,6 +43,8 @@ ARCHS: dict[str, Arch] = {
     "cohere": Arch("cohere", {"tie_word_embeddings": True}, ATTN_MLP),
     "gemma": Arch("gemma", {"head_dim": 16, "tie_word_embeddings": True}, ATTN_MLP),
     "gemma2": Arch("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 16, "tie_word_embeddings": True}, ATTN_MLP),
+    "gemma3": Arch("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16, "num_hidden_layers": 6,
+                                   "tie_word_embeddings": False}, ATTN_MLP + TOP),
     "mixtral": Arch("mixtral", {"num_local_experts": 2, "num_experts_per_tok": 2},
                     ["q_proj", "k_proj", "v_proj", "o_proj"] + TOP),
     "phi3": Arch("phi3", {"pad_token_id": 0}, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] + TOP,
@@ -136,6 +138,9 @@ def mlx_base(base: Path, out: Path) -> Path:
     legacy = {"rope_theta": rope.get("rope_theta"), "rotary_emb_base": rope.get("rope_theta"),
               "partial_rotary_factor": rope.get("partial_rotary_factor"),
               "rotary_pct": rope.get("partial_rotary_factor"), "n_ctx": config.get("n_positions")}
+    if "full_attention" in rope:  # Gemma 3: one RoPE base per attention kind
+        legacy |= {"rope_theta": rope["full_attention"].get("rope_theta"),
+                   "rope_local_base_freq": rope.get("sliding_attention", {}).get("rope_theta")}
     config.update({k: v for k, v in legacy.items() if v is not None and k not in config})
     (out / "config.json").write_text(json.dumps(config))
     if config["model_type"] == "gpt2":
