@@ -162,9 +162,11 @@ def _hf_module(module: str, arch: MlxArchitecture | None, arch_name: str | None,
     if arch is not None:
         found = hf_module_of(module, arch)
         if found is None:
-            raise ForeignFormatError(f"module {module!r} is not a layer of mlx-lm's {arch.model_type} model "
-                                     f"({arch_name})", path=path / WEIGHTS_FILE,
-                                     hint="the adapter was made for another model")
+            raise ForeignFormatError(f"module {module!r} is not one of the layers of mlx-lm's {arch.model_type} "
+                                     f"model ({arch_name}) that have a Hugging Face counterpart here",
+                                     path=path / WEIGHTS_FILE,
+                                     hint="check that the adapter belongs to this base; MoE expert (switch) "
+                                          "layers and routers are not supported")
         return found
     # Without the architecture only Llama-style block names are unambiguous: the same in mlx-lm and
     # transformers, and always Linear layers. Embeddings, heads and GPT-2/NeoX-style names need --base.

@@ -334,3 +334,15 @@ def test_mlx_round_trip_without_base_keeps_mlx_layout(native, workdir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((first / "adapter_config.json").read_text())["num_layers"] == \
         json.loads((second / "adapter_config.json").read_text())["num_layers"]
+
+
+def test_mlx_module_without_hf_counterpart_refused_on_read(workdir, base):
+    bad = workdir / "router-mlx"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2,
+                                                          "lora_parameters": {"rank": 2, "scale": 1.0}}))
+    save_file({"model.layers.0.mlp.gate.lora_a": torch.ones(64, 2), "model.layers.0.mlp.gate.lora_b": torch.ones(2, 4)},
+              str(bad / "adapters.safetensors"))
+    with pytest.raises(ForeignFormatError, match="'model.layers.0.mlp.gate' is not one of the layers of mlx-lm's "
+                                                 "llama model"):
+        convert(bad, workdir / "router.safetensors", base=base)
