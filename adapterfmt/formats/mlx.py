@@ -188,8 +188,8 @@ def _places(adapter: Adapter, config: dict[str, Any]) -> dict[str, MlxPlace]:
     arch = find_architecture(arch_name)
     for target, entry in modules.items():
         if entry.method == "dora" and entry.layer == EMBEDDING:
-            raise UsageError(f"module {target!r}: DoRA on an embedding is not exported to MLX (mlx-lm's "
-                             "DoRAEmbedding normalises per token, not verified against PEFT)",
+            raise UsageError(f"module {target!r}: DoRA on an embedding is not exported to MLX: PEFT's magnitude "
+                             "has one entry per embedding dimension, mlx-lm's DoRAEmbedding one per token",
                              hint="drop that module first")
     return {t: place_in_mlx(t, e.layer, arch, config) for t, e in modules.items()}
 
