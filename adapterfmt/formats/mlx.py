@@ -77,6 +77,10 @@ class MlxFormat(AdapterFormat):
                                          f"fit rank {rank} (in, r)/(r, out)", path=path / WEIGHTS_FILE,
                                          hint="contains incompatible tensors (MoE/switch layers are not supported)")
             target, layer = _hf_module(module, arch, arch_name, path)
+            if kind == "dora" and layer == EMBEDDING:
+                raise ForeignFormatError(f"module {module!r}: mlx-lm's DoRAEmbedding keeps one magnitude per token; "
+                                         "PEFT's DoRA embedding (and ours) one per dimension", path=path / WEIGHTS_FILE,
+                                         hint="DoRA embeddings from mlx-lm cannot be converted exactly")
             r = _trimmed_rank(module, a, b, true_ranks.get(module), rank, report)
             # mlx-lm's LoRAEmbedding: lora_a (vocab, r), lora_b (r, dims): the same transposes as a Linear.
             add_lowrank_module(manifest, tensors, target, a[:, :r].t(), b[:r].t(), lora_params_exact(r, scale),

@@ -346,3 +346,14 @@ def test_mlx_module_without_hf_counterpart_refused_on_read(workdir, base):
     with pytest.raises(ForeignFormatError, match="'model.layers.0.mlp.gate' is not one of the layers of mlx-lm's "
                                                  "llama model"):
         convert(bad, workdir / "router.safetensors", base=base)
+
+
+def test_mlx_dora_embedding_refused_on_read(workdir, base):
+    native = workdir / "dora-embed-native-mlx"
+    native.mkdir()
+    (native / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "dora", "num_layers": 0,
+                                                             "lora_parameters": {"rank": 2, "scale": 1.0}}))
+    save_file({"model.embed_tokens.lora_a": torch.ones(128, 2), "model.embed_tokens.lora_b": torch.ones(2, 64),
+               "model.embed_tokens.m": torch.ones(128)}, str(native / "adapters.safetensors"))
+    with pytest.raises(ForeignFormatError, match="DoRAEmbedding keeps one magnitude per token"):
+        convert(native, workdir / "dora-embed-native.safetensors", base=base)
