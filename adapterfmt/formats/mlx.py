@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -27,6 +27,7 @@ from ._files import load_safetensors
 from ..jsonio import read_json_file
 from ..errors import ForeignFormatError, LossyConversionError, UsageError
 from ..format import Adapter, Manifest
+from ..format.fingerprint import dtype_name
 from ..report import LOSSLESS
 from ._mlx_architectures import (CONV1D, EMBEDDING, LINEAR, MLX_ARCHITECTURES, MlxArchitecture, MlxPlace,
                                  find_architecture, hf_module_of, layer_count, place_in_mlx)
@@ -101,49 +102,68 @@ class MlxFormat(AdapterFormat):
         Example:
             >>> MlxFormat().write(adapter, Path("mlx-adapter"), report, dtype="f32")  # doctest: +SKIP
         """
-        base = options.get("base")
-        require_linear(adapter, "MLX-LM", report, base, (LINEAR, CONV1D, EMBEDDING))
-        manifest = adapter.manifest
-        methods = set(manifest.methods())
+        settings = _settings(options)
+        require_linear(adapter, "MLX-LM", report, settings.base, (LINEAR, CONV1D, EMBEDDING))
+        methods = set(adapter.manifest.methods())
         if len(methods) != 1:
             raise UsageError(f"MLX-LM has one fine_tune_type, but the adapter mixes {sorted(methods)}",
                              hint="export LoRA and DoRA modules as separate adapters")
-        config = known_base_config(adapter, base)
+        config = known_base_config(adapter, settings.base)
         places = _places(adapter, config)
         num_layers = _num_layers(adapter, places, config)
-        scale = most_common([float(e.params["scale"]) for e in manifest.modules.values()])
+        scale = most_common([float(e.params["scale"]) for e in adapter.manifest.modules.values()])
         factors = fold_to_global(adapter, report, lambda e: scale,
                                  lambda e: "rsLoRA expressed as an absolute scale" if e.params["use_rslora"] else "",
-                                 dtype=_dtype_rule(store_dtype(options.get("dtype"))),
-                                 strict=bool(options.get("strict")))
-        rank = max(int(e.params["rank"]) for e in manifest.modules.values())
-        state, ranks = {}, {}
-        for target, (a, b) in factors.items():
-            name, r = places[target].name, a.shape[0]
-            if r < rank:  # zero rows of A / columns of B add exact zeros to x @ a @ b
-                ranks[name] = r
-                a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])])
-                b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
-            state[f"{name}.lora_a"] = a.t().contiguous()
-            state[f"{name}.lora_b"] = b.t().contiguous()
-            if "magnitude" in manifest.modules[target].tensors:
-                magnitude = adapter.module_tensors(target)["magnitude"]
-                state[f"{name}.m"] = _cast_magnitude(target, magnitude, options, report).contiguous()
-        if ranks:
-            report.notes.append(f"{len(ranks)} module(s) zero-padded to the global rank {rank} (exact)")
-        keys = sorted({place.key for place in places.values()})
+                                 dtype=_dtype_rule(settings.dtype), strict=settings.strict)
+        state, ranks = _mlx_state(adapter, factors, places, settings, report)
         config_out: dict[str, Any] = {
             "fine_tune_type": methods.pop(), "num_layers": num_layers,
-            "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": keys},
-            "adapterfmt": {"ranks": ranks, "architecture": manifest.base.architecture or
+            "lora_parameters": {"rank": max(int(e.params["rank"]) for e in adapter.manifest.modules.values()),
+                                "scale": scale, "dropout": 0.0,
+                                "keys": sorted({place.key for place in places.values()})},
+            "adapterfmt": {"ranks": ranks, "architecture": adapter.manifest.base.architecture or
                            (config.get("architectures") or [None])[0]},
         }
-        if manifest.base.name_or_path:
-            config_out["model"] = manifest.base.name_or_path
-        with atomic_directory(path, overwrite=options.get("overwrite", False)) as tmp:
+        if adapter.manifest.base.name_or_path:
+            config_out["model"] = adapter.manifest.base.name_or_path
+        with atomic_directory(path, overwrite=settings.overwrite) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(config_out, indent=4, sort_keys=True) + "\n")
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "mlx"})
         return path
+
+
+class _Settings(NamedTuple):
+    base: Any  # BaseCheckpoint or None
+    overwrite: bool
+    dtype: torch.dtype | None  # None: keep
+    strict: bool
+
+
+def _settings(options: dict[str, Any]) -> _Settings:
+    """The writer's options in one place (the only code that knows how they are passed)."""
+    return _Settings(options.get("base"), bool(options.get("overwrite")), store_dtype(options.get("dtype")),
+                     bool(options.get("strict")))
+
+
+def _mlx_state(adapter: Adapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               places: dict[str, MlxPlace], settings: _Settings, report) -> tuple[dict[str, torch.Tensor], dict]:
+    """adapters.safetensors' tensors under mlx-lm's names, padded to the global rank, and the true ranks."""
+    rank = max(a.shape[0] for a, _ in factors.values())
+    state, ranks = {}, {}
+    for target, (a, b) in factors.items():
+        name, r = places[target].name, a.shape[0]
+        if r < rank:  # zero rows of A / columns of B add exact zeros to x @ a @ b
+            ranks[name] = r
+            a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
+        state[f"{name}.lora_a"] = a.t().contiguous()
+        state[f"{name}.lora_b"] = b.t().contiguous()
+        if "magnitude" in adapter.manifest.modules[target].tensors:
+            magnitude = adapter.module_tensors(target)["magnitude"]
+            state[f"{name}.m"] = _cast_magnitude(target, magnitude, settings, report).contiguous()
+    if ranks:
+        report.notes.append(f"{len(ranks)} module(s) zero-padded to the global rank {rank} (exact)")
+    return state, ranks
 
 
 def _lora_parameters(config: dict[str, Any], path: Path) -> tuple[int, float, str]:
@@ -228,15 +248,15 @@ def _dtype_rule(requested: torch.dtype | None):
     return rule
 
 
-def _cast_magnitude(target: str, magnitude: torch.Tensor, options: dict[str, Any], report) -> torch.Tensor:
+def _cast_magnitude(target: str, magnitude: torch.Tensor, settings: _Settings, report) -> torch.Tensor:
     """DoRA's magnitude in the requested dtype; a rounding cast is refused under --strict."""
-    cast, exact = cast_exactly(magnitude, store_dtype(options.get("dtype")))
+    cast, exact = cast_exactly(magnitude, settings.dtype)
     if not exact:
-        if options.get("strict"):
-            raise LossyConversionError(f"module {target!r}: the DoRA magnitude does not fit "
-                                       f"{options.get('dtype')} exactly and --strict was given; nothing was written",
+        if settings.strict:
+            raise LossyConversionError(f"module {target!r}: the DoRA magnitude does not fit {dtype_name(cast.dtype)} "
+                                       "exactly and --strict was given; nothing was written",
                                        hint="drop --strict or choose --dtype keep")
-        report.notes.append(f"{target}: DoRA magnitude rounded to {options.get('dtype')}")
+        report.notes.append(f"{target}: DoRA magnitude rounded to {dtype_name(cast.dtype)}")
     return cast
 
 
