@@ -84,6 +84,8 @@ MLX_ARCHITECTURES: dict[str, MlxArchitecture] = {
     "Gemma3ForCausalLM": _llama_like("gemma3_text"),
     # Mixtral's experts are mlx-lm SwitchLinear layers and transformers-5 fused parameters: not mapped.
     "MixtralForCausalLM": _llama_like("mixtral", ATTENTION_ONLY),
+    "Qwen2MoeForCausalLM": _llama_like("qwen2_moe", ATTENTION_ONLY),
+    "Qwen3MoeForCausalLM": _llama_like("qwen3_moe", ATTENTION_ONLY),
     "Phi3ForCausalLM": _llama_like("phi3", _linears("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                                                     "mlp.down_proj")),
     "PhiForCausalLM": _llama_like("phi", _linears("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",

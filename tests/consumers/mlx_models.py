@@ -47,6 +47,10 @@ ARCHS: dict[str, Arch] = {
                                    "tie_word_embeddings": False}, ATTN_MLP + TOP),
     "mixtral": Arch("mixtral", {"num_local_experts": 2, "num_experts_per_tok": 2},
                     ["q_proj", "k_proj", "v_proj", "o_proj"] + TOP),
+    "qwen2_moe": Arch("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                    "shared_expert_intermediate_size": 48}, ["q_proj", "k_proj", "v_proj", "o_proj"] + TOP),
+    "qwen3_moe": Arch("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                    "head_dim": 16, "norm_topk_prob": True}, ["q_proj", "k_proj", "v_proj", "o_proj"] + TOP),
     "phi3": Arch("phi3", {"pad_token_id": 0}, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] + TOP,
                  {"qkv_proj": 2, "gate_up_proj": 3}),
     "phi": Arch("phi", {"partial_rotary_factor": 0.5}, ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"] + TOP,
@@ -127,7 +131,7 @@ def peft_logits(base: Path, adapter: Path | None) -> np.ndarray:
 
 def mlx_base(base: Path, out: Path) -> Path:
     """The base as a user of mlx-lm has it: config fields that transformers 5 moved into ``rope_parameters``
-    written at the top level again (mlx-lm 0.32 still reads them there), and GPT-2's weights without the
+    (or renamed: Qwen3-MoE's num_experts) written as before (mlx-lm 0.32 still reads them so), GPT-2's weights without the
     ``transformer.`` prefix (the Hub layout; mlx-lm's gpt2 sanitize expects it). Weights are not changed."""
     from safetensors.torch import load_file, save_file
     if out.exists():
@@ -137,7 +141,8 @@ def mlx_base(base: Path, out: Path) -> Path:
     rope = config.get("rope_parameters") or {}
     legacy = {"rope_theta": rope.get("rope_theta"), "rotary_emb_base": rope.get("rope_theta"),
               "partial_rotary_factor": rope.get("partial_rotary_factor"),
-              "rotary_pct": rope.get("partial_rotary_factor"), "n_ctx": config.get("n_positions")}
+              "rotary_pct": rope.get("partial_rotary_factor"), "n_ctx": config.get("n_positions"),
+              "num_experts": config.get("num_local_experts")}
     if "full_attention" in rope:  # Gemma 3: one RoPE base per attention kind
         legacy |= {"rope_theta": rope["full_attention"].get("rope_theta"),
                    "rope_local_base_freq": rope.get("sliding_attention", {}).get("rope_theta")}
