@@ -58,9 +58,10 @@ def check(result: dict, record_property) -> None:
     for key in ("effect", "vs_peft", "vs_merged", "merged_vs_peft"):
         record_property(key, result[key])
     assert result["effect"] > 0.05, result  # the adapter changes the logits visibly: the test can fail
-    assert result["vs_merged"] < 5e-5, result
+    # fp32 noise is ~1e-6 (DoRA's norms: ~3e-5); an export error shows at 1e-3 and above (a bf16 fold: 9e-3).
+    assert result["vs_merged"] < 1e-4, result
     # As close to PEFT as PEFT's own merged weights run in mlx-lm (its implementation error), plus fp32 noise.
-    assert result["vs_peft"] <= result["merged_vs_peft"] + 2e-5, result
+    assert result["vs_peft"] <= result["merged_vs_peft"] + 5e-5, result
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
