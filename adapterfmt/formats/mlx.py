@@ -109,8 +109,7 @@ class MlxFormat(AdapterFormat):
             raise UsageError(f"MLX-LM has one fine_tune_type, but the adapter mixes {sorted(methods)}",
                              hint="export LoRA and DoRA modules as separate adapters")
         config = known_base_config(adapter, settings.base)
-        places = _places(adapter, config)
-        num_layers = _num_layers(adapter, places, config)
+        places, num_layers = mlx_layout(adapter, settings.base)
         scale = most_common([float(e.params["scale"]) for e in adapter.manifest.modules.values()])
         factors = fold_to_global(adapter, report, lambda e: scale,
                                  lambda e: "rsLoRA expressed as an absolute scale" if e.params["use_rslora"] else "",
@@ -199,6 +198,21 @@ def _hf_module(module: str, arch: MlxArchitecture | None, arch_name: str | None,
                                  "(Linear or Embedding) are unknown", path=path / WEIGHTS_FILE,
                                  hint="pass --base (the base model directory)")
     return module, LINEAR
+
+
+def mlx_layout(adapter: Adapter, base: Any = None) -> tuple[dict[str, MlxPlace], int]:
+    """Where each module goes in mlx-lm's model and ``num_layers``, or the UsageError export would raise.
+
+    For ``adapterfmt check --target mlx``: the same checks as the writer, without writing.
+
+    Example:
+        >>> places, num_layers = mlx_layout(read_adapter("adapter.safetensors"))  # doctest: +SKIP
+        >>> places["model.layers.0.self_attn.q_proj"].key  # doctest: +SKIP
+        'self_attn.q_proj'
+    """
+    config = known_base_config(adapter, base)
+    places = _places(adapter, config)
+    return places, _num_layers(adapter, places, config)
 
 
 def _places(adapter: Adapter, config: dict[str, Any]) -> dict[str, MlxPlace]:
