@@ -172,7 +172,7 @@ def with_format_options(command):
 @click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt inputs (torch.load(weights_only=True)).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (atomically).")
 @click.option("--strict", is_flag=True, help="Fail, writing nothing, if any module would be lossy "
-              "(scale folding is exact up to fp32 rounding and is allowed).")
+              "or need a scale fold that is not exact (only power-of-two folds are).")
 @click.option("--compact", is_flag=True, help="Re-factor LoRA modules at their numerical rank (exact).")
 @click.option("--rank", "new_rank", type=click.IntRange(min=1), default=None,
               help="Truncate LoRA modules to this rank (lossy).")

@@ -36,10 +36,12 @@ class ReadOptions:
 
 @dataclass
 class WriteOptions:
-    """What every writer gets: the base (if given), whether to replace the output, its own options."""
+    """What every writer gets: the base (if given), whether to replace the output, whether to refuse
+    anything not exact (``--strict``: inexact scale folds too), and its own options."""
 
     base: BaseCheckpoint | None = None
     overwrite: bool = False
+    strict: bool = False
     format: FormatOptions = field(default_factory=FormatOptions)
 
 

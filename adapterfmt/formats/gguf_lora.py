@@ -223,7 +223,8 @@ class GgufLoraFormat(AdapterFormat):
         eff = {t: np.float32(e.params["scale"] * e.params["rank"]).item() for t, e in adapter.manifest.modules.items()}
         alpha = most_common(list(eff.values()))
         factors = fold_to_global(adapter, report, lambda e: alpha / e.params["rank"],
-                                 lambda e: "rsLoRA stored as alpha = scale*rank" if e.params["use_rslora"] else "")
+                                 lambda e: "rsLoRA stored as alpha = scale*rank" if e.params["use_rslora"] else "",
+                                 strict=options.strict)
         with atomic_file(path, overwrite=options.overwrite) as tmp:
             writer = gguf.GGUFWriter(tmp, arch)
             writer.add_type(gguf.GGUFType.ADAPTER)

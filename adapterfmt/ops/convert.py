@@ -146,7 +146,7 @@ def convert(src: Path | str, dst: Path | str, *, to: str | None = None, source_f
                                    hint="drop --strict to accept the measured loss")
     write_report = ConversionReport()
     writer.write(adapter, dst, write_report, WriteOptions(
-        base=checkpoint, overwrite=overwrite,
+        base=checkpoint, overwrite=overwrite, strict=strict,
         format=_typed_options(writer.write_options, given, f"--to {writer.name}")))
     report.modules = _merge_statuses(read_report, method_report, write_report)
     report.notes += write_report.notes

@@ -139,12 +139,15 @@ def test_missing_gguf_package_names_the_extra(monkeypatch, native, workdir):
     assert "pip install adapterfmt[gguf]" in info.value.one_line()
 
 
-def test_strict_accepts_scale_folding_and_json_reports_errors(native, workdir):
+def test_strict_refuses_inexact_scale_fold_and_json_reports_errors(native, workdir):
     from click.testing import CliRunner
 
     from adapterfmt.cli import main
-    result = CliRunner().invoke(main, ["convert", str(native["patterns"]), str(workdir / "strict.gguf"),
-                                       "--to", "gguf", "--strict", "--json"])
+    args = ["convert", str(native["patterns"]), str(workdir / "strict.gguf"), "--to", "gguf", "--json"]
+    refused = CliRunner().invoke(main, args + ["--strict"])
+    assert refused.exit_code == 1 and "o_proj" in refused.output and "--strict" in refused.output, refused.output
+    assert not (workdir / "strict.gguf").exists()
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     folded = [m for m in report["modules"] if m["status"] == "scale_folded"]
