@@ -16,6 +16,8 @@ from .._files import load_pickled_tensors, load_safetensors
 from .._lowrank import most_common
 from ..base import ReadOptions
 from .config import (KEY_RE, MODULE_NAME_RE, PICKLE_FILE, PREFIX, ROLE_OF, WEIGHTS_FILE, resolve_rank_alpha)
+from .restore import restore_original
+from .selection import saved_by
 
 
 def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -92,7 +94,7 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
         manifest.base.weights[base_weight] = BaseWeight(shape=stored)
         report.add(module, LOSSLESS)
     for key, tensor in sorted(payload_keys.items()):
-        kind = "full_weight" if ".base_layer." in key else "modules_to_save"
+        kind = payload_kind(key, config, path)
         target = key.replace(".base_layer.", ".")
         name = f"payload.{target}"
         tensors[name] = tensor
@@ -103,9 +105,32 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
         raise ForeignFormatError("no LoRA tensors found", path=path, hint="the adapter is empty or not LoRA")
     manifest.base.name_or_path = config.get("base_model_name_or_path")
     manifest.base.revision = config.get("revision")
-    manifest.source = {"format": "peft", "config": config}
+    # The modules PEFT's selection picked: the writer restores the original selection only for this set.
+    manifest.source = {"format": "peft", "config": config, "modules": sorted(manifest.modules)}
     adapter = Adapter(manifest=manifest, tensors=tensors)
     return adapter
+
+
+def payload_kind(key: str, config: dict[str, Any], path: Path) -> str:
+    """What a non-LoRA tensor of a PEFT state dict is: ``modules_to_save`` or ``full_weight`` (a full replacement).
+
+    PEFT saves ``base_layer.*`` of LoRA modules (biases for ``bias="all"``/``"lora_only"``, embedding
+    weights), whole ``modules_to_save`` modules, and for ``bias="all"`` every other bias, as values
+    (not deltas): loading them replaces the base tensor.
+
+    Example:
+        >>> payload_kind("m.k_proj.bias", {"bias": "all"}, Path("."))
+        'full_weight'
+    """
+    if ".base_layer." in key:
+        return "full_weight"
+    if any(saved_by(m, key) for m in config.get("modules_to_save") or ()):
+        return "modules_to_save"
+    if key.endswith(".bias") and config.get("bias") == "all":
+        return "full_weight"
+    raise ForeignFormatError(f"tensor {key!r} is neither a LoRA factor, part of a modules_to_save module, nor a bias "
+                             f"saved by bias='all' (bias={config.get('bias', 'none')!r})", path=path,
+                             hint="the adapter was saved by an incompatible tool or its config does not match")
 
 
 # ------------------------------------------------------------------------ export
@@ -136,6 +161,8 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
             alpha = e.params["scale"] * (math.sqrt(e.params["rank"]) if use_rslora else e.params["rank"])
         ranks[target], alphas[target] = int(e.params["rank"]), _plain_number(alpha)
     r, lora_alpha = most_common(list(ranks.values())), most_common(list(alphas.values()))
+    modules_to_save = sorted({p.target.rsplit(".", 1)[0] for p in manifest.payloads.values()
+                              if p.kind == "modules_to_save"}) or None
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
         "use_dora": methods == {"dora"}, "fan_in_fan_out": bool(fifo and fifo.pop()),
@@ -143,9 +170,9 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
         "alpha_pattern": {t: v for t, v in alphas.items() if v != lora_alpha},
         "base_model_name_or_path": manifest.base.name_or_path, "revision": manifest.base.revision,
         "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none", "inference_mode": True,
-        "modules_to_save": sorted({p.target.rsplit(".", 1)[0] for p in manifest.payloads.values()
-                                   if p.kind == "modules_to_save"}) or None,
+        "modules_to_save": modules_to_save,
     }
+    config = restore_original(config, manifest, report)
     tensors: dict[str, torch.Tensor] = {}
     for target, e in entries.items():
         rank, alpha = resolve_rank_alpha(config, target)
@@ -167,15 +194,32 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
         if "magnitude" in module_tensors:
             tensors[f"{PREFIX}{target}.lora_magnitude_vector"] = module_tensors["magnitude"]
     for payload in manifest.payloads.values():
-        if payload.kind == "bias_delta":
-            raise UsageError(f"payload {payload.target!r} (bias delta) has no PEFT LoRA representation")
-        target = payload.target
-        if payload.kind == "full_weight":
-            head, _, leaf = target.rpartition(".")
-            target = f"{head}.base_layer.{leaf}"
-        tensors[f"{PREFIX}{target}"] = adapter.tensors[payload.tensor.name]
+        tensors[f"{PREFIX}{payload_key(payload, manifest)}"] = adapter.tensors[payload.tensor.name]
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     return config, tensors
+
+
+def payload_key(payload, manifest) -> str:
+    """The PEFT state-dict key (without prefix) of a payload; refuses what PEFT cannot load as such.
+
+    A full replacement of a LoRA module's tensor lives under its ``base_layer``; a bias of another
+    module is saved as is (``bias="all"``); ``modules_to_save`` tensors keep the base name.
+
+    Example:
+        >>> payload_key(Payload("full_weight", "m.q.bias", ref), manifest_with_module_m_q)  # doctest: +SKIP
+        'm.q.base_layer.bias'
+    """
+    target = payload.target
+    head, _, leaf = target.rpartition(".")
+    if payload.kind == "modules_to_save":
+        return target
+    if payload.kind == "full_weight" and head in manifest.modules:
+        return f"{head}.base_layer.{leaf}"
+    if payload.kind == "full_weight" and leaf == "bias":
+        return target
+    what = "a bias delta" if payload.kind == "bias_delta" else "a full replacement of a module PEFT does not adapt"
+    raise UsageError(f"payload {target!r} is {what}; PEFT LoRA has no representation for it",
+                     hint="merge it with adapterfmt merge, or keep the adapterfmt file")
 
 
 def _plain_number(value: float) -> float | int:
