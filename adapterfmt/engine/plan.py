@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import BaseMismatchError, UsageError
 from ..format import Adapter, Payload
+from ..format.manifest import ModuleEntry  # noqa: F401  (doctest)
 from ..format.dtypes import FLOAT_DTYPES, dtype_name
 from ..checkpoint import BaseCheckpoint
 from ..format.tensorio import TensorSpan
@@ -99,7 +100,7 @@ def check_adapters(adapters: list[tuple[Adapter, float]], base: StreamingCheckpo
     for (adapter, _), path in zip(adapters, paths or [None] * len(adapters)):
         for target, entry in adapter.manifest.modules.items():
             shape = base.shape(entry.base_weight)
-            want = list(reversed(entry.shape)) if entry.fan_in_fan_out else list(entry.shape)
+            want = stored_shape(entry)
             if list(shape) != want:
                 raise BaseMismatchError(f"module {target!r}: base parameter {entry.base_weight!r} has shape "
                                         f"{shape}, the adapter expects {want}", path=path or base.path,
@@ -107,6 +108,17 @@ def check_adapters(adapters: list[tuple[Adapter, float]], base: StreamingCheckpo
         if not force:
             bind_base(adapter, base, path, check_only=True,
                       force_hint="use the base the adapter was made for, or pass --force")
+
+
+def stored_shape(entry) -> list[int]:
+    """The shape of the base tensor as stored: the last two dims swapped when ``fan_in_fan_out``.
+
+    Example:
+        >>> stored_shape(ModuleEntry("lora", "w", [4, 8, 6], {}, {}, fan_in_fan_out=True, layer="experts"))
+        [4, 6, 8]
+    """
+    shape = list(entry.shape)
+    return shape[:-2] + shape[-2:][::-1] if entry.fan_in_fan_out else shape
 
 
 def output_dtype(span: TensorSpan, dtype: str) -> str:

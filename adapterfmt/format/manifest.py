@@ -66,8 +66,8 @@ class ModuleEntry:
         return dataclasses.replace(self, **changes)
 
     def canonical(self, stored: Any) -> Any:
-        """A base weight as stored -> canonical ``(out, in)`` orientation (a view, no copy)."""
-        return stored.t() if self.fan_in_fan_out else stored
+        """A base weight as stored -> canonical ``(out, in)`` orientation (a view, no copy; per expert if 3-D)."""
+        return stored.transpose(-2, -1) if self.fan_in_fan_out else stored
 
 
 @dataclass

@@ -110,10 +110,9 @@ def restore_original(config: dict[str, Any], manifest: Manifest, report) -> dict
     out["bias"], note = bias_mode(manifest, original.get("bias", "none"))
     if note:
         report.notes.append(note)
-    selection = {key: original.get(key) for key in SELECTION_FIELDS}
-    modules = sorted(manifest.modules)
-    if selects_exactly({**selection, "modules_to_save": out.get("modules_to_save")}, modules,
-                       source.get("modules")):
+    selection = {key: original.get(key) for key in SELECTION_FIELDS + ("target_parameters",)}
+    if selects_exactly({**selection, "modules_to_save": out.get("modules_to_save")}, config["target_modules"],
+                       config.get("target_parameters") or [], source.get("modules")):
         out.update(selection)
     elif selection["target_modules"] is not None:
         report.notes.append("target_modules written as the explicit module list (the original selection "

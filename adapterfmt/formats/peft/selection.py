@@ -78,19 +78,31 @@ def selects(config: dict[str, Any], name: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def selects_exactly(config: dict[str, Any], modules: list[str], known: list[str] | None) -> bool:
-    """True when ``config`` selects every name in ``modules`` and ``modules`` is the set PEFT selected at import.
+def selects_parameter(config: dict[str, Any], name: str) -> bool:
+    """Whether PEFT's ``target_parameters`` selects parameter ``name`` (exact, or a ``.``-suffix).
+
+    Example:
+        >>> selects_parameter({"target_parameters": ["mlp.experts.down_proj"]}, "model.layers.0.mlp.experts.down_proj")
+        True
+    """
+    targets = config.get("target_parameters") or []
+    return name in targets or any(name.endswith(f".{t}") for t in targets)
+
+
+def selects_exactly(config: dict[str, Any], modules: list[str], params: list[str], known: list[str] | None) -> bool:
+    """True when ``config`` selects every module and parameter written, and they are the set selected at import.
 
     ``known`` is that import-time set (None when unknown: then the original selection is not trusted,
     since it might select modules that are no longer written).
 
     Example:
-        >>> selects_exactly({"target_modules": ["q_proj"]}, ["a.q_proj"], ["a.q_proj"])
+        >>> selects_exactly({"target_modules": ["q_proj"]}, ["a.q_proj"], [], ["a.q_proj"])
         True
     """
-    if known is None or sorted(known) != sorted(modules):
+    if known is None or sorted(known) != sorted(modules + params):
         return False
     try:
-        return all(selects(config, name) for name in modules)
+        return all(selects(config, name) for name in modules) and \
+            all(selects_parameter(config, name) for name in params)
     except (re.error, TypeError):
         return False

@@ -16,6 +16,7 @@ from .._files import load_pickled_tensors, load_safetensors
 from .._lowrank import most_common
 from ..base import ReadOptions
 from .config import (KEY_RE, MODULE_NAME_RE, PICKLE_FILE, PREFIX, ROLE_OF, WEIGHTS_FILE, resolve_rank_alpha)
+from .params import is_param_module, read_target_params, write_target_params
 from .restore import restore_original
 from .selection import saved_by
 
@@ -32,6 +33,11 @@ def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path,
                     options: ReadOptions, report) -> Adapter:
     """Turn a PEFT config and state dict into an adapterfmt :class:`Adapter`."""
+    manifest = Manifest()
+    tensors: dict[str, torch.Tensor] = {}
+    if config.get("target_parameters"):
+        state = dict(state)  # the targeted parameters' factors are taken out of it
+        read_target_params(config, state, path, options.base, manifest, tensors, report)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     payload_keys: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -49,8 +55,6 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
             payload_keys[key[len(PREFIX):]] = tensor
     use_dora = bool(config.get("use_dora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    manifest = Manifest()
-    tensors: dict[str, torch.Tensor] = {}
     for module in sorted(grouped):
         parts = grouped[module]
         roles = {ROLE_OF[k]: v for k, v in parts.items()}
@@ -106,7 +110,7 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
     manifest.base.name_or_path = config.get("base_model_name_or_path")
     manifest.base.revision = config.get("revision")
     # The modules PEFT's selection picked: the writer restores the original selection only for this set.
-    manifest.source = {"format": "peft", "config": config, "modules": sorted(manifest.modules)}
+    manifest.source.update({"format": "peft", "config": config, "modules": sorted(manifest.modules)})
     adapter = Adapter(manifest=manifest, tensors=tensors)
     return adapter
 
@@ -134,8 +138,12 @@ def payload_kind(key: str, config: dict[str, Any], path: Path) -> str:
 
 
 # ------------------------------------------------------------------------ export
-def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Build a PEFT config and state dict; refuses what one PEFT config cannot express."""
+def adapter_to_peft(adapter: Adapter, report, base=None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Build a PEFT config and state dict; refuses what one PEFT config cannot express.
+
+    ``base`` (optional) tells how PEFT nests several targeted parameters of one module when the
+    adapter does not record it.
+    """
     manifest = adapter.manifest
     methods = set(manifest.methods())
     if not methods <= {"lora", "dora"} or len(methods) != 1:
@@ -143,12 +151,15 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
                          hint="convert other methods to LoRA first (adapterfmt convert ... --method lora)")
     entries = manifest.modules
     for target, e in entries.items():
-        if e.base_weight != f"{target}.weight":
+        if e.base_weight != f"{target}.weight" and not is_param_module(target, e):
             # e.g. NOLA GPT-2 imports: q and v blocks of the fused c_attn are separate modules.
             raise UsageError(f"module {target!r} adapts {e.base_weight!r} under another name (a block of a fused "
                              "weight); PEFT keys adapters by module name and cannot express it",
                              hint="merge it with adapterfmt merge, or keep the adapterfmt file")
-    fifo = {e.fan_in_fan_out for e in entries.values() if e.layer != "embedding"}
+    params = sorted(t for t, e in entries.items() if is_param_module(t, e))
+    modules = sorted(set(entries) - set(params))
+    # A targeted parameter's fan_in_fan_out is its owner's is_transposed, not PEFT's flag.
+    fifo = {entries[t].fan_in_fan_out for t in modules if entries[t].layer != "embedding"}
     if len(fifo) > 1:
         raise UsageError("PEFT has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",
                          hint="export the two groups as separate adapters")
@@ -166,14 +177,17 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
         "use_dora": methods == {"dora"}, "fan_in_fan_out": bool(fifo and fifo.pop()),
-        "target_modules": sorted(entries), "rank_pattern": {t: v for t, v in ranks.items() if v != r},
+        "target_modules": modules, "target_parameters": params or None, "rank_pattern": {t: v for t, v in ranks.items() if v != r},
         "alpha_pattern": {t: v for t, v in alphas.items() if v != lora_alpha},
         "base_model_name_or_path": manifest.base.name_or_path, "revision": manifest.base.revision,
         "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none", "inference_mode": True,
         "modules_to_save": modules_to_save,
     }
     config = restore_original(config, manifest, report)
+    use_rslora = config["use_rslora"]
     tensors: dict[str, torch.Tensor] = {}
+    if params:
+        tensors.update(write_target_params(adapter, params, config, base))
     for target, e in entries.items():
         rank, alpha = resolve_rank_alpha(config, target)
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -186,6 +200,8 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
         if bool(e.params["use_rslora"]) != use_rslora:
             note = "rsLoRA rule rewritten as alpha; " + note
         report.add(target, status, note.strip("; "))
+        if target in params:
+            continue
         names = ("lora_embedding_A", "lora_embedding_B") if e.layer == "embedding" else \
             ("lora_A.weight", "lora_B.weight")
         module_tensors = adapter.module_tensors(target)
