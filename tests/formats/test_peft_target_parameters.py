@@ -193,3 +193,49 @@ def test_experts_adapter_validates(moe):
     name, base, peft_dir, ours, work = moe
     result = validate(ours, base=base)
     assert not result.problems, result.problems
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_peft_target_parameters_bf16_merge_rounds_once(tmp_path, name):
+    """bf16 base: our merge is PEFT's fp32 merge rounded once to bf16 (0 ulp measured).
+
+    PEFT's own bf16 merge of a ParamWrapper rounds ΔW (einsum and scaling in bf16) before the add,
+    so it differs from the single rounding by up to an ulp of |ΔW|; PEFT in fp32 is the reference.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    build, targets = MODELS[name]
+    base = build(tmp_path / "base", torch.bfloat16)
+    peft_dir = make_adapter(base, tmp_path / "peft", targets)
+    convert(peft_dir, tmp_path / "a.safetensors", base=base)
+    merge(base, [(tmp_path / "a.safetensors", 1.0)], tmp_path / "merged")
+    mine = load_file(tmp_path / "merged" / "model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(model, peft_dir).merge_and_unload().state_dict()
+    worst = max(int(ulp_distance(mine[k], v.to(torch.bfloat16)).max()) for k, v in reference.items() if k in mine)
+    assert mine["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert worst <= 1
+
+
+def test_peft_target_parameters_on_per_expert_checkpoint_refused_by_name(tmp_path):
+    """Qwen3-MoE checkpoints store experts one by one; transformers stacks them at load."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_experts=4,
+                            num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=8, vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False)
+    base = _save(Qwen3MoeForCausalLM(config), tmp_path / "base", torch.float32)
+    peft_dir = make_adapter(base, tmp_path / "peft", ["mlp.experts.gate_up_proj"])
+    with pytest.raises(ForeignFormatError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj.*not stored"):
+        convert(peft_dir, tmp_path / "a.safetensors", base=base)
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+@pytest.mark.parametrize("options", [dict(resize={"rank": 1}), dict(method="nola")], ids=["resize", "to-nola"])
+def test_experts_refused_by_ops_for_matrices(moe, tmp_path, options):
+    name, base, peft_dir, ours, work = moe
+    with pytest.raises(UsageError, match=r"experts\.(down|gate_up)_proj.*experts layer"):
+        convert(ours, tmp_path / "out.safetensors", **options)
+    assert not (tmp_path / "out.safetensors").exists()
