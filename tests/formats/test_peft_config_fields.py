@@ -194,3 +194,20 @@ def test_peft_layer_replication_refused(tmp_path, llama_base):
     (peft_dir / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ForeignFormatError, match="layer_replication"):
         convert(peft_dir, tmp_path / "a.safetensors")
+
+
+def test_peft_bias_and_task_type_derived_without_source_config(tmp_path, qwen2_base):
+    """An adapter that did not come from PEFT (no source config): bias from its payloads, task from the base."""
+    from peft import PeftModel, PeftModelForCausalLM
+    from ..helpers import load_model
+    peft_dir = trained_bias_adapter(qwen2_base, tmp_path / "peft", "all")
+    convert(peft_dir, tmp_path / "a.safetensors", base=qwen2_base)
+    adapter = read_adapter(tmp_path / "a.safetensors")
+    adapter.manifest.source = {}
+    write_adapter(adapter, tmp_path / "b.safetensors")
+    convert(tmp_path / "b.safetensors", tmp_path / "back", to="peft")
+    cfg = config_of(tmp_path / "back")
+    assert cfg["bias"] == "all" and cfg["task_type"] == "CAUSAL_LM"
+    model = PeftModel.from_pretrained(load_model(qwen2_base), tmp_path / "back")
+    assert isinstance(model, PeftModelForCausalLM)
+    assert float((peft_logits(qwen2_base, peft_dir) - peft_logits(qwen2_base, tmp_path / "back")).abs().max()) <= 1e-5

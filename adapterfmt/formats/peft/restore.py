@@ -22,6 +22,8 @@ from .selection import SELECTION_FIELDS, saved_by, selects_exactly
 #: Fields the writer computes itself from the modules (never copied).
 COMPUTED = {"peft_type", "use_dora", "fan_in_fan_out", "modules_to_save", "base_model_name_or_path", "revision",
             "target_parameters"}
+#: Architecture class suffix -> PEFT task_type, for adapters that did not come from PEFT.
+TASK_BY_ARCHITECTURE_SUFFIX = {"ForCausalLM": "CAUSAL_LM"}
 #: The rank/alpha rule, restored together when it gives every module its rank and scale.
 SCALE_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 
@@ -58,6 +60,22 @@ def bias_mode(manifest: Manifest, original: str | None) -> tuple[str, str]:
     return derived, f"bias {original!r} does not fit the saved biases; wrote {derived!r}"
 
 
+def task_type_for(architecture: str | None) -> str | None:
+    """PEFT's task_type for a base architecture, where it only picks the wrapper class (else None).
+
+    Other task types (SEQ_CLS, ...) make PEFT add classifier heads to ``modules_to_save``, which
+    would change what loads, so only causal LMs are inferred.
+
+    Example:
+        >>> task_type_for("LlamaForCausalLM"), task_type_for("BertModel")
+        ('CAUSAL_LM', None)
+    """
+    for suffix, task in TASK_BY_ARCHITECTURE_SUFFIX.items():
+        if architecture and architecture.endswith(suffix):
+            return task
+    return None
+
+
 def _scales_fit(candidate: dict[str, Any], manifest: Manifest) -> bool:
     try:
         for target, entry in manifest.modules.items():
@@ -92,6 +110,7 @@ def restore_original(config: dict[str, Any], manifest: Manifest, report) -> dict
     original = source.get("config") if source.get("format") == "peft" else None
     if not isinstance(original, dict):
         config["bias"], _ = bias_mode(manifest, None)
+        config["task_type"] = task_type_for(manifest.base.architecture)
         return config
     unknown = sorted(set(original) - HANDLED - TRAINING_ONLY - set(NEUTRAL))
     if unknown:
