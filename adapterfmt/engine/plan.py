@@ -11,7 +11,6 @@ from pathlib import Path
 
 from ..errors import BaseMismatchError, UsageError
 from ..format import Adapter, Payload
-from ..format.manifest import ModuleEntry  # noqa: F401  (doctest)
 from ..format.dtypes import FLOAT_DTYPES, dtype_name
 from ..checkpoint import BaseCheckpoint
 from ..format.tensorio import TensorSpan
@@ -114,6 +113,7 @@ def stored_shape(entry) -> list[int]:
     """The shape of the base tensor as stored: the last two dims swapped when ``fan_in_fan_out``.
 
     Example:
+        >>> from adapterfmt.format.manifest import ModuleEntry
         >>> stored_shape(ModuleEntry("lora", "w", [4, 8, 6], {}, {}, fan_in_fan_out=True, layer="experts"))
         [4, 6, 8]
     """

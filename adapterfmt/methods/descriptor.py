@@ -143,8 +143,8 @@ class Method:
             raise ManifestError(f"module {target!r}: {self.name} is not defined for {entry.layer} layers",
                                 path=path, hint="the manifest is inconsistent; re-export the adapter")
         if (entry.layer == STACKED_LAYER) != (len(entry.shape) == 3):
-            raise ManifestError(f"module {target!r}: a {entry.layer} layer with shape {entry.shape} (an {STACKED_LAYER} "
-                                "layer is (experts, out, in), every other layer (out, in))", path=path,
+            raise ManifestError(f"module {target!r}: a {entry.layer} layer with shape {entry.shape} (an "
+                                f"{STACKED_LAYER} layer is (experts, out, in), every other layer (out, in))", path=path,
                                 hint="the manifest is inconsistent; re-export the adapter")
         self._check_roles(target, entry, path)
         dims = self.dims(entry, params)

@@ -80,7 +80,8 @@ def test_peft_bias_all_round_trip_loads_in_peft(tmp_path, qwen2_base, bias):
     assert kinds == {t: "full_weight" for t in expected}
     cfg = config_of(back)
     assert cfg["bias"] == bias and cfg["modules_to_save"] is None
-    original, exported = load_file(peft_dir / "adapter_model.safetensors"), load_file(back / "adapter_model.safetensors")
+    original = load_file(peft_dir / "adapter_model.safetensors")
+    exported = load_file(back / "adapter_model.safetensors")
     assert sorted(original) == sorted(exported)
     assert all(torch.equal(original[k], exported[k]) for k in original)
     reference = peft_logits(qwen2_base, peft_dir)

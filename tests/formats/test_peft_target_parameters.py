@@ -140,7 +140,8 @@ def test_peft_target_parameters_round_trip_loads_in_peft(moe):
     back = work / "back"
     report = convert(ours, back, to="peft", overwrite=True)
     assert report.worst == "lossless", report.lines()
-    original, exported = load_file(peft_dir / "adapter_model.safetensors"), load_file(back / "adapter_model.safetensors")
+    original = load_file(peft_dir / "adapter_model.safetensors")
+    exported = load_file(back / "adapter_model.safetensors")
     assert sorted(original) == sorted(exported)
     assert all(torch.equal(original[k], exported[k]) for k in original)
     cfg_in = json.loads((peft_dir / "adapter_config.json").read_text())

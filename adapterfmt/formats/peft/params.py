@@ -107,8 +107,8 @@ def from_peft(a: torch.Tensor, b: torch.Tensor, shape: list[int], transposed: bo
     rank = a.shape[0] // experts if a.dim() == 2 else 0
     if a.dim() != 2 or b.dim() != 2 or rank < 1 or list(a.shape) != [rank * experts, in_f] \
             or list(b.shape) != [out_f, rank * experts]:
-        raise ForeignFormatError(f"parameter {where!r} {shape}: lora_A {list(a.shape)} / lora_B {list(b.shape)} are not "
-                                 f"{experts} experts' factors of an ({out_f}, {in_f}) map",
+        raise ForeignFormatError(f"parameter {where!r} {shape}: lora_A {list(a.shape)} / lora_B {list(b.shape)} "
+                                 f"are not {experts} experts' factors of an ({out_f}, {in_f}) map",
                                  hint="the adapter is for a different model")
     a3 = a.reshape(experts, rank, in_f).contiguous()
     b3 = b.reshape(out_f, rank, experts).permute(2, 0, 1).contiguous()
@@ -209,8 +209,9 @@ def write_target_params(adapter, targets: list[str], config: dict[str, Any], bas
     for param in target_params(order):
         entry = entries[param.path]
         if len(entry.shape) == 3 and entry.fan_in_fan_out != param.transposed:
-            raise UsageError(f"target parameter {param.path!r}: stored {'(experts, in, out)' if entry.fan_in_fan_out else '(experts, out, in)'} "
-                             "but the model's module says otherwise (is_transposed)",
+            layout = "(experts, in, out)" if entry.fan_in_fan_out else "(experts, out, in)"
+            raise UsageError(f"target parameter {param.path!r}: stored {layout} but the model's module says "
+                             "otherwise (is_transposed)",
                              hint="the adapter is for a different model")
         tensors = adapter.module_tensors(param.path)
         a, b = to_peft(tensors["lora_A"], tensors["lora_B"])

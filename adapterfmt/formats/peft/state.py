@@ -177,7 +177,8 @@ def adapter_to_peft(adapter: Adapter, report, base=None) -> tuple[dict[str, Any]
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
         "use_dora": methods == {"dora"}, "fan_in_fan_out": bool(fifo and fifo.pop()),
-        "target_modules": modules, "target_parameters": params or None, "rank_pattern": {t: v for t, v in ranks.items() if v != r},
+        "target_modules": modules, "target_parameters": params or None,
+        "rank_pattern": {t: v for t, v in ranks.items() if v != r},
         "alpha_pattern": {t: v for t, v in alphas.items() if v != lora_alpha},
         "base_model_name_or_path": manifest.base.name_or_path, "revision": manifest.base.revision,
         "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none", "inference_mode": True,
