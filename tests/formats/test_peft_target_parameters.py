@@ -240,3 +240,25 @@ def test_experts_refused_by_ops_for_matrices(moe, tmp_path, options):
     with pytest.raises(UsageError, match=r"experts\.(down|gate_up)_proj.*experts layer"):
         convert(ours, tmp_path / "out.safetensors", **options)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_peft_target_parameters_2d_round_trip_and_merge(tmp_path, llama_base):
+    """A 2-D targeted parameter is plain LoRA on it: the module is named as the parameter."""
+    from ..helpers import make_peft_adapter, peft_logits, peft_merged_state
+    peft_dir = make_peft_adapter(llama_base, tmp_path / "peft", r=2, target_modules=["q_proj"],
+                                 target_parameters=["mlp.down_proj.weight"])
+    ours = tmp_path / "a.safetensors"
+    assert convert(peft_dir, ours, base=llama_base).worst == "lossless"
+    entry = read_adapter(ours).manifest.modules["model.layers.1.mlp.down_proj.weight"]
+    assert entry.layer == "linear" and entry.base_weight == "model.layers.1.mlp.down_proj.weight"
+    assert convert(ours, tmp_path / "back", to="peft").worst == "lossless"
+    original = load_file(peft_dir / "adapter_model.safetensors")
+    exported = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert sorted(original) == sorted(exported) and all(torch.equal(original[k], exported[k]) for k in original)
+    assert float((peft_logits(llama_base, peft_dir) - peft_logits(llama_base, tmp_path / "back")).abs().max()) <= 1e-5
+    merge(llama_base, [(ours, 1.0)], tmp_path / "merged")
+    mine = load_file(tmp_path / "merged" / "model.safetensors")
+    reference = peft_merged_state(llama_base, peft_dir)
+    assert max(int(ulp_distance(mine[k], v).max()) for k, v in reference.items() if k in mine) <= 1
+    assert not torch.equal(mine["model.layers.1.mlp.down_proj.weight"],
+                           load_file(llama_base / "model.safetensors")["model.layers.1.mlp.down_proj.weight"])
