@@ -212,3 +212,16 @@ def test_peft_bias_and_task_type_derived_without_source_config(tmp_path, qwen2_b
     model = PeftModel.from_pretrained(load_model(qwen2_base), tmp_path / "back")
     assert isinstance(model, PeftModelForCausalLM)
     assert float((peft_logits(qwen2_base, peft_dir) - peft_logits(qwen2_base, tmp_path / "back")).abs().max()) <= 1e-5
+
+
+def test_peft_weights_of_unselected_module_refused_by_name(tmp_path, llama_base):
+    """PEFT silently skips saved LoRA weights of modules its config does not select; we refuse them."""
+    peft_dir = make_peft_adapter(llama_base, tmp_path / "peft", r=2, target_modules=["q_proj", "v_proj"])
+    full = peft_logits(llama_base, peft_dir)
+    cfg = config_of(peft_dir)
+    cfg["target_modules"] = ["q_proj"]
+    (peft_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    assert float((full - peft_logits(llama_base, peft_dir)).abs().max()) > 1e-3  # PEFT dropped v_proj
+    with pytest.raises(ForeignFormatError, match=r"v_proj.*do not select"):
+        convert(peft_dir, tmp_path / "a.safetensors", base=llama_base)
+    assert not (tmp_path / "a.safetensors").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..base import ReadOptions
 from .config import (KEY_RE, MODULE_NAME_RE, PICKLE_FILE, PREFIX, ROLE_OF, WEIGHTS_FILE, resolve_rank_alpha)
 from .params import is_param_module, read_target_params, write_target_params
 from .restore import restore_original
-from .selection import saved_by
+from .selection import saved_by, selects
 
 
 def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -107,12 +108,34 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
         report.notes.append(f"kept {kind} tensor {target} as a payload")
     if not manifest.modules:
         raise ForeignFormatError("no LoRA tensors found", path=path, hint="the adapter is empty or not LoRA")
+    refuse_unselected(config, sorted(grouped), path)
     manifest.base.name_or_path = config.get("base_model_name_or_path")
     manifest.base.revision = config.get("revision")
     # The modules PEFT's selection picked: the writer restores the original selection only for this set.
     manifest.source.update({"format": "peft", "config": config, "modules": sorted(manifest.modules)})
     adapter = Adapter(manifest=manifest, tensors=tensors)
     return adapter
+
+
+def refuse_unselected(config: dict[str, Any], modules: list[str], path: Path) -> None:
+    """Refuse LoRA weights of modules the config does not select: PEFT would silently not load them.
+
+    With ``ensure_weight_tying`` PEFT adds tied modules beyond the selection, so nothing is checked.
+
+    Example:
+        >>> refuse_unselected({"target_modules": ["q_proj"]}, ["m.q_proj"], Path("."))
+    """
+    if config.get("ensure_weight_tying") or config.get("target_modules") is None:
+        return
+    try:
+        unselected = [m for m in modules if not selects(config, m)]
+    except (re.error, TypeError):
+        return  # a selection we cannot evaluate; PEFT's own loader is the judge
+    if unselected:
+        raise ForeignFormatError(f"module {unselected[0]!r} has LoRA weights but the config's target_modules/"
+                                 f"layers_to_transform/exclude_modules do not select it ({len(unselected)} such "
+                                 "module(s)); PEFT would ignore their weights", path=path,
+                                 hint="fix target_modules in adapter_config.json to name the trained modules")
 
 
 def payload_kind(key: str, config: dict[str, Any], path: Path) -> str:
