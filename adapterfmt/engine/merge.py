@@ -66,7 +66,8 @@ class MathContext:
 
     def canonical32(self, stored: torch.Tensor, fan_in_fan_out: bool, rows: slice | None = None) -> torch.Tensor:
         """The stored weight (or ``rows`` of it) upcast into a reused fp32 buffer, canonical (out, in)."""
-        canon = take_rows(stored.t() if fan_in_fan_out else stored, rows)
+        # transpose(-2, -1): the last two dims, so stacked experts (E, in, out) turn per expert.
+        canon = take_rows(stored.transpose(-2, -1) if fan_in_fan_out else stored, rows)
         return self.pool.get("base32", torch.float32, canon.shape, self.device).copy_(canon)
 
     def to_output(self, result: torch.Tensor, dtype: str, fan_in_fan_out: bool, slot: int | None = None
@@ -76,7 +77,7 @@ class MathContext:
         With ``slot`` (0 or 1) the result always lands in that slot's own buffer, so a block can
         still be in flight to the disk while the next one is computed.
         """
-        result = result.t() if fan_in_fan_out else result
+        result = result.transpose(-2, -1) if fan_in_fan_out else result
         out_dtype = DTYPE_FROM_NAME[dtype]
         if slot is None and result.dtype == out_dtype and result.device.type == "cpu" and result.is_contiguous():
             return result
@@ -123,7 +124,7 @@ def row_blocks(job: TensorJob, fan: bool) -> list[slice | None]:
     """Row slices to merge one at a time, or ``[None]`` for the whole tensor at once.
 
     Blocks keep the fp32 working set at ``ROW_BLOCK_BYTES`` whatever the tensor size; the
-    per-element arithmetic is the same as for the whole tensor.
+    per-element arithmetic is the same as for the whole tensor. Stacked experts (3-D) merge whole.
     """
     methods = [get_method(u.entry.method) for u in job.updates]
     shape = job.span.shape

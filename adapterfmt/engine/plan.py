@@ -99,7 +99,7 @@ def check_adapters(adapters: list[tuple[Adapter, float]], base: StreamingCheckpo
     for (adapter, _), path in zip(adapters, paths or [None] * len(adapters)):
         for target, entry in adapter.manifest.modules.items():
             shape = base.shape(entry.base_weight)
-            want = list(reversed(entry.shape)) if entry.fan_in_fan_out else list(entry.shape)
+            want = stored_shape(entry)
             if list(shape) != want:
                 raise BaseMismatchError(f"module {target!r}: base parameter {entry.base_weight!r} has shape "
                                         f"{shape}, the adapter expects {want}", path=path or base.path,
@@ -107,6 +107,11 @@ def check_adapters(adapters: list[tuple[Adapter, float]], base: StreamingCheckpo
         if not force:
             bind_base(adapter, base, path, check_only=True,
                       force_hint="use the base the adapter was made for, or pass --force")
+
+
+def stored_shape(entry) -> list[int]:
+    """The base parameter's shape as stored (see :meth:`ModuleEntry.stored_shape`)."""
+    return entry.stored_shape()
 
 
 def output_dtype(span: TensorSpan, dtype: str) -> str:

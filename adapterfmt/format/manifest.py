@@ -65,9 +65,15 @@ class ModuleEntry:
         """A copy with some fields changed (e.g. another method's params and tensors)."""
         return dataclasses.replace(self, **changes)
 
+    def stored_shape(self) -> list[int]:
+        """The base parameter's shape as stored: ``shape``, with the last two dims swapped when
+        ``fan_in_fan_out``."""
+        shape = list(self.shape)
+        return shape[:-2] + [shape[-1], shape[-2]] if self.fan_in_fan_out else shape
+
     def canonical(self, stored: Any) -> Any:
-        """A base weight as stored -> canonical ``(out, in)`` orientation (a view, no copy)."""
-        return stored.t() if self.fan_in_fan_out else stored
+        """A base weight as stored -> canonical ``(out, in)`` orientation (a view, no copy; per expert if 3-D)."""
+        return stored.transpose(-2, -1) if self.fan_in_fan_out else stored
 
 
 @dataclass

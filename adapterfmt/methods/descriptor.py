@@ -25,6 +25,8 @@ from ..format.manifest import ModuleEntry, TensorRef
 SCALE_RTOL = 1e-12
 
 Dim = str | int
+#: The layer kind of a stacked 3-D parameter (MoE experts, PEFT ``target_parameters``): shape (experts, out, in).
+STACKED_LAYER = "experts"
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,10 @@ class Method:
         if rank is not None:
             dims["r"] = rank
         return dims
+
+    def roles_for(self, entry: ModuleEntry) -> tuple[Role, ...]:
+        """The roles (with shapes) of one module; default ``roles``. Stacked layers (experts) override it."""
+        return self.roles
 
     def expected_scale(self, params: Params) -> float | None:
         """The scale the params imply (checked against ``params.scale``), or None for no rule."""
@@ -144,9 +150,13 @@ class Method:
         if entry.layer not in self.layers:
             raise ManifestError(f"module {target!r}: {self.name} is not defined for {entry.layer} layers",
                                 path=path, hint="the manifest is inconsistent; re-export the adapter")
+        if (entry.layer == STACKED_LAYER) != (len(entry.shape) == 3):
+            raise ManifestError(f"module {target!r}: a {entry.layer} layer with shape {entry.shape} (an "
+                                f"{STACKED_LAYER} layer is (experts, out, in), every other layer (out, in))", path=path,
+                                hint="the manifest is inconsistent; re-export the adapter")
         self._check_roles(target, entry, path)
         dims = self.dims(entry, params)
-        for role in self.roles:
+        for role in self.roles_for(entry):
             ref = entry.tensors.get(role.name)
             if ref is not None:
                 self._check_ref(target, role, ref, dims, path)
@@ -196,7 +206,7 @@ class Method:
         dims = self.dims(entry, self.params(entry))
         return {role.name: torch.randn([dims[d] if isinstance(d, str) else d for d in role.shape],
                                        generator=generator).to(dtype)
-                for role in self.roles if role.required}
+                for role in self.roles_for(entry) if role.required}
 
 
 def take_rows(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:

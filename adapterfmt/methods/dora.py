@@ -6,7 +6,7 @@ from typing import Literal
 import torch
 
 from ..errors import UsageError
-from .descriptor import Role, take_rows
+from .descriptor import Method, Role, take_rows
 from .lora import LoRA, LoraParams
 
 
@@ -20,6 +20,7 @@ class DoRA(LoRA):
     params_model = DoraParams
     roles = LoRA.roles + (Role("magnitude", ("out",)),)
     needs_base = True
+    layers = Method.layers  # PEFT has no DoRA for stacked experts (ParamWrapper refuses use_dora)
     formula = "V = W + (B·A)·scale; W' = diag(m / ‖V‖_row)·V"
 
     def merged(self, entry, tensors, base, rows=None):

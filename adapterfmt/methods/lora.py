@@ -5,7 +5,7 @@ import math
 
 from pydantic import Field
 
-from .descriptor import Method, Params, Role, take_rows
+from .descriptor import STACKED_LAYER, Method, Params, Role, take_rows
 
 
 def lora_scale(rank: int, alpha: float, use_rslora: bool) -> float:
@@ -41,8 +41,21 @@ class LoRA(Method):
     summary = "low-rank update s·B·A (Hu et al. 2021); rsLoRA when use_rslora"
     params_model = LoraParams
     roles = (Role("lora_A", ("r", "in")), Role("lora_B", ("out", "r")))
+    #: Stacked experts (PEFT ``target_parameters`` on a 3-D parameter): one (A, B) pair per expert,
+    #: ΔW[e] = s·B[e]·A[e]. PEFT keeps them as one (E·r, in) A and one (out, r·E) B; the reader reorders.
+    expert_roles = (Role("lora_A", ("experts", "r", "in")), Role("lora_B", ("experts", "out", "r")))
+    layers = Method.layers + (STACKED_LAYER,)
     row_separable = True
-    formula = "ΔW = (B·A)·scale"
+    formula = "ΔW = (B·A)·scale (per expert for stacked experts)"
+
+    def roles_for(self, entry):
+        return self.expert_roles if entry.layer == STACKED_LAYER else self.roles
+
+    def dims(self, entry, params):
+        if entry.layer != STACKED_LAYER:
+            return super().dims(entry, params)
+        experts, out_f, in_f = entry.shape
+        return {"experts": experts, "out": out_f, "in": in_f, "r": params.rank}
 
     def expected_scale(self, params):
         return lora_scale(params.rank, params.alpha, params.use_rslora)
@@ -51,6 +64,7 @@ class LoRA(Method):
         # (B @ A) * s in fp32, the same operation order as PEFT's get_delta_weight, so that
         # merging is bit-identical to PEFT's merge_and_unload.
         # mul_ on the fresh product is the same rounding as `* s` without a second full-size buffer.
+        # For experts (3-D factors) `@` is the batched product per expert, as PEFT's einsum.
         b = take_rows(tensors["lora_B"], rows).float()
         return (b @ tensors["lora_A"].float()).mul_(float(entry.params["scale"]))
 

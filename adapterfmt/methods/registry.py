@@ -1,7 +1,7 @@
 """The methods this version implements: an explicit list (grep-able; nothing registers itself)."""
 from __future__ import annotations
 
-from ..errors import UnknownMethodError
+from ..errors import UnknownMethodError, UsageError
 from ..format import Adapter
 from ..format.manifest import Manifest
 from .descriptor import Method
@@ -49,6 +49,9 @@ def convert_module(target: str, entry, tensors, to: str, options: dict):
         >>> convert_module("m", nola_entry, nola_tensors, "lora", {})  # doctest: +SKIP
     """
     source, into = get_method(entry.method), get_method(to)
+    if entry.layer not in into.layers:
+        raise UsageError(f"module {target!r} is a {entry.layer} layer, for which {to} is not defined",
+                         hint=f"{to} supports {', '.join(into.layers)} layers; keep this module as {entry.method}")
     if to in source.converts_to:
         return source.convert_to(target, entry, tensors, to, options)
     if source.name in into.converts_from:

@@ -1,6 +1,8 @@
 """``inspect``: what an adapter is, for people (text) and programs (--json)."""
 from __future__ import annotations
 
+import math
+
 import os
 from collections import Counter
 from pathlib import Path
@@ -27,7 +29,8 @@ def inspect_adapter(path: Path | str) -> dict[str, Any]:
     total_params = rank1_params = 0
     for target, entry in manifest.modules.items():
         count = get_method(entry.method).parameter_count(entry)
-        rank1 = entry.shape[0] + entry.shape[1]
+        # (experts, out, in) for stacked experts: one rank-1 pair per expert.
+        rank1 = math.prod(entry.shape[:-2]) * (entry.shape[-2] + entry.shape[-1])
         total_params += count
         rank1_params += rank1
         modules.append({"name": target, "method": entry.method, "shape": entry.shape,
@@ -83,10 +86,10 @@ def format_inspection(info: dict[str, Any], limit: int = 20) -> list[str]:
         extra = " fan_in_fan_out" if m["fan_in_fan_out"] else ""
         if m["method"] == "nola":
             extra += f" k={m['params']['A']['num_basis']} l={m['params']['B']['num_basis']}"
-        lines.append(f"    {m['name']}: {m['method']} {m['shape'][0]}x{m['shape'][1]} "
+        lines.append(f"    {m['name']}: {m['method']} {'x'.join(map(str, m['shape']))} "
                      f"r={m['rank']} scale={m['scale']:.6g} params={m['parameter_count']:,}{extra}"
                      if m["scale"] is not None else
-                     f"    {m['name']}: {m['method']} {m['shape'][0]}x{m['shape'][1]} params={m['parameter_count']:,}")
+                     f"    {m['name']}: {m['method']} {'x'.join(map(str, m['shape']))} params={m['parameter_count']:,}")
     if len(info["modules"]) > limit:
         lines.append(f"    ... {len(info['modules']) - limit} more (use --json)")
     return lines

@@ -45,7 +45,7 @@ class PeftFormat(AdapterFormat):
 
     # ---------------------------------------------------------------- writing
     def write(self, adapter: Adapter, path: Path, report, options) -> Path:
-        config, tensors = adapter_to_peft(adapter, report)
+        config, tensors = adapter_to_peft(adapter, report, options.base)
         with atomic_directory(path, overwrite=options.overwrite) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -20,17 +20,19 @@ PREFIX = "base_model.model."
 # Fields whose value we read and honour.
 HANDLED = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
            "modules_to_save", "use_dora", "init_lora_weights", "base_model_name_or_path", "revision",
-           "target_modules"}
+           "target_modules", "target_parameters"}
 # Fields that only steer training or module selection; a saved adapter is the same without them.
 TRAINING_ONLY = {"task_type", "auto_mapping", "peft_version", "inference_mode", "exclude_modules",
                  "lora_dropout", "bias", "layers_to_transform", "layers_pattern", "megatron_config",
                  "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-                 "runtime_config", "qalora_group_size", "ensure_weight_tying", "layer_replication"}
+                 "runtime_config", "qalora_group_size", "ensure_weight_tying"}
 # Fields that change what the saved tensors mean; allowed only at their neutral value.
 NEUTRAL = {"trainable_token_indices": (None, {}, []), "alora_invocation_tokens": (None,), "use_qalora": (False,),
-           "lora_bias": (False,), "target_parameters": (None, []), "use_bdlora": (None, False),
+           "lora_bias": (False,), "use_bdlora": (None, False),
            "arrow_config": (None,), "kasa_config": (None,), "velora_config": (None,),
-           "monteclora_config": (None,)}
+           "monteclora_config": (None,),
+           # layer_replication duplicates base layers: the adapted model is another model.
+           "layer_replication": (None, [])}
 # init_lora_weights values after which the base is untouched (the rest mutate it: PiSSA, OLoRA, ...).
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "loftq")
 
@@ -42,6 +44,7 @@ FIELD_TYPES = {"r": ((int, float), "a number"), "lora_alpha": ((int, float), "a 
                "alpha_pattern": ((dict, type(None)), "an object or null"),
                "base_model_name_or_path": ((str, type(None)), "a string or null"),
                "revision": ((str, type(None)), "a string or null")}
+BIAS_MODES = ("none", "all", "lora_only")
 # A module name must be a dotted parameter path (what the manifest schema allows, no '/' or '..').
 MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
@@ -96,6 +99,13 @@ def read_config(path: Path) -> dict[str, Any]:
         if key in config and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
             raise ForeignFormatError(f"config field {key} must be {wanted}, got {value!r}", path=cfg_path,
                                      hint="the config is damaged")
+    targets = config.get("target_parameters")
+    if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        raise ForeignFormatError(f"config field target_parameters must be a list of names, got {targets!r}",
+                                 path=cfg_path, hint="the config is damaged")
+    if config.get("bias", "none") not in BIAS_MODES:
+        raise ForeignFormatError(f"config field bias={config['bias']!r} is not one of {', '.join(BIAS_MODES)}",
+                                 path=cfg_path, hint="the config is damaged")
     for key in ("rank_pattern", "alpha_pattern"):
         for pattern, value in (config.get(key) or {}).items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):

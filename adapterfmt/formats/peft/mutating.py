@@ -103,6 +103,9 @@ def read_mutating(config: dict[str, Any], state: dict[str, torch.Tensor], path: 
                                  "store, so the init cannot be recomputed", path=path,
                                  hint="pass --init-snapshot DIR (the untrained PEFT adapter saved before "
                                       "training), or save with path_initial_model_for_weight_conversion")
+    if config.get("target_parameters"):
+        raise ForeignFormatError(f"init_lora_weights={init!r} with target_parameters is not supported", path=path,
+                                 hint="save it with PEFT's path_initial_model_for_weight_conversion")
     if config.get("use_dora"):
         raise ForeignFormatError(f"init_lora_weights={init!r} with use_dora is not supported", path=path,
                                  hint="save it with PEFT's path_initial_model_for_weight_conversion")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from .._files import load_pickled_tensors, load_safetensors
 from .._lowrank import most_common
 from ..base import ReadOptions
 from .config import (KEY_RE, MODULE_NAME_RE, PICKLE_FILE, PREFIX, ROLE_OF, WEIGHTS_FILE, resolve_rank_alpha)
+from .params import is_param_module, read_target_params, write_target_params
+from .restore import restore_original
+from .selection import saved_by, selects
 
 
 def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -30,6 +34,11 @@ def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path,
                     options: ReadOptions, report) -> Adapter:
     """Turn a PEFT config and state dict into an adapterfmt :class:`Adapter`."""
+    manifest = Manifest()
+    tensors: dict[str, torch.Tensor] = {}
+    if config.get("target_parameters"):
+        state = dict(state)  # the targeted parameters' factors are taken out of it
+        read_target_params(config, state, path, options.base, manifest, tensors, report)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     payload_keys: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -47,8 +56,6 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
             payload_keys[key[len(PREFIX):]] = tensor
     use_dora = bool(config.get("use_dora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    manifest = Manifest()
-    tensors: dict[str, torch.Tensor] = {}
     for module in sorted(grouped):
         parts = grouped[module]
         roles = {ROLE_OF[k]: v for k, v in parts.items()}
@@ -92,7 +99,7 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
         manifest.base.weights[base_weight] = BaseWeight(shape=stored)
         report.add(module, LOSSLESS)
     for key, tensor in sorted(payload_keys.items()):
-        kind = "full_weight" if ".base_layer." in key else "modules_to_save"
+        kind = payload_kind(key, config, path)
         target = key.replace(".base_layer.", ".")
         name = f"payload.{target}"
         tensors[name] = tensor
@@ -101,16 +108,65 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
         report.notes.append(f"kept {kind} tensor {target} as a payload")
     if not manifest.modules:
         raise ForeignFormatError("no LoRA tensors found", path=path, hint="the adapter is empty or not LoRA")
+    refuse_unselected(config, sorted(grouped), path)
     manifest.base.name_or_path = config.get("base_model_name_or_path")
     manifest.base.revision = config.get("revision")
-    manifest.source = {"format": "peft", "config": config}
+    # The modules PEFT's selection picked: the writer restores the original selection only for this set.
+    manifest.source.update({"format": "peft", "config": config, "modules": sorted(manifest.modules)})
     adapter = Adapter(manifest=manifest, tensors=tensors)
     return adapter
 
 
+def refuse_unselected(config: dict[str, Any], modules: list[str], path: Path) -> None:
+    """Refuse LoRA weights of modules the config does not select: PEFT would silently not load them.
+
+    With ``ensure_weight_tying`` PEFT adds tied modules beyond the selection, so nothing is checked.
+
+    Example:
+        >>> refuse_unselected({"target_modules": ["q_proj"]}, ["m.q_proj"], Path("."))
+    """
+    if config.get("ensure_weight_tying") or config.get("target_modules") is None:
+        return
+    try:
+        unselected = [m for m in modules if not selects(config, m)]
+    except (re.error, TypeError):
+        return  # a selection we cannot evaluate; PEFT's own loader is the judge
+    if unselected:
+        raise ForeignFormatError(f"module {unselected[0]!r} has LoRA weights but the config's target_modules/"
+                                 f"layers_to_transform/exclude_modules do not select it ({len(unselected)} such "
+                                 "module(s)); PEFT would ignore their weights", path=path,
+                                 hint="fix target_modules in adapter_config.json to name the trained modules")
+
+
+def payload_kind(key: str, config: dict[str, Any], path: Path) -> str:
+    """What a non-LoRA tensor of a PEFT state dict is: ``modules_to_save`` or ``full_weight`` (a full replacement).
+
+    PEFT saves ``base_layer.*`` of LoRA modules (biases for ``bias="all"``/``"lora_only"``, embedding
+    weights), whole ``modules_to_save`` modules, and for ``bias="all"`` every other bias, as values
+    (not deltas): loading them replaces the base tensor.
+
+    Example:
+        >>> payload_kind("m.k_proj.bias", {"bias": "all"}, Path("."))
+        'full_weight'
+    """
+    if ".base_layer." in key:
+        return "full_weight"
+    if any(saved_by(m, key) for m in config.get("modules_to_save") or ()):
+        return "modules_to_save"
+    if key.endswith(".bias") and config.get("bias") == "all":
+        return "full_weight"
+    raise ForeignFormatError(f"tensor {key!r} is neither a LoRA factor, part of a modules_to_save module, nor a bias "
+                             f"saved by bias='all' (bias={config.get('bias', 'none')!r})", path=path,
+                             hint="the adapter was saved by an incompatible tool or its config does not match")
+
+
 # ------------------------------------------------------------------------ export
-def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Build a PEFT config and state dict; refuses what one PEFT config cannot express."""
+def adapter_to_peft(adapter: Adapter, report, base=None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Build a PEFT config and state dict; refuses what one PEFT config cannot express.
+
+    ``base`` (optional) tells how PEFT nests several targeted parameters of one module when the
+    adapter does not record it.
+    """
     manifest = adapter.manifest
     methods = set(manifest.methods())
     if not methods <= {"lora", "dora"} or len(methods) != 1:
@@ -118,12 +174,15 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
                          hint="convert other methods to LoRA first (adapterfmt convert ... --method lora)")
     entries = manifest.modules
     for target, e in entries.items():
-        if e.base_weight != f"{target}.weight":
+        if e.base_weight != f"{target}.weight" and not is_param_module(target, e):
             # e.g. NOLA GPT-2 imports: q and v blocks of the fused c_attn are separate modules.
             raise UsageError(f"module {target!r} adapts {e.base_weight!r} under another name (a block of a fused "
                              "weight); PEFT keys adapters by module name and cannot express it",
                              hint="merge it with adapterfmt merge, or keep the adapterfmt file")
-    fifo = {e.fan_in_fan_out for e in entries.values() if e.layer != "embedding"}
+    params = sorted(t for t, e in entries.items() if is_param_module(t, e))
+    modules = sorted(set(entries) - set(params))
+    # A targeted parameter's fan_in_fan_out is its owner's is_transposed, not PEFT's flag.
+    fifo = {entries[t].fan_in_fan_out for t in modules if entries[t].layer != "embedding"}
     if len(fifo) > 1:
         raise UsageError("PEFT has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",
                          hint="export the two groups as separate adapters")
@@ -136,17 +195,23 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
             alpha = e.params["scale"] * (math.sqrt(e.params["rank"]) if use_rslora else e.params["rank"])
         ranks[target], alphas[target] = int(e.params["rank"]), _plain_number(alpha)
     r, lora_alpha = most_common(list(ranks.values())), most_common(list(alphas.values()))
+    modules_to_save = sorted({p.target.rsplit(".", 1)[0] for p in manifest.payloads.values()
+                              if p.kind == "modules_to_save"}) or None
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
         "use_dora": methods == {"dora"}, "fan_in_fan_out": bool(fifo and fifo.pop()),
-        "target_modules": sorted(entries), "rank_pattern": {t: v for t, v in ranks.items() if v != r},
+        "target_modules": modules, "target_parameters": params or None,
+        "rank_pattern": {t: v for t, v in ranks.items() if v != r},
         "alpha_pattern": {t: v for t, v in alphas.items() if v != lora_alpha},
         "base_model_name_or_path": manifest.base.name_or_path, "revision": manifest.base.revision,
         "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none", "inference_mode": True,
-        "modules_to_save": sorted({p.target.rsplit(".", 1)[0] for p in manifest.payloads.values()
-                                   if p.kind == "modules_to_save"}) or None,
+        "modules_to_save": modules_to_save,
     }
+    config = restore_original(config, manifest, report)
+    use_rslora = config["use_rslora"]
     tensors: dict[str, torch.Tensor] = {}
+    if params:
+        tensors.update(write_target_params(adapter, params, config, base))
     for target, e in entries.items():
         rank, alpha = resolve_rank_alpha(config, target)
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -159,6 +224,8 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
         if bool(e.params["use_rslora"]) != use_rslora:
             note = "rsLoRA rule rewritten as alpha; " + note
         report.add(target, status, note.strip("; "))
+        if target in params:
+            continue
         names = ("lora_embedding_A", "lora_embedding_B") if e.layer == "embedding" else \
             ("lora_A.weight", "lora_B.weight")
         module_tensors = adapter.module_tensors(target)
@@ -167,15 +234,32 @@ def adapter_to_peft(adapter: Adapter, report) -> tuple[dict[str, Any], dict[str,
         if "magnitude" in module_tensors:
             tensors[f"{PREFIX}{target}.lora_magnitude_vector"] = module_tensors["magnitude"]
     for payload in manifest.payloads.values():
-        if payload.kind == "bias_delta":
-            raise UsageError(f"payload {payload.target!r} (bias delta) has no PEFT LoRA representation")
-        target = payload.target
-        if payload.kind == "full_weight":
-            head, _, leaf = target.rpartition(".")
-            target = f"{head}.base_layer.{leaf}"
-        tensors[f"{PREFIX}{target}"] = adapter.tensors[payload.tensor.name]
+        tensors[f"{PREFIX}{payload_key(payload, manifest)}"] = adapter.tensors[payload.tensor.name]
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     return config, tensors
+
+
+def payload_key(payload, manifest) -> str:
+    """The PEFT state-dict key (without prefix) of a payload; refuses what PEFT cannot load as such.
+
+    A full replacement of a LoRA module's tensor lives under its ``base_layer``; a bias of another
+    module is saved as is (``bias="all"``); ``modules_to_save`` tensors keep the base name.
+
+    Example:
+        >>> payload_key(Payload("full_weight", "m.q.bias", ref), manifest_with_module_m_q)  # doctest: +SKIP
+        'm.q.base_layer.bias'
+    """
+    target = payload.target
+    head, _, leaf = target.rpartition(".")
+    if payload.kind == "modules_to_save":
+        return target
+    if payload.kind == "full_weight" and head in manifest.modules:
+        return f"{head}.base_layer.{leaf}"
+    if payload.kind == "full_weight" and leaf == "bias":
+        return target
+    what = "a bias delta" if payload.kind == "bias_delta" else "a full replacement of a module PEFT does not adapt"
+    raise UsageError(f"payload {target!r} is {what}; PEFT LoRA has no representation for it",
+                     hint="merge it with adapterfmt merge, or keep the adapterfmt file")
 
 
 def _plain_number(value: float) -> float | int:
