@@ -107,36 +107,16 @@ def validate(file: Path, base: Path | None, as_json: bool):
     sys.exit(result.exit_code)
 
 
-class BasisSizes(click.ParamType):
-    """``--nola-basis K[,L]``: the NOLA basis sizes of the A and B sides."""
-
-    name = "K[,L]"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            sizes = [int(v) for v in str(value).split(",")]
-        except ValueError:
-            sizes = []
-        if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
-            self.fail(f"{value!r} must be K or K,L with positive integers", param, ctx)
-        return sizes[0], sizes[-1]
-
-
 def format_option_decorators():
-    """click options generated from every format's typed options (one declaration per option).
-
-    The help text is the model field's description plus the formats that take it.
+    """click options generated from every format's and method conversion's typed options (one
+    declaration per option). The help text is the model field's description plus who takes it.
     """
-    from .formats import FORMATS
-    from .ops.convert import option_fields
+    from .ops.convert import option_fields, option_models
     owners = option_fields()
     seen: dict[str, object] = {}
-    for fmt in FORMATS:
-        for model in (fmt.read_options, fmt.write_options):
-            for name, info in model.model_fields.items():
-                seen.setdefault(name, info)
+    for model, _ in option_models():
+        for name, info in model.model_fields.items():
+            seen.setdefault(name, info)
     decorators = []
     for name, info in seen.items():
         flag = "--" + name.replace("_", "-")
@@ -183,14 +163,12 @@ def with_format_options(command):
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO",
               help="Upload DST to this Hugging Face model repo afterwards (needs a login token).")
-@click.option("--nola-basis", type=BasisSizes(), default=None, help="NOLA basis sizes for --method nola.")
-@click.option("--seed", type=int, default=None, help="Master seed for NOLA bases (per-module seeds are derived).")
 @click.option("--for", "for_target", default=None, metavar="TARGET",
               help="Lay the adapter out so that TARGET (vllm, sglang, tgi, llama.cpp, mlx, peft, ...) computes "
                    "exactly our ΔW (folds scales, pads ranks), or refuse with the reason.")
 @with_format_options
 def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, strict, compact, new_rank, energy,
-            device, as_json, push_to_hub, nola_basis, seed, for_target, **format_options):
+            device, as_json, push_to_hub, for_target, **options):
     """Convert an adapter between formats and methods, printing a per-module report.
 
     Formats (--to/--from): adapterfmt, peft, gguf (llama.cpp), kohya (A1111/ComfyUI), mlx (MLX-LM);
@@ -218,10 +196,9 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
     resize = None
     if compact or new_rank is not None or energy is not None:
         resize = {"rank": new_rank, "energy": energy, "device": device}
-    method_options = {k: v for k, v in {"nola_basis": nola_basis, "seed": seed}.items() if v is not None}
     report = run_convert(src, dst, to=to, source_format=source_format, base=base, method=method,
                          allow_pickle=allow_pickle, overwrite=overwrite, strict=strict,
-                         method_options=method_options, format_options=format_options, resize=resize,
+                         format_options=options, resize=resize,
                          for_target=for_target)
     if push_to_hub:
         from .ops.hub import push_to_hub as run_push

@@ -107,6 +107,8 @@ class Method:
         """Method-specific checks on the values: (problems, measurements). Default: none."""
         return [], {}
 
+    #: Typed options of the conversions into this method (the CLI generates their flags), or None.
+    convert_options: ClassVar[type[Params] | None] = None
     #: Methods this one converts to (``convert_to``), and from (``convert_from``).
     converts_to: ClassVar[tuple[str, ...]] = ()
     converts_from: ClassVar[tuple[str, ...]] = ()

@@ -9,9 +9,10 @@ from ..conversion_report import EXACT_MATH, LOSSLESS, LOSSY, SCALE_FOLDED, Conve
 from ..engine.base import bind_base
 from ..errors import LossyConversionError, UsageError
 from ..format.container import require_finite
-from ..formats import (FORMATS, AdapterFormat, FormatOptions, ReadOptions, WriteOptions, detect_format,
+from ..formats import (FORMATS, AdapterFormat, ReadOptions, WriteOptions, detect_format,
                        format_for_output, get_format)
 from ..formats._lowrank import base_config_summary
+from ..methods import METHODS, get_method
 from .hub import is_hub, resolve_path
 from .load import load_base
 from .method_conversion import convert_methods
@@ -19,17 +20,24 @@ from .method_conversion import convert_methods
 STATUS_ORDER = [LOSSLESS, EXACT_MATH, SCALE_FOLDED, LOSSY]
 
 
+def option_models() -> list[tuple[type, str]]:
+    """Every typed option model with the flag that selects it (``--from x``, ``--to y``, ``--method m``)."""
+    models = [(fmt.read_options, f"--from {fmt.name}") for fmt in FORMATS]
+    models += [(fmt.write_options, f"--to {fmt.name}") for fmt in FORMATS]
+    models += [(m.convert_options, f"--method {m.name}") for m in METHODS if m.convert_options is not None]
+    return models
+
+
 def option_fields() -> dict[str, list[str]]:
-    """Every format option name -> the formats (``--from x`` / ``--to y``) that take it (for the CLI)."""
+    """Every option name -> the selections (``--from x`` / ``--to y`` / ``--method m``) that take it."""
     fields: dict[str, list[str]] = {}
-    for fmt in FORMATS:
-        for model, flag in ((fmt.read_options, "--from"), (fmt.write_options, "--to")):
-            for name in model.model_fields:
-                fields.setdefault(name, []).append(f"{flag} {fmt.name}")
+    for model, selector in option_models():
+        for name in model.model_fields:
+            fields.setdefault(name, []).append(selector)
     return fields
 
 
-def _typed_options(model: type[FormatOptions], given: dict[str, Any], where: str) -> FormatOptions:
+def _typed_options(model, given: dict[str, Any], where: str):
     from pydantic import ValidationError
     try:
         return model.model_validate({k: v for k, v in given.items() if k in model.model_fields and v is not None})
@@ -39,13 +47,16 @@ def _typed_options(model: type[FormatOptions], given: dict[str, Any], where: str
         raise UsageError(f"{flag}: {first['msg']}", hint=f"see adapterfmt convert --help ({where})") from None
 
 
-def _check_unused(given: dict[str, Any], reader: AdapterFormat, writer: AdapterFormat) -> None:
+def _check_unused(given: dict[str, Any], reader: AdapterFormat, writer: AdapterFormat, method: str | None) -> None:
     used = set(reader.read_options.model_fields) | set(writer.write_options.model_fields)
+    into = get_method(method).convert_options if method else None
+    used |= set(into.model_fields) if into is not None else set()
     fields = option_fields()
     for name, value in given.items():
         if value not in (None, False) and name not in used:
             flag = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} does not apply to --from {reader.name} --to {writer.name}",
+            chosen = f"--from {reader.name} --to {writer.name}" + (f" --method {method}" if method else "")
+            raise UsageError(f"{flag} does not apply to {chosen}",
                              hint=f"{flag} is for {', '.join(fields.get(name, ['nothing']))}")
 
 
@@ -88,8 +99,9 @@ def convert(src: Path | str, dst: Path | str, *, to: str | None = None, source_f
             for_target: str | None = None) -> ConversionReport:
     """Convert an adapter between formats (and methods); returns the per-module report.
 
-    ``format_options`` holds the readers' and writers' own options by field name (e.g.
-    ``{"cuda_sm_count": 108}``); each format takes the fields of its options model. ``for_target``
+    ``format_options`` (and ``method_options``) hold the readers', writers' and method conversions'
+    own options by field name (e.g. ``{"cuda_sm_count": 108}``, ``{"nola_basis": "64,32"}``); each
+    takes the fields of its typed options model. ``for_target``
     (``vllm``, ``sglang``, ...) lays the adapter out so that consumer computes exactly our ΔW, or refuses.
 
     Example:
@@ -101,8 +113,8 @@ def convert(src: Path | str, dst: Path | str, *, to: str | None = None, source_f
     check_output_path(dst, [src] + ([Path(base)] if base and not is_hub(base) else []))
     reader = get_format(source_format) if source_format else detect_format(src)
     writer = choose_writer(dst, to)
-    given = dict(format_options or {})
-    _check_unused(given, reader, writer)
+    given = {**(method_options or {}), **(format_options or {})}
+    _check_unused(given, reader, writer, method)
     report = ConversionReport(source_format=reader.name, target_format=writer.name)
     read_report = ConversionReport()
     checkpoint = load_base(base)
@@ -132,7 +144,9 @@ def convert(src: Path | str, dst: Path | str, *, to: str | None = None, source_f
     if wanted is None and resize is not None and set(adapter.manifest.methods()) - {"lora", "dora"}:
         wanted = "lora"  # rank changes work on LoRA factors
     if wanted is not None:
-        adapter = convert_methods(adapter, wanted, dict(method_options or {}), method_report)
+        model = get_method(wanted).convert_options
+        typed = _typed_options(model, given, f"--method {wanted}").model_dump() if model is not None else {}
+        adapter = convert_methods(adapter, wanted, typed, method_report)
     if resize is not None:  # {} = exact compaction; {"rank": N} or {"energy": F} truncate
         from .resize import resize_adapter
         adapter = resize_adapter(adapter, method_report, **resize)

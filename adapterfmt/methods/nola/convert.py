@@ -3,14 +3,38 @@ LoRA -> NOLA (fp64 least-squares projection onto fresh Philox bases, lossy, erro
 from __future__ import annotations
 
 import torch
+from pydantic import Field, field_validator
 
 from ...conversion_report import EXACT_MATH, LOSSY
 from ...errors import UsageError
 from ...format.manifest import ModuleEntry
-from ..descriptor import tensor_refs
+from ..descriptor import Params, tensor_refs
 from ..lora import lora_params
 from .bases import GeneratorFn, basis_chunks
 from .module import SIDES, derive_seed, nola_delta, nola_factors, nola_module, side_dims
+
+class NolaFromLoraOptions(Params):
+    """Options of ``convert --method nola`` (a least-squares projection onto fresh Philox bases)."""
+
+    nola_basis: tuple[int, int] | None = Field(default=None, description=(
+        "NOLA basis sizes K[,L] of the A and B sides for --method nola."))
+    seed: int | None = Field(default=None, ge=0, lt=2**64, description=(
+        "Master seed for NOLA bases (per-module seeds are derived from it)."))
+
+    @field_validator("nola_basis", mode="before")
+    @classmethod
+    def _sizes(cls, value):
+        """``"K"`` or ``"K,L"`` (the CLI's spelling) -> (K, L)."""
+        if isinstance(value, str):
+            try:
+                sizes = [int(v) for v in value.split(",")]
+            except ValueError:
+                raise ValueError(f"{value!r} must be K or K,L with positive integers") from None
+            value = (sizes[0], sizes[-1]) if 1 <= len(sizes) <= 2 else ()
+        if isinstance(value, (tuple, list)) and (len(value) != 2 or min(value) < 1):
+            raise ValueError(f"{value!r} must be K or K,L with positive integers")
+        return tuple(value) if isinstance(value, list) else value
+
 
 #: Largest fp64 basis kept in memory by the LoRA -> NOLA projection.
 KEEP_BYTES = 256 << 20

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ...errors import AdapterFmtError, ManifestError, UnknownMethodError
 from ..descriptor import Method, Role, refuse_conversion
 from .bases import GENERATORS, fingerprint, known_generators
-from .convert import lora_to_nola, nola_to_lora
+from .convert import NolaFromLoraOptions, lora_to_nola, nola_to_lora
 from .module import SIDES, NolaParams, fl32, nola_delta, side_dims
 
 
@@ -16,6 +16,7 @@ class NOLA(Method):
              Role("offset_A", ("r", "in"), required=False), Role("offset_B", ("rows", "r"), required=False))
     converts_to = ("lora",)
     converts_from = ("lora",)
+    convert_options = NolaFromLoraOptions
     formula = "ΔW[rows] = scale·B·A; A = offset_A + basis_scale_A·Σα_i·A_i, B likewise"
     spec_file = "nola.md"
 
