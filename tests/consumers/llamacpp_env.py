@@ -142,7 +142,10 @@ def llama_cpp_logits(base_gguf: Path, lora_gguf: Path | None, ids: list[int] = S
     done = subprocess.run([sys.executable, "-c", _EVAL, str(base_gguf), str(lora_gguf or ""), json.dumps(ids)],
                           capture_output=True, text=True, timeout=300)
     if done.returncode:
-        raise LlamaCppFailed(f"llama.cpp exit {done.returncode}: {done.stderr.strip()[-400:]}")
+        lines = done.stderr.strip().splitlines()
+        said = [x for x in lines if "GGML_ASSERT" in x or "error" in x.lower()] or lines[-1:]
+        what = "crashed (signal {})".format(-done.returncode) if done.returncode < 0 else f"exit {done.returncode}"
+        raise LlamaCppFailed(f"llama.cpp {what}: {' | '.join(said)[-300:]}")
     return np.array(json.loads(done.stdout.strip().splitlines()[-1]), dtype=np.float64)
 
 
