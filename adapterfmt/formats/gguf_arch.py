@@ -20,7 +20,8 @@ from ..errors import UsageError
 TOP = ("model.embed_tokens", "lm_head")
 ATTN = tuple(f"model.layers.{{bid}}.self_attn.{p}_proj" for p in "qkvo")
 MLP = tuple(f"model.layers.{{bid}}.mlp.{p}_proj" for p in ("gate", "up", "down"))
-SHARED_EXPERT = tuple(f"model.layers.{{bid}}.mlp.shared_expert.{p}_proj" for p in ("gate", "up", "down"))
+SHARED_EXPERT = tuple(f"model.layers.{{bid}}.mlp.shared_expert.{p}_proj" for p in ("gate", "up", "down")) + (
+    "model.layers.{bid}.mlp.shared_expert_gate",)  # Linear(hidden, 1): ffn_gate_inp_shexp, a 1-D base tensor
 PHI3 = ("model.layers.{bid}.self_attn.qkv_proj", "model.layers.{bid}.self_attn.o_proj",
         "model.layers.{bid}.mlp.gate_up_proj", "model.layers.{bid}.mlp.down_proj")
 NEOX = ("gpt_neox.embed_in", "embed_out") + tuple(

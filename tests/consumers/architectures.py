@@ -24,7 +24,8 @@ ARCHS: dict[str, tuple[str, dict, str, list[str]]] = {
     "qwen3": ("qwen3", {"head_dim": 16}, "spm", ATTN_MLP),
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, "spm", ATTN),
     "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                                "shared_expert_intermediate_size": 48}, "bpe", ATTN),
+                                "shared_expert_intermediate_size": 48}, "bpe",
+                  ATTN + ["gate_proj", "up_proj", "down_proj", "shared_expert_gate"]),  # shared expert
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                 "head_dim": 16, "norm_topk_prob": True}, "bpe", ATTN),
     "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 16, "tie_word_embeddings": True}, "spm", ATTN_MLP),

@@ -82,13 +82,24 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max())
 
 
+def llama_cpp_converter(peft_dir: Path, hf: Path, base_gguf: Path, out: Path) -> tuple[np.ndarray | None, str]:
+    """llama.cpp's own converter on the same adapter, run in llama.cpp: (logits, "") or (None, how it failed)."""
+    try:
+        return llama_cpp_logits(base_gguf, convert_lora_llama_cpp(peft_dir, hf, out)), ""
+    except (AssertionError, LlamaCppFailed) as exc:
+        return None, "fails: " + str(exc).strip().splitlines()[-1][:160]
+
+
 def llama_cpp_converter_error(peft_dir: Path, hf: Path, base_gguf: Path, want: np.ndarray, out: Path) -> str:
     """llama.cpp's own converter on the same adapter: its max |Δlogits|, or how it failed."""
-    try:
-        theirs = llama_cpp_logits(base_gguf, convert_lora_llama_cpp(peft_dir, hf, out))
-    except (AssertionError, LlamaCppFailed) as exc:
-        return "fails: " + str(exc).strip().splitlines()[-1][:160]
-    return f"{max_diff(theirs, want):.3g}"
+    theirs, failure = llama_cpp_converter(peft_dir, hf, base_gguf, out)
+    return failure or f"{max_diff(theirs, want):.3g}"
+
+
+def imported_as_peft(gguf_file: Path, hf: Path, out: Path) -> np.ndarray:
+    """Our GGUF reader, written out as PEFT: transformers+PEFT logits of what we read."""
+    adapterfmt.convert(gguf_file, out, to="peft", base=hf)
+    return peft_logits(hf, out)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
@@ -102,11 +113,19 @@ def test_lora_logits_match_peft(name, tmp_path_factory):
     want = peft_logits(hf, peft_dir)
     err = max_diff(llama_cpp_logits(base_gguf, ours), want)
     effect = max_diff(want, peft_logits(hf, None))  # how much the adapter moves the logits
-    baseline = llama_cpp_converter_error(peft_dir, hf, base_gguf, want, work / "theirs.gguf")
-    record({"case": name, "ours": err, "llama.cpp converter": baseline, "base floor": floor,
-            "lora effect": effect, "report": report.worst})
+    theirs, failure = llama_cpp_converter(peft_dir, hf, base_gguf, work / "theirs.gguf")
+    # Import: what we read from a GGUF (ours, and llama.cpp's converter output) must compute in PEFT what
+    # llama.cpp computes with that file.
+    read_ours = max_diff(imported_as_peft(ours, hf, work / "ours-peft"), want)
+    read_theirs = None if theirs is None else max_diff(imported_as_peft(work / "theirs.gguf", hf, work / "theirs-peft"),
+                                                       theirs)
+    record({"case": name, "ours": err, "llama.cpp converter": failure or max_diff(theirs, want), "base floor": floor,
+            "lora effect": effect, "report": report.worst, "import ours": read_ours, "import theirs": read_theirs})
     assert effect > 0.05, "the adapter must change the logits for the comparison to mean anything"
     assert err <= floor + TOL, f"{name}: llama.cpp with our GGUF is off by {err} (base alone: {floor})"
+    assert read_ours <= 1e-5, f"{name}: reading our GGUF back changes the logits by {read_ours}"
+    if read_theirs is not None:
+        assert read_theirs <= floor + TOL, f"{name}: our reading of llama.cpp's file is off by {read_theirs}"
 
 
 def test_untied_embedding_and_lm_head_lora(tmp_path_factory):
