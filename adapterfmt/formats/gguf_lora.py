@@ -132,8 +132,8 @@ class GgufLoraFormat(AdapterFormat):
         for stem, (a, b) in sorted(pairs.items()):
             module = gguf_to_hf(stem, hf_arch, blocks)
             if module is None:
-                raise ForeignFormatError(f"tensor {stem!r} has no transformers module in {hf_arch}", path=path,
-                                         hint="adapterfmt maps the modules listed in formats/gguf_arch.py")
+                raise ForeignFormatError(f"tensor {stem!r} has no transformers name for {arch} ({hf_arch})",
+                                         path=path, hint=f"adapterfmt maps {', '.join(_gguf_names(hf_arch))}")
             embedding = stem.startswith("token_embd.")
             if embedding:
                 a = a.t()  # stored (vocab, r) for ggml_get_rows; canonical A is (r, vocab)
@@ -190,6 +190,11 @@ class GgufLoraFormat(AdapterFormat):
             check_header(gguf.GGUFReader(tmp), str(path))
         report.notes.append(f"GGUF {gguf_arch_name(hf_arch)}: global adapter.lora.alpha = {alpha}")
         return path
+
+
+def _gguf_names(hf_arch: str) -> list[str]:
+    """The GGUF tensor names (blocks shown as N) adapterfmt maps for an architecture, for messages."""
+    return sorted({GGUF_BLOCK_RE.sub("blk.N.", name) for name in name_table(hf_arch, 1).values()})
 
 
 def _write_header(writer, adapter: Adapter, config: dict[str, Any], hf_arch: str, alpha: float) -> None:
