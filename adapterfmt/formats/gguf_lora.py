@@ -34,7 +34,8 @@ KEY_N_HEAD, KEY_N_HEAD_KV, KEY_HF_ARCH = "adapterfmt.n_head", "adapterfmt.n_head
 KEY_BASE = "adapterfmt.base_name_or_path"
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 #: --dtype choices of the writer: the factors' storage dtype (llama.cpp computes the LoRA in that precision).
-WRITE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "keep": None}
+WRITE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "keep": None,
+                "fp32": torch.float32, "fp16": torch.float16}  # merge --dtype spells them fp32/fp16
 
 
 def hf_to_gguf(module: str, hf_arch: str = "LlamaForCausalLM", n_blocks: int | None = None) -> str:
@@ -166,6 +167,9 @@ class GgufLoraFormat(AdapterFormat):
         blocks = int(config.get("num_hidden_layers") or 0) or None
         names = {t: hf_to_gguf(t, hf_arch, blocks) for t in adapter.manifest.modules}
         dtype = _write_dtype(options.get("dtype"))
+        # Cast before folding, so a scale folded into B is rounded once, in the dtype that is written.
+        adapter = Adapter(manifest=adapter.manifest, version=adapter.version, tensors={
+            name: _cast(t, dtype, name) for name, t in adapter.tensors.items()})
         # One global alpha: the most common alpha that reproduces a module's scale as alpha/rank.
         eff = {t: np.float32(e.params["scale"] * e.params["rank"]).item() for t, e in adapter.manifest.modules.items()}
         alpha = most_common(list(eff.values()))
@@ -181,7 +185,7 @@ class GgufLoraFormat(AdapterFormat):
                 if adapter.manifest.modules[target].layer == "embedding":
                     a = a.t()
                 for suffix, tensor in (("lora_a", a), ("lora_b", b)):
-                    data, raw = _to_numpy(_cast(tensor, dtype, target))
+                    data, raw = _to_numpy(tensor)
                     writer.add_tensor(f"{names[target]}.{suffix}", data, raw_dtype=raw)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -252,7 +256,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, target: str) -> torch
         return tensor
     cast = tensor.to(dtype)
     if not torch.equal(cast.to(tensor.dtype), tensor):
-        raise UsageError(f"module {target!r}: its {DTYPES.get(tensor.dtype, tensor.dtype)} factors are not exactly "
+        raise UsageError(f"tensor {target!r}: its {DTYPES.get(tensor.dtype, tensor.dtype)} values are not exactly "
                          f"representable in {DTYPES[dtype]}", hint="write --dtype f32 or --dtype keep")
     return cast
 

@@ -219,3 +219,22 @@ def test_truncated_file_is_one_error(native, workdir):
         bad.write_bytes(data[:cut])
         with pytest.raises(ForeignFormatError):
             convert(bad, workdir / f"trunc-{cut}.safetensors")
+
+
+def test_dtype_option_writes_f32_factors_and_refuses_rounding(native, workdir):
+    """--dtype f32 stores fp32 factors exactly; a cast that would round is refused, not done silently."""
+    from adapterfmt.format import read_adapter, write_adapter
+    from adapterfmt.format.fingerprint import dtype_name
+    adapter = read_adapter(native["rslora"])
+    adapter.tensors = {k: v.to(torch.float16) for k, v in adapter.tensors.items()}
+    for entry in adapter.manifest.modules.values():
+        for ref in entry.tensors.values():
+            ref.dtype = dtype_name(torch.float16)
+    half = write_adapter(adapter, workdir / "dtype-f16.safetensors")
+    convert(half, workdir / "dtype-f32.gguf", to="gguf", write_options={"dtype": "f32"})
+    tensors = gguf.GGUFReader(workdir / "dtype-f32.gguf").tensors
+    assert {t.tensor_type.name for t in tensors} == {"F32"}
+    with pytest.raises(UsageError, match="not exactly representable in BF16"):
+        convert(half, workdir / "dtype-bf16.gguf", to="gguf", write_options={"dtype": "bf16"})
+    with pytest.raises(UsageError, match="--dtype"):
+        convert(half, workdir / "dtype-x.gguf", to="gguf", write_options={"dtype": "f8"})
