@@ -44,8 +44,8 @@ class GgufArch:
     experts: str = ""  #: why expert LoRA cannot be written for this architecture ("" = no experts)
 
 
-_NO_EXPERT_LORA = ("llama.cpp applies expert LoRA (build_lora_mm_id) only to stacked 3-D tensors, and "
-                   "adapterfmt does not read per-expert LoRA yet")
+_NO_EXPERT_LORA = ("llama.cpp adapts experts only as stacked 3-D tensors (ffn_*_exps, via build_lora_mm_id); "
+                   "adapterfmt does not write expert LoRA to GGUF yet")
 ARCHITECTURES: dict[str, GgufArch] = {
     "LlamaForCausalLM": GgufArch("LLAMA", TOP + ATTN + MLP, ROPE),
     "MistralForCausalLM": GgufArch("LLAMA", TOP + ATTN + MLP, ROPE),
@@ -64,7 +64,7 @@ ARCHITECTURES: dict[str, GgufArch] = {
 }
 
 
-def _gguf():
+def load_gguf():
     try:
         import gguf
     except ImportError:
@@ -79,7 +79,7 @@ def gguf_arch_name(hf_arch: str) -> str:
         >>> gguf_arch_name("MistralForCausalLM")
         'llama'
     """
-    gguf = _gguf()
+    gguf = load_gguf()
     return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, ARCHITECTURES[hf_arch].gguf_arch)]
 
 
@@ -96,7 +96,7 @@ def name_table(hf_arch: str, n_blocks: int) -> dict[str, str]:
         >>> name_table("Phi3ForCausalLM", 1)["model.layers.0.mlp.gate_up_proj"]
         'blk.0.ffn_up'
     """
-    gguf = _gguf()
+    gguf = load_gguf()
     spec = ARCHITECTURES[hf_arch]
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, spec.gguf_arch), n_blocks)
     table = {}

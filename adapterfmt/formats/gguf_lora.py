@@ -22,7 +22,7 @@ from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, Manifest
 from ..methods.lora import lora_params
 from ..report import LOSSLESS
-from .gguf_arch import (_gguf, ARCHITECTURES, default_hf_arch, gguf_arch_name, name_table, row_layout,
+from .gguf_arch import (ARCHITECTURES, default_hf_arch, gguf_arch_name, load_gguf, name_table, row_layout,
                         row_permutation)
 from ._shared import add_lowrank_module, fold_to_global, known_base_config, most_common, require_linear
 from .base import AdapterFormat, register_format
@@ -50,7 +50,8 @@ def hf_to_gguf(module: str, hf_arch: str = "LlamaForCausalLM", n_blocks: int | N
     if name is None:
         adaptable = sorted({t.replace("{bid}", "N") for t in ARCHITECTURES[hf_arch].modules
                             if t.format(bid=0) in name_table(hf_arch, 1)})
-        raise UsageError(f"module {module!r} has no llama.cpp LoRA tensor in {hf_arch}",
+        why = ARCHITECTURES[hf_arch].experts if ".experts." in module else ""
+        raise UsageError(f"module {module!r} has no llama.cpp LoRA tensor in {hf_arch}" + (f": {why}" if why else ""),
                          hint=f"llama.cpp can adapt {', '.join(adaptable)}")
     return f"{name}.weight"
 
@@ -62,7 +63,7 @@ def gguf_to_hf(name: str, hf_arch: str = "LlamaForCausalLM", n_blocks: int = 1) 
 
 
 def _to_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, Any]:
-    gguf = _gguf()
+    gguf = load_gguf()
     tensor = tensor.detach().contiguous().cpu()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16), gguf.GGMLQuantizationType.BF16
@@ -72,7 +73,7 @@ def _to_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, Any]:
 
 
 def _from_reader(tensor, where: str) -> torch.Tensor:
-    gguf = _gguf()
+    gguf = load_gguf()
     kind = tensor.tensor_type
     data = np.array(tensor.data)
     if kind == gguf.GGMLQuantizationType.BF16:
@@ -109,7 +110,7 @@ class GgufLoraFormat(AdapterFormat):
 
     # ---------------------------------------------------------------- reading
     def read(self, path: Path, options, report) -> Adapter:
-        gguf = _gguf()
+        gguf = load_gguf()
         try:
             reader = gguf.GGUFReader(path)
         except Exception as exc:  # the reader raises many types (struct, numpy, enum) on damaged files
@@ -155,7 +156,7 @@ class GgufLoraFormat(AdapterFormat):
 
     # ---------------------------------------------------------------- writing
     def write(self, adapter: Adapter, path: Path, report, **options) -> Path:
-        gguf = _gguf()
+        gguf = load_gguf()
         require_linear(adapter, "GGUF", report, options.get("base"), ("linear", "embedding"))
         config = known_base_config(adapter, options.get("base"))
         hf_arch = adapter.manifest.base.architecture or (config.get("architectures") or [None])[0]
@@ -202,7 +203,7 @@ def _gguf_names(hf_arch: str) -> list[str]:
 
 
 def _write_header(writer, adapter: Adapter, config: dict[str, Any], hf_arch: str, alpha: float) -> None:
-    gguf = _gguf()
+    gguf = load_gguf()
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
