@@ -33,11 +33,11 @@ if [ ! -f "$SRC/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
     tar -xzf "$WORK/llama_cpp_python-$VERSION.tar.gz" -C "$WORK"
 fi
 
-# 3. libllama (shared) plus the quantize/export-lora tools, built once.
+# 3. libllama (shared), built once.
 if ! ls "$BUILD"/bin/libllama.so* >/dev/null 2>&1; then
     cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
-    cmake --build "$BUILD" -j "$JOBS" --target llama llama-quantize llama-export-lora
+    cmake --build "$BUILD" -j "$JOBS" --target llama
 fi
 LIB_DIR="$(dirname "$(ls "$BUILD"/bin/libllama.so* | head -n 1)")"
 

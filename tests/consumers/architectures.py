@@ -36,6 +36,9 @@ ARCHS: dict[str, tuple[str, dict, str, list[str]]] = {
     "falcon": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "parallel_attn": True,
                           "bias": False}, "bpe", ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
     "stablelm": ("stablelm", {"partial_rotary_factor": 0.5}, "bpe", ATTN_MLP),
+    "granitemoe": ("granitemoe", {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 2.0,
+                                  "logits_scaling": 4.0}, "spm", ATTN),
+    "gemma": ("gemma", {"head_dim": 16, "tie_word_embeddings": True}, "spm", ATTN_MLP),
     "granite": ("granite", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
                             "logits_scaling": 4.0}, "spm", ATTN_MLP),
 }

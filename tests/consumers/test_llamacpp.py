@@ -44,6 +44,8 @@ LORA = {
     "falcon": dict(r=4, lora_alpha=8, rank_pattern={"query_key_value": 3}),
     "stablelm": dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"q_proj": 2}),
     "granite": dict(r=4, lora_alpha=8, alpha_pattern={"down_proj": 2}),
+    "granitemoe": dict(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"k_proj": 2}),
+    "gemma": dict(r=2, lora_alpha=8, alpha_pattern={"up_proj": 4}),
 }
 _BASES: dict[tuple, tuple[Path, Path, float]] = {}
 
