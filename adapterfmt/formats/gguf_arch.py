@@ -5,7 +5,7 @@ For each transformers architecture: the GGUF ``general.architecture``, the modul
 weights of some of them (a LoRA's B must follow its base weight's rows). GGUF tensor names come from the
 ``gguf`` package's own ``TensorNameMap`` (what llama.cpp's converters use), never from renames written here.
 Sources: llama.cpp ``conversion/{llama,qwen,gemma,phi,gptneox,falcon,stablelm,granite}.py``,
-``src/llama-adapter.cpp``, ``src/llama-graph.cpp``; details in docs/notes (gguf-architectures.md).
+``src/llama-adapter.cpp``, ``src/llama-graph.cpp``; details and measurements in docs/gguf-architectures.md.
 """
 from __future__ import annotations
 
