@@ -28,9 +28,13 @@ ARCHS: dict[str, tuple[str, dict, str, list[str]]] = {
                   ATTN + ["gate_proj", "up_proj", "down_proj", "shared_expert_gate"]),  # shared expert
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                 "head_dim": 16, "norm_topk_prob": True}, "bpe", ATTN),
-    "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 16, "tie_word_embeddings": True}, "spm", ATTN_MLP),
-    "gemma3": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16, "tie_word_embeddings": True}, "spm", ATTN_MLP),
-    "phi3": ("phi3", {"num_key_value_heads": 4, "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2}, "spm", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    # llama.cpp's Gemma graphs scale attention by 1/sqrt(head_dim), as the real checkpoints' query_pre_attn_scalar
+    "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 16, "tie_word_embeddings": True}, "spm",
+               ATTN_MLP),
+    "gemma3": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16, "tie_word_embeddings": True}, "spm",
+               ATTN_MLP),
+    "phi3": ("phi3", {"num_key_value_heads": 4, "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2}, "spm",
+             ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
     "gpt_neox": ("gpt_neox", {"rotary_pct": 0.5}, "bpe",
                  ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
     "falcon": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "parallel_attn": True,
