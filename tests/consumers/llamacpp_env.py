@@ -98,8 +98,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def _run(args: list[str], what: str) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", NO_LOCAL_GGUF="")
-    env.pop("NO_LOCAL_GGUF")
+    # the vendored gguf-py must win over the installed gguf (NO_LOCAL_GGUF would disable it)
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"} | {"HF_HUB_OFFLINE": "1"}
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     if done.returncode:
         raise AssertionError(f"{what} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -163,10 +163,6 @@ def peft_logits(base_dir: Path, peft_dir: Path | None, ids: list[int] = SEQ) -> 
     with torch.no_grad():
         out = model(torch.tensor([ids])).logits[0, -1]
     return out.double().numpy()
-
-
-def save_config_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1))
 
 
 def record(row: dict) -> None:
