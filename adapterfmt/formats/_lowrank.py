@@ -17,7 +17,7 @@ from ..format.dtypes import dtype_name
 from ..conversion_report import EXACT_MATH, LOSSLESS, LOSSY, SCALE_FOLDED, ConversionReport
 
 #: Base-config fields a converter may need later (head counts for RoPE permutation, layer count).
-BASE_CONFIG_KEYS = ("architectures", "model_type", "num_attention_heads", "num_key_value_heads",
+BASE_CONFIG_KEYS = ("architectures", "model_type", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
                     "num_hidden_layers", "n_layer", "hidden_size", "head_dim", "tie_word_embeddings", "vocab_size")
 
 

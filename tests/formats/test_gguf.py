@@ -11,7 +11,8 @@ import torch
 
 from adapterfmt.ops.convert import convert
 from adapterfmt.errors import ForeignFormatError, UsageError
-from adapterfmt.formats.gguf_lora import BLOCK_NAMES, TOP_NAMES, hf_to_gguf
+from adapterfmt.formats.gguf_arch import ARCHITECTURES, name_table
+from adapterfmt.formats.gguf_lora import gguf_to_hf, hf_to_gguf
 from tests.helpers import peft_merged_state
 
 from .conftest import assert_round_trip, deltas
@@ -87,11 +88,15 @@ def test_loader_view_and_llama_cpp_delta(native, workdir, base, base_weights):
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_name_table_agrees_with_gguf_package():
-    for arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.QWEN2, gguf.MODEL_ARCH.QWEN3):
-        name_map = gguf.get_tensor_name_map(arch, 4)
-        for hf in [f"model.layers.3.{k}" for k in BLOCK_NAMES] + list(TOP_NAMES):
-            assert hf_to_gguf(hf) == f"{name_map.get_name(hf)}.weight", (arch, hf)
+@pytest.mark.parametrize("hf_arch", sorted(ARCHITECTURES))
+def test_every_listed_module_has_one_gguf_tensor_and_maps_back(hf_arch):
+    """Each module of the table gets a distinct llama.cpp tensor name, and the name maps back to it."""
+    table = name_table(hf_arch, 3)
+    assert len(set(table.values())) == len(table)
+    assert len(table) >= 3 * 4  # every block's attention at least
+    for module, name in table.items():
+        assert hf_to_gguf(module, hf_arch, 3) == f"{name}.weight"
+        assert gguf_to_hf(f"{name}.weight", hf_arch, 3) == module
 
 
 def test_head_counts_travel_in_the_file(native, workdir, base_weights):
@@ -217,3 +222,22 @@ def test_truncated_file_is_one_error(native, workdir):
         bad.write_bytes(data[:cut])
         with pytest.raises(ForeignFormatError):
             convert(bad, workdir / f"trunc-{cut}.safetensors")
+
+
+def test_dtype_option_writes_f32_factors_and_refuses_rounding(native, workdir):
+    """--dtype f32 stores fp32 factors exactly; a cast that would round is refused, not done silently."""
+    from adapterfmt.format import read_adapter, write_adapter
+    from adapterfmt.format.dtypes import dtype_name
+    adapter = read_adapter(native["rslora"])
+    adapter.tensors = {k: v.to(torch.float16) for k, v in adapter.tensors.items()}
+    for entry in adapter.manifest.modules.values():
+        for ref in entry.tensors.values():
+            ref.dtype = dtype_name(torch.float16)
+    half = write_adapter(adapter, workdir / "dtype-f16.safetensors")
+    convert(half, workdir / "dtype-f32.gguf", to="gguf", format_options={"dtype": "f32"})
+    tensors = gguf.GGUFReader(workdir / "dtype-f32.gguf").tensors
+    assert {t.tensor_type.name for t in tensors} == {"F32"}
+    with pytest.raises(UsageError, match="not exactly representable in BF16"):
+        convert(half, workdir / "dtype-bf16.gguf", to="gguf", format_options={"dtype": "bf16"})
+    with pytest.raises(UsageError, match="--dtype"):
+        convert(half, workdir / "dtype-x.gguf", to="gguf", format_options={"dtype": "f8"})

@@ -60,7 +60,8 @@ CASES = [
     Case("gguf adapter.type not lora", gguf_case(adapter_type="control_vector"), 1,
          rf"{F}: general.type='adapter', adapter.type='control_vector': not a GGUF LoRA adapter"),
     Case("gguf unknown architecture", gguf_case(arch="gpt2"), 1,
-         rf"{F}: GGUF architecture 'gpt2' is not covered; covered: llama, qwen2, qwen3"),
+         rf"{F}: GGUF architecture 'gpt2' is not covered; covered: falcon, gemma, gemma2, gemma3, gptneox, granite, "
+         r"granitemoe, llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe, stablelm"),
     Case("gguf architecture disagrees with recorded HF architecture", gguf_case(arch="qwen2",
                                                                                hf_arch="LlamaForCausalLM"), 1,
          rf"{F}: GGUF architecture 'qwen2' does not match the base's LlamaForCausalLM; model arch and LoRA arch"),
