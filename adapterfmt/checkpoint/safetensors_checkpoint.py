@@ -108,36 +108,70 @@ class BaseCheckpoint:
         return list(self._info)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._info or name in self.tied_weights
+        return name in self._info or name in self.tied_weights or name in self.renamed_keys
 
     @cached_property
-    def tied_weights(self) -> dict[str, str]:
-        """Weights the model ties but the files store once: {alias: stored source}, e.g.
-        ``{"lm_head.weight": "model.embed_tokens.weight"}``. transformers' own tie table for the
-        config's architecture (built on the meta device, no weights), so no names are hard-coded here.
-        """
+    def _meta_model(self):
+        """The config's architecture built on the meta device (no weights), or None when transformers
+        does not know it. Source of the tie table and the checkpoint key renamings below."""
         arch = self.architecture
-        if not arch:
-            return {}
+        if not arch or not (self.root / "config.json").is_file():
+            return None
         try:
             import torch
             import transformers
             from transformers import AutoConfig
-            config = AutoConfig.from_pretrained(str(self.root), local_files_only=True)
             model_class = getattr(transformers, arch, None)
             if model_class is None:
-                return {}
+                return None
+            config = AutoConfig.from_pretrained(str(self.root), local_files_only=True)
             with torch.device("meta"):
-                model = model_class(config)
-            tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-        except Exception:  # an unknown or custom architecture: no ties known, nothing aliased
+                return model_class(config)
+        except Exception:  # an unknown or custom architecture: no ties or renamings known
+            return None
+
+    @cached_property
+    def tied_weights(self) -> dict[str, str]:
+        """Weights the model ties but the files store once: {alias: stored source}, e.g.
+        ``{"lm_head.weight": "model.embed_tokens.weight"}`` (transformers' own tie table)."""
+        tied = dict(getattr(self._meta_model, "all_tied_weights_keys", None) or {})
+        return {alias: self.renamed_keys.get(source, source) for alias, source in tied.items()
+                if alias not in self._info and self.renamed_keys.get(source, source) in self._info}
+
+    @cached_property
+    def renamed_keys(self) -> dict[str, str]:
+        """{parameter name in the live model: stored key} for keys transformers renames on load (ViT's
+        ``encoder.layer.N.attention.attention.query`` is ``layers.N.attention.q_proj`` in transformers 5).
+        Pure renamings only, from transformers' own conversion mapping; keys that a converter merges
+        or splits get no alias (binding them is refused by name)."""
+        model = self._meta_model
+        if model is None:
             return {}
-        return {alias: source for alias, source in tied.items()
-                if alias not in self._info and source in self._info}
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightRenaming, rename_source_key
+            transforms = get_model_conversion_mapping(model)
+            renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+            converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+            meta = model.state_dict()
+            out = {}
+            for key in self._info:
+                live, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+                if converter is None and live != key and live not in self._info:
+                    out[live] = key
+            return out
+        except Exception:  # an older transformers without conversion mappings: names are stored as live
+            return {}
+
+    def stored_key(self, name: str) -> str:
+        """The stored key a live parameter name is saved under (itself when not renamed)."""
+        return name if name in self._info else self.renamed_keys.get(name, name)
 
     def resolve(self, name: str) -> str:
-        """The stored tensor that holds ``name`` (itself, or the source of a tied alias)."""
-        return self.tied_weights.get(name, name) if name not in self._info else name
+        """The stored tensor that holds ``name`` (itself, its renamed stored key, or a tied alias' source)."""
+        if name in self._info:
+            return name
+        return self.renamed_keys.get(name) or self.tied_weights.get(name, name)
 
     def dtype_name(self, name: str) -> str:
         return self._require(name)[0]

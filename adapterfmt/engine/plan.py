@@ -126,15 +126,15 @@ def make_jobs(base: StreamingCheckpoint, adapters: list[tuple[Adapter, float]], 
     replacements: dict[str, Replacement] = {}
     for adapter, weight in adapters:
         for target, entry in adapter.manifest.modules.items():
-            updates.setdefault(entry.base_weight, []).append(Update(adapter, float(weight), target))
+            updates.setdefault(base.stored_key(entry.base_weight), []).append(Update(adapter, float(weight), target))
         for payload in adapter.manifest.payloads.values():
             base._require(payload.target)
-            if payload.target in replacements:
+            if base.stored_key(payload.target) in replacements:
                 raise UsageError(f"two adapters replace {payload.target!r}", hint="merge them one at a time")
             if payload.kind != "bias_delta" and weight != 1.0:
                 raise UsageError(f"payload {payload.target!r} replaces a whole tensor and cannot be weighted",
                                  hint="merge this adapter with weight 1")
-            replacements[payload.target] = Replacement(adapter, float(weight), payload)
+            replacements[base.stored_key(payload.target)] = Replacement(adapter, float(weight), payload)
     aliases: dict[str, list[str]] = {}
     for alias in untied_aliases(base, set(updates) | set(replacements)):
         aliases.setdefault(base.tied_weights[alias], []).append(alias)
