@@ -143,12 +143,7 @@ def test_untied_embedding_and_lm_head_lora(tmp_path_factory):
     assert err <= floor + TOL
 
 
-_TIED_LM_HEAD_IMPORT = pytest.mark.xfail(strict=True, raises=BaseMismatchError, reason=(
-    "issue 11 defect: reading a PEFT lm_head LoRA with --base on a tied model fails in base binding "
-    "('payload target lm_head.weight is not in the base model'): the checkpoint has no tied-weight alias yet"))
-
-
-@pytest.mark.parametrize("module", [pytest.param("lm_head", marks=_TIED_LM_HEAD_IMPORT), "embed_tokens"])
+@pytest.mark.parametrize("module", ["lm_head", "embed_tokens"])
 def test_tied_embedding_lora_is_refused(module, tmp_path_factory):
     """PEFT runs these; llama.cpp has one token_embd tensor for both ends, so we refuse by name."""
     hf, base_gguf, floor = base_model("qwen2", tmp_path_factory.getbasetemp() / "llamacpp", tie_word_embeddings=True)
