@@ -19,7 +19,7 @@ llama_cpp_dir()
 import_llama_cpp()
 
 import adapterfmt  # noqa: E402
-from adapterfmt.errors import BaseMismatchError, UsageError  # noqa: E402
+from adapterfmt.errors import UsageError  # noqa: E402
 
 from .architectures import ARCHS, build  # noqa: E402
 
