@@ -11,7 +11,7 @@ from typing import Any
 from ..format.versions import version_string
 from ..methods import get_method
 from .hub import resolve_path
-from .load import load_adapter
+from .load import load_any_adapter
 
 
 def inspect_adapter(path: Path | str) -> dict[str, Any]:
@@ -23,7 +23,7 @@ def inspect_adapter(path: Path | str) -> dict[str, Any]:
         12288
     """
     path = resolve_path(path)
-    adapter = load_adapter(path)
+    adapter, fmt = load_any_adapter(path)
     manifest = adapter.manifest
     modules = []
     total_params = rank1_params = 0
@@ -42,7 +42,8 @@ def inspect_adapter(path: Path | str) -> dict[str, Any]:
     ranks = Counter(m["rank"] for m in modules if m["rank"] is not None)
     return {
         "path": str(path),
-        "format_version": version_string(adapter.version),
+        "format": fmt,
+        "format_version": version_string(adapter.version) if fmt == "adapterfmt" else None,
         "methods": manifest.methods(),
         "base": {"name_or_path": manifest.base.name_or_path, "revision": manifest.base.revision,
                  "architecture": manifest.base.architecture,
@@ -51,7 +52,7 @@ def inspect_adapter(path: Path | str) -> dict[str, Any]:
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "parameter_count": total_params,
         "payload_parameter_count": payload_params,
-        "bytes_on_disk": os.path.getsize(path),
+        "bytes_on_disk": _size_on_disk(path),
         "tensor_bytes": sum(t.numel() * t.element_size() for t in adapter.tensors.values()),
         "rank1_lora_parameter_count": rank1_params,
         "compression_vs_rank1_lora": (rank1_params / total_params) if total_params else None,
@@ -63,11 +64,18 @@ def inspect_adapter(path: Path | str) -> dict[str, Any]:
     }
 
 
+def _size_on_disk(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return os.path.getsize(path)
+
+
 def format_inspection(info: dict[str, Any], limit: int = 20) -> list[str]:
     """Human-readable lines for :func:`inspect_adapter`'s result."""
     base = info["base"]
     lines = [
-        f"{info['path']}  (adapterfmt {info['format_version']}, created by {info['created_by'] or '?'})",
+        f"{info['path']}  ({info['format']} {info['format_version'] or ''}".rstrip()
+        + f", created by {info['created_by'] or '?'})",
         f"  methods: {', '.join(info['methods'])}   modules: {info['module_count']}   "
         f"ranks: {', '.join(f'r={k}x{v}' for k, v in info['ranks'].items()) or '-'}",
         f"  base: {base['name_or_path'] or '?'}"

@@ -67,10 +67,12 @@ def test_api_merge_accepts_plain_adapter_paths(lora, llama_base, tmp_path):
 def test_inspect_and_validate_on_a_peft_directory_say_convert_first(lora):
     peft_dir, _ = lora
     runner = CliRunner()
-    for command in ("inspect", "validate"):
-        out = runner.invoke(main, [command, str(peft_dir)])
-        assert out.exit_code == 2, out.output
-        assert "convert it first" in out.output and "not a regular file" not in out.output
+    out = runner.invoke(main, ["validate", str(peft_dir)])
+    assert out.exit_code == 2, out.output
+    assert "is a peft adapter, not an adapterfmt file; convert it first" in out.output
+    assert "not a regular file" not in out.output
+    out = runner.invoke(main, ["inspect", str(peft_dir)])  # inspect reads it as convert would
+    assert out.exit_code == 0 and "(peft, created by" in out.output
 
 
 def test_demo_twice_into_one_directory_is_refused_with_the_flag_demo_has(tmp_path):
@@ -143,3 +145,17 @@ def test_check_and_convert_for_target_from_the_command_line(lora, tmp_path):
     out = runner.invoke(main, ["convert", str(native), str(tmp_path / "for-vllm"), "--to", "peft", "--for", "vllm"])
     assert out.exit_code == 0, out.output
     assert (tmp_path / "for-vllm" / "adapter_config.json").is_file()
+
+
+def test_commands_taking_an_adapter_recognise_a_gguf_we_wrote(lora, llama_base, tmp_path):
+    _, native = lora
+    gguf_file = tmp_path / "a.gguf"
+    adapterfmt.convert(native, gguf_file, base=llama_base)
+    runner = CliRunner()
+    out = runner.invoke(main, ["validate", str(gguf_file)])
+    assert out.exit_code == 2 and "is a gguf adapter, not an adapterfmt file; convert it first" in out.output
+    assert "corrupt" not in out.output
+    info = adapterfmt.inspect_adapter(gguf_file)
+    assert info["format"] == "gguf" and info["module_count"] == 4 and info["format_version"] is None
+    out = runner.invoke(main, ["inspect", str(gguf_file)])
+    assert out.exit_code == 0 and "(gguf, created by" in out.output
