@@ -57,6 +57,9 @@ cd "$REPO"
 status=0
 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/consumers \
     -m llamacpp "$@" || status=$?
+# The `check --target llama.cpp` rules against llama.cpp's own convert_lora_to_gguf.py.
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/ops/test_check.py \
+    -k real_llamacpp "$@" || status=$?
 "$PYTHON" - "$ADAPTERFMT_CONSUMER_RESULTS" <<'EOF'
 import json, pathlib, sys
 path = pathlib.Path(sys.argv[1])

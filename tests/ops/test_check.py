@@ -380,7 +380,8 @@ def test_fold_keeps_bf16_when_exact_and_widens_otherwise(adapters):
 # ------------------------------------------------------------------ llama.cpp's own converter, when available
 # Opt-in (about 45 s: three converter runs): LLAMA_CPP_DIR=<llama.cpp source, e.g. the one vendored in the
 # llama-cpp-python sdist> as scripts/test-consumers.sh sets it.
-LLAMA_CPP_DIR = Path(os.environ["LLAMA_CPP_DIR"]) if os.environ.get("LLAMA_CPP_DIR") else None
+_SOURCE = os.environ.get("LLAMA_CPP_DIR") or os.environ.get("ADAPTERFMT_LLAMA_CPP_DIR")
+LLAMA_CPP_DIR = Path(_SOURCE) if _SOURCE else None
 CONVERTER = LLAMA_CPP_DIR / "convert_lora_to_gguf.py" if LLAMA_CPP_DIR else None
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output"}
