@@ -1,0 +1,94 @@
+"""PEFT IA³ / LoHa / LoKr / AdaLoRA / OFT: import, merge against PEFT's merge_and_unload, PEFT round trip."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import adapterfmt
+from adapterfmt.engine.unmerge import ulp_distance
+from adapterfmt.errors import AdapterFmtError
+from adapterfmt.format import read_adapter
+from tests.helpers import load_model, peft_logits, peft_merged_state
+from tests.tuner_helpers import TUNER_METHODS, make_tuner_adapter
+
+
+KINDS = list(TUNER_METHODS)
+
+
+@pytest.fixture(scope="module")
+def qwen2_base(tmp_path_factory):
+    """A tiny Qwen2 (q/k/v carry biases, made non-zero so IA³'s bias scaling is visible)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("qwen2") / "base"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_second_architecture_merge_matches_peft(kind, qwen2_base, tmp_path):
+    peft_dir = make_tuner_adapter(qwen2_base, tmp_path / "peft", kind)
+    native = tmp_path / "a.safetensors"
+    adapterfmt.convert(peft_dir, native, base=qwen2_base)
+    adapterfmt.merge(qwen2_base, [(native, 1.0)], tmp_path / "merged")
+    got = load_model(tmp_path / "merged").state_dict()
+    want = peft_merged_state(qwen2_base, peft_dir)
+    base = load_model(qwen2_base).state_dict()
+    for name, tensor in want.items():
+        assert int(ulp_distance(got[name], tensor).max()) <= 1, name
+    if kind == "ia3":  # output-axis vectors scale k/v biases too
+        assert not torch.equal(want["model.layers.0.self_attn.k_proj.bias"], base["model.layers.0.self_attn.k_proj.bias"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_merge_matches_peft_within_one_ulp(kind, dtype, llama_base, llama_base_bf16, tmp_path):
+    base = llama_base if dtype == "fp32" else llama_base_bf16
+    peft_dir = make_tuner_adapter(base, tmp_path / "peft", kind)
+    native = tmp_path / "a.safetensors"
+    adapterfmt.convert(peft_dir, native, base=base)
+    assert {e.method for e in read_adapter(native).manifest.modules.values()} == {kind}
+    adapterfmt.merge(base, [(native, 1.0)], tmp_path / "merged")
+    got = load_model(tmp_path / "merged").state_dict()
+    want = peft_merged_state(base, peft_dir)
+    changed = 0
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert int(ulp_distance(got[name], tensor).max()) <= 1, name
+        changed += not torch.equal(tensor, load_model(base).state_dict()[name]) if name.endswith("proj.weight") else 0
+    assert changed > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peft_round_trip_logits(kind, llama_base, tmp_path):
+    peft_dir = make_tuner_adapter(llama_base, tmp_path / "peft", kind)
+    native, back = tmp_path / "a.safetensors", tmp_path / "back"
+    adapterfmt.convert(peft_dir, native, base=llama_base)
+    adapterfmt.convert(native, back, to="peft")
+    assert json.loads((back / "adapter_config.json").read_text())["peft_type"] == kind.upper()
+    torch.testing.assert_close(peft_logits(llama_base, back), peft_logits(llama_base, peft_dir), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "adalora"])
+def test_exact_conversion_to_lora(kind, llama_base, tmp_path):
+    peft_dir = make_tuner_adapter(llama_base, tmp_path / "peft", kind)
+    lora = tmp_path / "lora"
+    report = adapterfmt.convert(peft_dir, lora, to="peft", method="lora")
+    assert report.worst in ("lossless", "exact")
+    torch.testing.assert_close(peft_logits(llama_base, lora), peft_logits(llama_base, peft_dir), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ia3", "oft"])
+def test_import_without_base_is_refused_by_name(kind, llama_base, tmp_path):
+    peft_dir = make_tuner_adapter(llama_base, tmp_path / "peft", kind)
+    with pytest.raises(AdapterFmtError, match="--base"):
+        adapterfmt.convert(peft_dir, tmp_path / "a.safetensors")
