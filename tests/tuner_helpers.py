@@ -45,8 +45,23 @@ def tuner_config(method: str):
     }[method]
 
 
+_MADE: dict[tuple[str, str, int], Path] = {}
+
+
 def make_tuner_adapter(base: Path, out: Path, method: str, seed: int = 1) -> Path:
-    """Save a PEFT adapter of ``method`` for the model at ``base`` into ``out``."""
+    """A PEFT adapter of ``method`` for the model at ``base``, saved into ``out``.
+
+    Deterministic, so one session reuses the first directory made for the same (base, method, seed)
+    (AdaLoRA trains a few steps; the directories are only read).
+    """
+    key = (str(base), method, seed)
+    if key in _MADE and _MADE[key].is_dir():
+        return _MADE[key]
+    _MADE[key] = _make(base, out, method, seed)
+    return _MADE[key]
+
+
+def _make(base: Path, out: Path, method: str, seed: int) -> Path:
     from peft import get_peft_model
     config, perturb = tuner_config(method)
     torch.manual_seed(seed)
