@@ -7,7 +7,7 @@ import torch
 
 from tests.helpers import load_model
 
-TUNER_METHODS = ("ia3", "loha", "lokr", "adalora", "oft")
+TUNER_METHODS = ("ia3", "loha", "lokr", "adalora", "oft", "boft")
 
 
 def _perturb(model, std: float) -> None:
@@ -32,7 +32,7 @@ def _train_adalora(model) -> None:
 
 def tuner_config(method: str):
     """(PEFT config, how to move the weights off their init) for ``method`` on Llama-like models."""
-    from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, OFTConfig
+    from peft import AdaLoraConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, OFTConfig
     return {
         "ia3": (IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), 0.3),
         "loha": (LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "down_proj"], init_weights=False,
@@ -42,6 +42,9 @@ def tuner_config(method: str):
         "adalora": (AdaLoraConfig(init_r=6, target_r=3, lora_alpha=16, tinit=1, tfinal=2, total_step=8,
                                   target_modules=["q_proj", "v_proj", "down_proj"]), "train"),
         "oft": (OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "down_proj"]), 0.05),
+        # On CPU PEFT builds one butterfly factor whatever boft_n_butterfly_factor says.
+        "boft": (BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj", "down_proj"]),
+                 0.1),
     }[method]
 
 

@@ -62,8 +62,8 @@ class LoKr(Method):
         (dims["a"], dims["c"]), (dims["b"], dims["d"]) = params.w1_shape, params.w2_shape
         return dims
 
-    def check_entry(self, target, entry, path=None):
-        params = super().check_entry(target, entry, path)
+    def check_entry(self, target, entry, path=None, *, lenient=False):
+        params = super().check_entry(target, entry, path, lenient=lenient)
         for which, (low, high) in HALVES.items():
             full, parts = which in entry.tensors, [k for k in (low, high) if k in entry.tensors]
             if full == bool(parts) or (parts and len(parts) != 2):

@@ -92,3 +92,56 @@ def test_import_without_base_is_refused_by_name(kind, llama_base, tmp_path):
     peft_dir = make_tuner_adapter(llama_base, tmp_path / "peft", kind)
     with pytest.raises(AdapterFmtError, match="--base"):
         adapterfmt.convert(peft_dir, tmp_path / "a.safetensors")
+
+
+class _BlockDiagExtension:
+    """CPU stand-in for PEFT's fbd_cuda extension: (N, D, H, H) -> (N, D·H, D·H) block diagonals."""
+
+    @staticmethod
+    def forward(blocks):
+        return [torch.stack([torch.block_diag(*blocks[i]) for i in range(blocks.shape[0])])]
+
+
+def test_boft_two_butterfly_factors_match_peft(llama_base_bf16, tmp_path, monkeypatch):
+    import peft.tuners.boft.layer as boft_layer
+    from peft import BOFTConfig, get_peft_model
+    monkeypatch.setattr(boft_layer, "_FBD_CUDA", _BlockDiagExtension())  # what a CUDA machine builds
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(llama_base_bf16), BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2,
+                                                                   target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "peft")
+    native = tmp_path / "a.safetensors"
+    adapterfmt.convert(tmp_path / "peft", native)
+    assert {e.params["butterfly_factors"] for e in read_adapter(native).manifest.modules.values()} == {2}
+    adapterfmt.merge(llama_base_bf16, [(native, 1.0)], tmp_path / "merged")
+    got = load_model(tmp_path / "merged").state_dict()
+    want = peft_merged_state(llama_base_bf16, tmp_path / "peft")
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "boft_n_butterfly_factor": 3}))
+    with pytest.raises(AdapterFmtError, match="2 butterfly factor"):
+        adapterfmt.convert(tmp_path / "peft", tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize("kind, field, value, message", [
+    ("oft", "peft_version", "0.17.1", "PEFT before 0.18.0"),
+    ("ia3", "feedforward_modules", [], "feedforward_modules says output"),
+    ("loha", "use_effective_conv2d", True, None),  # training-only layout flag: accepted
+    ("lokr", "some_future_field", 1, "not understood: some_future_field"),
+])
+def test_config_contradictions_are_refused_by_name(kind, field, value, message, llama_base, tmp_path):
+    import shutil
+    peft_dir = tmp_path / "peft"
+    shutil.copytree(make_tuner_adapter(llama_base, tmp_path / "orig", kind), peft_dir)
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    (peft_dir / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    if message is None:
+        adapterfmt.convert(peft_dir, tmp_path / "a.safetensors", base=llama_base)
+        return
+    with pytest.raises(AdapterFmtError, match=message):
+        adapterfmt.convert(peft_dir, tmp_path / "a.safetensors", base=llama_base)

@@ -43,6 +43,8 @@ class Tuner:
     #: ``bias_deltas(module, entry params, role tensors, base) -> {bias name: fp32 delta}`` for tuners that
     #: also change the layer's bias (IA³ output axis); stored as ``bias_delta`` payloads.
     bias_deltas: Callable | None = None
+    #: ``notes(config, adapter, report)``: tuner-wide remarks once every module is read.
+    notes: Callable | None = None
 
 
 def check_fields(tuner: Tuner, config: dict[str, Any], cfg_path: Path) -> None:
@@ -124,7 +126,10 @@ def build_adapter(tuner: Tuner, config: dict[str, Any], state: dict[str, torch.T
     manifest.base.name_or_path = config.get("base_model_name_or_path")
     manifest.base.revision = config.get("revision")
     manifest.source = {"format": "peft", "config": config}
-    return Adapter(manifest=manifest, tensors=tensors)
+    adapter = Adapter(manifest=manifest, tensors=tensors)
+    if tuner.notes is not None:
+        tuner.notes(config, adapter, report)
+    return adapter
 
 
 def require(condition: bool, message: str, path: Path, hint: str = "the config does not match the weights") -> None:
