@@ -145,3 +145,29 @@ def test_config_contradictions_are_refused_by_name(kind, field, value, message, 
         return
     with pytest.raises(AdapterFmtError, match=message):
         adapterfmt.convert(peft_dir, tmp_path / "a.safetensors", base=llama_base)
+
+
+@pytest.mark.parametrize("kind", ["ia3", "adalora"])
+def test_gpt2_conv1d_fan_in_fan_out(kind, gpt2_base, tmp_path):
+    from peft import AdaLoraConfig, IA3Config, get_peft_model
+    config = {"ia3": IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                               fan_in_fan_out=True),
+              "adalora": AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=4, init_lora_weights=False,
+                                       target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)}[kind]
+    torch.manual_seed(2)
+    model = get_peft_model(load_model(gpt2_base), config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "peft")
+    native, back = tmp_path / "a.safetensors", tmp_path / "back"
+    adapterfmt.convert(tmp_path / "peft", native, base=gpt2_base)
+    assert all(e.fan_in_fan_out and e.layer == "conv1d" for e in read_adapter(native).manifest.modules.values())
+    adapterfmt.merge(gpt2_base, [(native, 1.0)], tmp_path / "merged")
+    got = load_model(tmp_path / "merged").state_dict()
+    for name, tensor in peft_merged_state(gpt2_base, tmp_path / "peft").items():
+        assert int(ulp_distance(got[name], tensor).max()) <= 1, name
+    adapterfmt.convert(native, back, to="peft")
+    torch.testing.assert_close(peft_logits(gpt2_base, back), peft_logits(gpt2_base, tmp_path / "peft"),
+                               rtol=0, atol=1e-5)
