@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..atomic import atomic_file
-from ..conversion_report import LOSSLESS, SCALE_FOLDED
+from ..conversion_report import EXACT_MATH, LOSSLESS, SCALE_FOLDED
 from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter, BaseWeight, Manifest, ModuleEntry, TensorRef
 from ..format.dtypes import dtype_name
@@ -45,14 +45,15 @@ class LycorisFormat(AdapterFormat):
     name = "lycoris"
     summary = "LyCORIS LoHa/LoKr safetensors (hada_*/lokr_* + alpha, kohya-style names)"
     priority = 29  # before kohya: a LyCORIS file may also hold plain lora_down/lora_up modules
-    writes_methods = ("loha", "lokr")
+    writes_methods = ("lora", "loha", "lokr")
 
     def detect(self, path: Path) -> bool:
         if not (path.is_file() and path.suffix == ".safetensors"):
             return False
         found = safetensors_keys(path)
         leaves = tuple(f".{leaf}" for leaf in LOHA + LOKR + tuple(REFUSED))
-        return found is not None and any(k.endswith(leaves) for k in found[0])
+        # LyCORIS-only leaves, or LyCORIS's own prefix (a file of plain LoRA modules written by LyCORIS).
+        return found is not None and any(k.endswith(leaves) or k.startswith(f"{PREFIX}_") for k in found[0])
 
     def read(self, path: Path, options, report) -> Adapter:
         state, metadata = load_safetensors(path)
@@ -87,7 +88,8 @@ class LycorisFormat(AdapterFormat):
         names, state = {}, {}
         for target, entry in adapter.manifest.modules.items():
             if entry.layer != "linear" or entry.fan_in_fan_out:
-                raise UsageError(f"module {target!r} is a {entry.layer} layer; LyCORIS files here hold Linear ones")
+                raise UsageError(f"module {target!r} is a {entry.layer} layer; this LyCORIS writer holds Linear "
+                                 "layers only", hint="export it with --to peft or keep the adapterfmt file")
             name = kohya_name(target, PREFIX)
             names[name] = target
             tensors = adapter.module_tensors(target)
@@ -118,7 +120,9 @@ def _add_module(manifest, tensors, module, name, parts, alpha, path) -> None:
         roles = {k[len("lokr_"):]: v for k, v in parts.items()}
         low = roles.get("w1_b", roles.get("w2_b"))
         both_full = low is None
-        rank = 1 if both_full else low.shape[0]
+        # Two full halves: LyCORIS saves alpha = lora_dim and applies scale 1; keep that dim as the rank.
+        rank = (int(alpha) if alpha and float(alpha).is_integer() and alpha >= 1 else 1) if both_full \
+            else low.shape[0]
         alpha = alpha or float(rank)
         (a, c) = roles["w1"].shape if "w1" in roles else (roles["w1_a"].shape[0], roles["w1_b"].shape[1])
         (b, d) = roles["w2"].shape if "w2" in roles else (roles["w2_a"].shape[0], roles["w2_b"].shape[1])
@@ -149,11 +153,19 @@ def _module_state(name, target, entry, tensors, report) -> dict[str, torch.Tenso
         state = {f"{name}.hada_{role}": t for role, t in tensors.items()}
         state[f"{name}.alpha"] = alpha_tensor(params["scale"] * params["rank"])
         report.add(target, LOSSLESS if float(state[f"{name}.alpha"]) / params["rank"] == params["scale"]
-                   else "exact")
+                   else EXACT_MATH)
         return state
+    if entry.method == "lora":
+        rank, scale = int(params["rank"]), float(params["scale"])
+        alpha = alpha_tensor(scale * rank)
+        exact = float(alpha) / rank == scale
+        report.add(target, LOSSLESS if exact and not params["use_rslora"] else EXACT_MATH,
+                   "" if exact else f"scale {scale!r} -> {float(alpha) / rank!r}")
+        return {f"{name}.lora_down.weight": tensors["lora_A"], f"{name}.lora_up.weight": tensors["lora_B"],
+                f"{name}.alpha": alpha}
     if entry.method != "lokr":
-        raise UsageError(f"module {target!r} is {entry.method}; the LyCORIS writer holds LoHa and LoKr",
-                         hint="convert with --method loha/lokr is not available; use --to kohya for LoRA")
+        raise UsageError(f"module {target!r} is {entry.method}; the LyCORIS writer holds LoRA, LoHa and LoKr",
+                         hint="convert it with --method lora first")
     both_full = "w1" in tensors and "w2" in tensors
     state = {f"{name}.lokr_{role}": t for role, t in tensors.items()}
     if both_full:

@@ -52,7 +52,9 @@ class AdaLoRA(Method):
     params_model = AdaloraParams
     roles = (Role("lora_A", ("r", "in")), Role("lora_E", ("r",)), Role("lora_B", ("out", "r")))
     row_separable = True
+    layers = ("linear", "conv1d")
     formula = "ΔW = (B·(A ⊙ E))·scaling / fp32(ranknum + 1e-5)"
+    spec_file = "methods-tuners.md"
 
     def expected_scale(self, params):
         return params.scaling / float(ranknum_denominator(params.ranknum))

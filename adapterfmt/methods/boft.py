@@ -73,6 +73,7 @@ class BOFT(Method):
     needs_base = True
     layers = ("linear",)
     formula = "W' = (W·Mᵀ)·diag(s), M = Π P_i·blockdiag(Cayley(skew(R_i)))·P_iᵀ"
+    spec_file = "methods-tuners.md"
 
     def dims(self, entry, params):
         dims = super().dims(entry, params)

@@ -39,6 +39,7 @@ class IA3(Method):
     row_separable = True
     layers = ("linear", "conv1d")
     formula = "axis out: W' = diag(l)·W; axis in: W' = W·diag(l)"
+    spec_file = "methods-tuners.md"
 
     def dims(self, entry, params):
         dims = super().dims(entry, params)

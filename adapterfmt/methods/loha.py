@@ -54,6 +54,7 @@ class LoHa(Method):
     row_separable = True
     layers = ("linear",)
     formula = "ΔW = ((W1a·W1b) ⊙ (W2a·W2b))·scale"
+    spec_file = "methods-tuners.md"
 
     def expected_scale(self, params):
         return params.alpha / params.rank

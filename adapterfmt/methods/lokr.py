@@ -56,6 +56,7 @@ class LoKr(Method):
     row_separable = True
     layers = ("linear",)
     formula = "ΔW = scale·(W1 ⊗ W2), W1 = w1 or w1_a·w1_b, W2 = w2 or w2_a·w2_b"
+    spec_file = "methods-tuners.md"
 
     def dims(self, entry, params):
         dims = super().dims(entry, params)

@@ -85,6 +85,7 @@ class OFT(Method):
     row_separable = False
     layers = ("linear",)
     formula = "W' = W·R_bdᵀ, R = Cayley–Neumann(skew(blocks)) or exact Cayley"
+    spec_file = "methods-tuners.md"
 
     def dims(self, entry, params):
         dims = super().dims(entry, params)

@@ -1,8 +1,12 @@
 """PEFT AdaLoRA <-> adapterfmt ``adalora``: pruned ranks from ``rank_pattern``, ranknum = init_r."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 
+import torch
+
+from ....conversion_report import LOSSLESS, SCALE_FOLDED
 from ....errors import UsageError
 from ....methods.adalora import adalora_params
 from ..config import PREFIX
@@ -39,18 +43,15 @@ def build(config, module, parts, path, base):
 
 def export(adapter, report):
     entries = adapter.manifest.modules
-    ranknums = Counter(e.params["ranknum"] for e in entries.values())
-    scalings = Counter(e.params["scaling"] for e in entries.values())
     fans = {e.fan_in_fan_out for e in entries.values()}
-    if len(ranknums) > 1 or len(scalings) > 1 or len(fans) > 1:
-        raise UsageError("PEFT AdaLoRA has one init_r, one lora_alpha and one fan_in_fan_out for all modules, "
-                         "but the adapter's modules differ", hint="convert to LoRA (--method lora) instead")
-    init_r = ranknums.most_common(1)[0][0]
-    if not float(init_r).is_integer() or any(e.params["rank"] > init_r for e in entries.values()):
-        raise UsageError(f"ranknum {init_r} is not an integer initial rank at least every module's rank",
-                         hint="convert to LoRA (--method lora) instead")
-    init_r = int(init_r)
-    scaling = scalings.most_common(1)[0][0]
+    if len(fans) > 1:
+        raise UsageError("PEFT has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",
+                         hint="export the two groups as separate adapters")
+    # One init_r (= every module's ranknum) and one lora_alpha: the most common, at least every rank.
+    init_r = max(int(math.ceil(max(e.params["ranknum"] for e in entries.values()))),
+                 max(int(e.params["rank"]) for e in entries.values()))
+    scaling = Counter(e.params["scaling"] for e in entries.values()).most_common(1)[0][0]
+    target = adalora_params(1, scaling, init_r)["scale"]
     config = {"peft_type": "ADALORA", **common_export_fields(adapter), "init_r": init_r, "r": 8,
               "target_r": min(e.params["rank"] for e in entries.values()),
               "lora_alpha": int(scaling) if float(scaling).is_integer() else scaling,
@@ -58,12 +59,19 @@ def export(adapter, report):
               "rank_pattern": {f"{t}.lora_E": [True] * int(e.params["rank"]) + [False] * (init_r - int(e.params["rank"]))
                                for t, e in entries.items()}}
     state = payload_state(adapter)
-    for target in entries:
-        tensors = adapter.module_tensors(target)
-        state[f"{PREFIX}{target}.lora_A"] = tensors["lora_A"]
-        state[f"{PREFIX}{target}.lora_E"] = tensors["lora_E"].reshape(-1, 1)
-        state[f"{PREFIX}{target}.lora_B"] = tensors["lora_B"]
-        report.add(target, "lossless")
+    for name, entry in entries.items():
+        tensors = adapter.module_tensors(name)
+        b = tensors["lora_B"]
+        if entry.params["scale"] != target:
+            # PEFT applies one lora_alpha / (init_r + 1e-5): fold this module's own scale into B.
+            b = (b.float() * (entry.params["scale"] / target)).to(b.dtype if b.dtype == torch.float64 else torch.float32)
+            report.add(name, SCALE_FOLDED, f"scale {entry.params['scale']:.6g} folded into lora_B "
+                                           f"(PEFT applies {target:.6g})")
+        else:
+            report.add(name, LOSSLESS)
+        state[f"{PREFIX}{name}.lora_A"] = tensors["lora_A"]
+        state[f"{PREFIX}{name}.lora_E"] = tensors["lora_E"].reshape(-1, 1)
+        state[f"{PREFIX}{name}.lora_B"] = b
     return config, state
 
 
