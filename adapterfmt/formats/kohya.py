@@ -174,7 +174,8 @@ def _alpha(name: str, tensor: torch.Tensor, path: Path) -> float:
     return alpha
 
 
-def _name_table(metadata: dict[str, str], base, path: Path) -> dict[str, str]:
+def _name_table(metadata: dict[str, str], base, path: Path,
+                prefixes: tuple[str, ...] = READ_PREFIXES) -> dict[str, str]:
     """kohya name -> module path, from the header table adapterfmt writes, else from the base's modules."""
     if NAMES_KEY in metadata:
         try:
@@ -190,7 +191,7 @@ def _name_table(metadata: dict[str, str], base, path: Path) -> dict[str, str]:
     table: dict[str, str] = {}
     modules = {n.removesuffix(".weight") for n in base.names() if n.endswith(".weight")}
     for module in sorted(modules):
-        for prefix in READ_PREFIXES:
+        for prefix in prefixes:
             name = kohya_name(module, prefix)
             if table.get(name, module) != module:
                 raise ForeignFormatError(f"base modules {table[name]!r} and {module!r} share the kohya name "

@@ -7,14 +7,15 @@ from ..errors import UsageError
 from .base import AdapterFormat
 from .gguf_lora import GgufLoraFormat
 from .kohya import KohyaFormat
+from .lycoris import LycorisFormat
 from .mlx import MlxFormat
 from .native import NativeFormat
 from .nola_official import NolaOfficialFormat
 from .peft import PeftFormat
 from .sorsa_official import SorsaOfficialFormat
 
-FORMATS: tuple[AdapterFormat, ...] = (NativeFormat(), PeftFormat(), GgufLoraFormat(), KohyaFormat(), MlxFormat(),
-                                      NolaOfficialFormat(), SorsaOfficialFormat())
+FORMATS: tuple[AdapterFormat, ...] = (NativeFormat(), PeftFormat(), GgufLoraFormat(), KohyaFormat(), LycorisFormat(),
+                                      MlxFormat(), NolaOfficialFormat(), SorsaOfficialFormat())
 FORMAT_BY_NAME: dict[str, AdapterFormat] = {f.name: f for f in FORMATS}
 assert len(FORMAT_BY_NAME) == len(FORMATS), "two formats share a name"
 

@@ -10,8 +10,15 @@ from .init_relative import OLORA, PISSA
 from .lora import LORA
 from .nola import NOLA_METHOD
 from .sorsa import SORSA_METHOD
+from .adalora import ADALORA_METHOD
+from .boft import BOFT_METHOD
+from .ia3 import IA3_METHOD
+from .loha import LOHA_METHOD
+from .lokr import LOKR_METHOD
+from .oft import OFT_METHOD
 
-METHODS: tuple[Method, ...] = (LORA, DORA, OLORA, PISSA, SORSA_METHOD, NOLA_METHOD)
+METHODS: tuple[Method, ...] = (LORA, DORA, OLORA, PISSA, SORSA_METHOD, NOLA_METHOD, IA3_METHOD, LOHA_METHOD,
+                               LOKR_METHOD, ADALORA_METHOD, OFT_METHOD, BOFT_METHOD)
 METHOD_BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
 assert len(METHOD_BY_NAME) == len(METHODS), "two methods share a name"
 

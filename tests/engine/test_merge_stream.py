@@ -18,6 +18,7 @@ from adapterfmt.methods import METHOD_BY_NAME
 from tests.engine.common import LLAMA_LINEAR, load_dir, peft_to_native, reference_merge
 from tests.helpers import load_model, logits, peft_merged_state, tiny_gpt2, tiny_llama
 from tests.matrix.reference import reference_merged
+from tests.tuner_helpers import TUNER_METHODS, make_tuner_adapter
 
 # How to make a real adapter of each method for the generic checks; methods added later
 # register a factory here (kwargs for tests.helpers.make_peft_adapter).
@@ -106,6 +107,11 @@ def adapter_of(method: str, base, tmp_path):
     """(PEFT dir or None, adapterfmt file) of ``method`` for ``base``: real PEFT where PEFT has it."""
     if method in FACTORIES:
         return peft_to_native(base, tmp_path, method, **FACTORIES[method])
+    if method in TUNER_METHODS:
+        from adapterfmt.ops.convert import convert
+        peft_dir = make_tuner_adapter(base, tmp_path / f"{method}-peft", method)
+        convert(peft_dir, tmp_path / f"{method}.safetensors", base=base)
+        return peft_dir, tmp_path / f"{method}.safetensors"
     _, lora = peft_to_native(base, tmp_path, "lora", **FACTORIES["lora"])
     return None, derived_adapter(method, lora, tmp_path / f"{method}.safetensors")
 
@@ -215,6 +221,11 @@ def test_cli_json_dtype_side_files_and_permissions(tmp_path, llama):
     assert not list(tmp_path.glob(".adapterfmt-tmp-*"))
 
 
+# PEFT rounds a pruned AdaLoRA's fp32 factors to a bf16 base's dtype on load (the resized parameters
+# take the base dtype), so its merge is within one ulp of the exact one, not bit-identical.
+PEFT_ROUNDS_FACTORS = {"adalora"}
+
+
 @pytest.mark.parametrize("method", sorted(METHOD_BY_NAME))
 def test_row_block_merge_is_bit_identical_to_whole_tensor_merge(tmp_path, llama, method, monkeypatch):
     import adapterfmt.engine.merge as merge_module
@@ -227,5 +238,8 @@ def test_row_block_merge_is_bit_identical_to_whole_tensor_merge(tmp_path, llama,
     merge(llama, [(native, 0.5), (native, 0.25)], tmp_path / "whole-mix")
     assert_equal_states(load_dir(tmp_path / "blocks"), load_dir(tmp_path / "whole"))
     assert_equal_states(load_dir(tmp_path / "blocks-mix"), load_dir(tmp_path / "whole-mix"))
-    if peft_dir is not None:
+    if peft_dir is not None and method not in PEFT_ROUNDS_FACTORS:
         assert_equal_states(load_dir(tmp_path / "blocks"), peft_merged_state(llama, peft_dir))
+    elif peft_dir is not None:
+        want, got = peft_merged_state(llama, peft_dir), load_dir(tmp_path / "blocks")
+        assert max(int(ulp_distance(got[k], want[k]).max()) for k in want) <= 1

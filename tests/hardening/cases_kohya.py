@@ -69,8 +69,11 @@ CASES = [
          rf"{F}: kohya names replace '\.' by '_', .* without the base model; pass --base"),
     Case("kohya name table not JSON", kohya_edit(names_not_json), 1,
          rf"{F}: header adapterfmt.kohya_names is not valid JSON; the file was damaged"),
-    Case("kohya LyCORIS key", kohya_edit(put(f"{Q0}.hada_w1_a", torch.zeros(4, 4))), 1,
-         rf"{F}: key '{Q0}.hada_w1_a' is not a kohya LoRA tensor \(LyCORIS hada is not supported\)"),
+    Case("kohya module mixing LyCORIS and LoRA keys", kohya_edit(put(f"{Q0}.hada_w1_a", torch.zeros(4, 4))), 1,
+         rf"{F}: '{Q0}' has \['hada_w1_a', 'lora_down.weight', 'lora_up.weight'\]: not one LoHa, LoKr or LoRA "
+         "module"),
+    Case("LyCORIS Tucker core", kohya_edit(put(f"{Q0}.hada_t1", torch.zeros(4, 4, 3, 3))), 1,
+         rf"{F}: '{Q0}.hada_t1': LoHa Tucker cores \(convolutions\) are not supported"),
     Case("kohya alpha NaN", kohya_edit(put(f"{Q0}.alpha", torch.tensor(float("nan")))), 1,
          rf"{F}: '{Q0}': alpha nan is not a finite number"),
     Case("kohya alpha with two values", kohya_edit(put(f"{Q0}.alpha", torch.tensor([8.0, 8.0]))), 1,

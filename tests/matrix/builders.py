@@ -21,6 +21,10 @@ from adapterfmt.methods.descriptor import tensor_refs
 from adapterfmt.methods.init_relative import init_relative_params
 from adapterfmt.methods.lora import lora_params
 from adapterfmt.methods.nola import nola_module
+from adapterfmt.methods.adalora import adalora_params
+from adapterfmt.methods.ia3 import ia3_params
+from adapterfmt.methods.loha import loha_params
+from adapterfmt.methods.lokr import lokr_scale
 from adapterfmt.methods.sorsa import sorsa_params
 
 
@@ -67,10 +71,46 @@ def _sorsa(rank, alpha, rows):
     return sorsa_params(rank, alpha if rank % 2 else None)  # both scale rules: alpha/r and alpha=None -> 1
 
 
-#: variant -> (method name, params(rank, alpha, rows)); NOLA is built by nola_module (fingerprints).
+def _ia3(rank, alpha, rows):
+    return ia3_params("in" if rank % 2 else "out", rank % 2 == 0)  # both axes over the targets
+
+
+def _loha(rank, alpha, rows):
+    return loha_params(rank, alpha)
+
+
+def _adalora(rank, alpha, rows):
+    return adalora_params(rank, alpha, rank + 2)  # pruned: ranknum (init_r) above the rank
+
+
+def _block(size: int, limit: int) -> int:
+    """The largest divisor of ``size`` in [2, limit], else ``size`` itself."""
+    return next((b for b in range(min(limit, size), 1, -1) if size % b == 0), size)
+
+
+def _oft(cayley, share, coft):
+    """OFT params for a shape; one setting per variant, so that one PEFT config can hold the adapter."""
+    def params(rank, alpha, rows, shape):
+        return {"block_size": _block(shape[1], 8), "block_share": share, "cayley": cayley, "neumann_terms": 5,
+                "coft": coft, "eps": 0.05}
+    return params
+
+
+def _boft(rank, alpha, rows, shape):
+    """Block size 2 (1 for an odd ``in``); two butterfly factors where PEFT's constraints allow them."""
+    size = 2 if shape[1] % 2 == 0 else 1
+    return {"butterfly_factors": 2 if size == 2 and shape[1] % 4 == 0 else 1, "block_size": size}
+
+
+#: Methods whose params depend on the target's shape (their builder also takes it).
+SHAPED = {"oft", "boft"}
+#: variant -> (method name, params(rank, alpha, rows)); NOLA is built by nola_module (fingerprints),
+#: LoKr by _lokr (its layout depends on the shape).
 VARIANTS = {"lora": ("lora", _lora), "rslora": ("lora", _rslora), "dora": ("dora", _dora),
             "olora": ("olora", _init_relative("olora")), "pissa": ("pissa", _init_relative("pissa")),
-            "sorsa": ("sorsa", _sorsa), "nola": ("nola", None)}
+            "sorsa": ("sorsa", _sorsa), "nola": ("nola", None), "ia3": ("ia3", _ia3), "loha": ("loha", _loha),
+            "lokr": ("lokr", None), "adalora": ("adalora", _adalora), "oft": ("oft", _oft("neumann", False, False)),
+            "oft_exact": ("oft", _oft("exact", True, True)), "boft": ("boft", _boft)}
 
 
 def method_of(variant: str) -> str:
@@ -104,6 +144,24 @@ def _nola(target: Target, rank: int, scale: float, rows, gen, dtype, seeds) -> t
                        tensors, layer=target.layer, fan_in_fan_out=target.fan_in_fan_out, **extra)
 
 
+def _lokr(target: Target, rank: int, alpha: float, gen, dtype) -> tuple[ModuleEntry, dict]:
+    """LoKr in PEFT's own layout for this rank (W1 full; W2 full or factored); an odd rank with both halves
+    full uses LyCORIS's convention (scale 1)."""
+    from adapterfmt.formats.peft.tuners.lokr_layout import peft_layout
+    out, inp = target.shape
+    (a, b), (c, d), _, w2_full = peft_layout(out, inp, rank, -1, False)
+    randn = lambda *shape: torch.randn(shape, generator=gen).to(dtype)  # noqa: E731
+    tensors = {"w1": randn(a, c)} | ({"w2": randn(b, d)} if w2_full else {"w2_a": randn(b, rank),
+                                                                           "w2_b": randn(rank, d)})
+    convention = "lycoris" if w2_full and rank % 2 == 1 else "peft"
+    params = {"w1_shape": [a, c], "w2_shape": [b, d], "rank": rank, "alpha": alpha, "convention": convention,
+              "scale": lokr_scale(convention, rank, alpha, w2_full)}
+    entry = ModuleEntry(method="lokr", base_weight=target.weight, shape=list(target.shape), params=params,
+                        tensors=tensor_refs(target.name, tensors), fan_in_fan_out=target.fan_in_fan_out,
+                        layer=target.layer)
+    return entry, tensors
+
+
 def build_module(variant: str, target: Target, rank: int, alpha: float, gen: torch.Generator,
                  dtype: torch.dtype = torch.float32, *, rows: list[int] | None = None,
                  seeds: tuple[int, int] = (7, 2**64 - 1)) -> tuple[ModuleEntry, dict[str, torch.Tensor]]:
@@ -111,8 +169,10 @@ def build_module(variant: str, target: Target, rank: int, alpha: float, gen: tor
     method, make_params = VARIANTS[variant]
     if method == "nola":
         return _nola(target, rank, alpha / rank, rows, gen, dtype, seeds)
-    entry = ModuleEntry(method=method, base_weight=target.weight, shape=list(target.shape),
-                        params=make_params(rank, alpha, rows), tensors={},
+    if method == "lokr":
+        return _lokr(target, rank, alpha, gen, dtype)
+    params = make_params(rank, alpha, rows, target.shape) if method in SHAPED else make_params(rank, alpha, rows)
+    entry = ModuleEntry(method=method, base_weight=target.weight, shape=list(target.shape), params=params, tensors={},
                         fan_in_fan_out=target.fan_in_fan_out, layer=target.layer)
     tensors = role_tensors(entry, gen, dtype)
     entry.tensors = tensor_refs(target.name, tensors)

@@ -1,7 +1,7 @@
 """Independent float64 ΔW of every method, written from the spec, never from the package's maths.
 
 Sources: ``spec/README.md`` §6 (lora, rsLoRA, dora), ``spec/methods-principal.md`` §1 (olora, pissa,
-sorsa), ``spec/nola.md`` §§2-3 and ``spec/nola-generator.md`` (nola). Only numpy; the one thing
+sorsa), ``spec/methods-tuners.md`` (ia3, loha, lokr, adalora, oft, boft), ``spec/nola.md`` §§2-3 and ``spec/nola-generator.md`` (nola). Only numpy; the one thing
 taken from the package is the NOLA basis of ``adapterfmt.methods.nola.reference_numpy``, the
 numpy oracle of the generator (itself pinned to the spec's known-answer vectors), because a
 basis is a bit pattern, not a formula.
@@ -24,6 +24,11 @@ are exact in fp32, the reference in float64). |X| is the elementwise absolute va
 | sorsa | each ΔW_ij | ``(r + 4)·u·|s|·(|U|·|S|·|Vt| + |U0|·|S0|·|Vt0|)_ij`` (as olora, plus U·diag(S)) |
 | dora | max |ΔW − ΔW64| | ``4·(in + r + 8)·u·(max|W'| + max|W|)`` (row norm over ``in``, division, W' − W) |
 | nola | |ΔW − ΔW64| | max(``1e-5·max|ΔW64|`` (spec/nola.md §3), ``(k+l+r+6)·u32·s·(|B|·|A|)`` over absolute terms) |
+| ia3 | each ΔW_ij | ``4·u·(|W| + |W'|)_ij`` (one product, the subtraction W' − W) |
+| loha | each ΔW_ij | ``(2r + 6)·u·|s|·((|w1_a|·|w1_b|) ⊙ (|w2_a|·|w2_b|))_ij`` |
+| lokr | each ΔW_ij | ``(2r + 6)·u·|s|·(|W1| ⊗ |W2|)_ij`` (|Wk| = |wk_a|·|wk_b| when factored) |
+| adalora | each ΔW_ij | ``(r + 5)·u·|scaling/ranknum|·(|B|·(|A| ⊙ |E|))_ij`` |
+| oft, boft | max |ΔW − ΔW64| | ``8·(in + 16·(terms + factors)·b)·u·(max|W'| + max|W|)`` (series or solve, dense product) |
 """
 from __future__ import annotations
 
@@ -105,11 +110,107 @@ def nola_delta(params, shape, t, base=None):
     return delta
 
 
+# ---------------------------------------------------------------------------- spec/methods-tuners.md
+def ia3_delta(params, shape, t, base):
+    """diag(l)·W − W (axis out) or W·diag(l) − W (axis in)."""
+    scale = t["scale"].reshape(-1, 1) if params["axis"] == "out" else t["scale"].reshape(1, -1)
+    return base * scale - base
+
+
+def loha_delta(params, shape, t, base=None):
+    """((w1_a·w1_b) ⊙ (w2_a·w2_b))·alpha/r."""
+    return (params["alpha"] / params["rank"]) * ((t["w1_a"] @ t["w1_b"]) * (t["w2_a"] @ t["w2_b"]))
+
+
+def lokr_halves(t):
+    w1 = t["w1"] if "w1" in t else t["w1_a"] @ t["w1_b"]
+    w2 = t["w2"] if "w2" in t else t["w2_a"] @ t["w2_b"]
+    return w1, w2
+
+
+def lokr_rule(params: dict, both_full: bool) -> float:
+    """peft: alpha/r; lycoris: 1 when both halves are full, else alpha/r."""
+    return 1.0 if params["convention"] == "lycoris" and both_full else params["alpha"] / params["rank"]
+
+
+def lokr_delta(params, shape, t, base=None):
+    w1, w2 = lokr_halves(t)
+    return lokr_rule(params, "w1" in t and "w2" in t) * np.kron(w1, w2)
+
+
+def adalora_delta(params, shape, t, base=None):
+    """(B·(A ⊙ E))·scaling / (ranknum + 1e-5), the denominator rounded to fp32 as the spec says."""
+    denominator = float(np.float32(np.float32(params["ranknum"]) + np.float32(1e-5)))
+    return (t["lora_B"] @ (t["lora_A"] * t["lora_E"].reshape(-1, 1))) * params["scaling"] / denominator
+
+
+def oft_rotations(params, vectors):
+    b = params["block_size"]
+    rows, cols = np.triu_indices(b, 1)
+    q = np.zeros((vectors.shape[0], b, b))
+    q[:, rows, cols] = vectors
+    q = q - np.transpose(q, (0, 2, 1))
+    if params["coft"]:
+        limit = params["eps"] / math.sqrt(q.shape[0])
+        norms = np.sqrt((q ** 2).sum(axis=(1, 2), keepdims=True))
+        q = np.where(norms <= limit, q, limit * q / np.where(norms == 0, 1, norms))
+    eye = np.eye(b)
+    if params["cayley"] == "exact":
+        return np.stack([(eye - m) @ np.linalg.inv(eye + m) for m in q])
+    n = params["neumann_terms"]
+    powers = [] if n <= 1 else [(1, 2.0)] if n == 2 else \
+        [(k, 2.0) for k in range(1, max(3, n - 1))] + [(max(3, n - 1), 1.0)]
+    return np.stack([eye + sum(c * np.linalg.matrix_power(m, k) for k, c in powers) for m in q])
+
+
+def block_diag(blocks) -> np.ndarray:
+    size = sum(b.shape[0] for b in blocks)
+    out, at = np.zeros((size, size)), 0
+    for b in blocks:
+        out[at:at + b.shape[0], at:at + b.shape[0]] = b
+        at += b.shape[0]
+    return out
+
+
+def oft_delta(params, shape, t, base):
+    """W·R_bdᵀ − W."""
+    rot = oft_rotations(params, t["blocks"])
+    count = shape[1] // params["block_size"]
+    blocks = [rot[0]] * count if rot.shape[0] == 1 else list(rot)
+    return base @ block_diag(blocks).T - base
+
+
+def butterfly(n: int, groups: int, half: int, factors: int) -> np.ndarray:
+    """spec/methods-tuners.md §2 boft: even chunks of ``half`` first, then odd ones, in each group."""
+    if factors == 1:
+        return np.arange(n)
+    group = n // groups
+    chunks = list(range(0, group // half, 2)) + list(range(1, group // half, 2))
+    within = np.concatenate([np.arange(c * half, (c + 1) * half) for c in chunks])
+    return np.concatenate([start + within for start in range(0, n, group)])
+
+
+def boft_delta(params, shape, t, base):
+    """(W·Mᵀ)·diag(s) − W, M = Π P_i·blockdiag(Cayley)·P_iᵀ."""
+    rot = t["rotations"]
+    factors, count, size, _ = rot.shape
+    n, eye = count * size, np.eye(size)
+    matrix = np.eye(n)
+    for i in range(factors):
+        perm = np.zeros((n, n))
+        perm[np.arange(n), butterfly(n, count // 2 ** i, size // 2, factors)] = 1.0
+        skew = [0.5 * (x - x.T) for x in rot[i]]
+        blocks = block_diag([(eye - s) @ np.linalg.inv(eye + s) for s in skew])
+        matrix = perm @ blocks @ perm.T @ matrix
+    return (base @ matrix.T) * t["scale"].reshape(-1, 1) - base
+
+
 #: method name -> ΔW(params, shape, tensors64, base64 or None), canonical orientation, float64.
 DELTA = {"lora": lora_delta, "dora": dora_delta, "olora": init_relative_delta, "pissa": init_relative_delta,
-         "sorsa": sorsa_delta, "nola": nola_delta}
+         "sorsa": sorsa_delta, "nola": nola_delta, "ia3": ia3_delta, "loha": loha_delta, "lokr": lokr_delta,
+         "adalora": adalora_delta, "oft": oft_delta, "boft": boft_delta}
 #: Methods whose ΔW depends on the base weight.
-NEEDS_BASE = {"dora"}
+NEEDS_BASE = {"dora", "ia3", "oft", "boft"}
 
 
 def as_float64(tensors) -> dict[str, np.ndarray]:
@@ -147,7 +248,7 @@ def delta_bound(method: str, params: dict, tensors64: dict, reference: np.ndarra
                 base: np.ndarray | None = None) -> np.ndarray | float:
     """The tolerance table above: an elementwise bound (array) or a max-norm bound (float)."""
     absb = {k: np.abs(v) for k, v in tensors64.items()}
-    rank = int(params["rank"])
+    rank = int(params.get("rank", 0))  # ia3, oft, boft have none
     if method == "lora":
         return (rank + 2) * U32 * abs(lora_rule(params)) * (absb["lora_B"] @ absb["lora_A"])
     if method in ("olora", "pissa"):
@@ -170,6 +271,22 @@ def delta_bound(method: str, params: dict, tensors64: dict, reference: np.ndarra
         terms[start:stop] = abs(params["scale"]) * (b @ a)
         k, l = int(params["A"]["num_basis"]), int(params["B"]["num_basis"])
         return np.maximum(NOLA_RTOL * float(np.abs(reference).max()), (k + l + rank + 6) * U32 * terms)
+    if method == "ia3":
+        return 4 * U32 * (np.abs(base) + np.abs(reference + base))
+    if method == "loha":
+        products = (absb["w1_a"] @ absb["w1_b"]) * (absb["w2_a"] @ absb["w2_b"])
+        return (2 * rank + 6) * U32 * abs(params["alpha"] / rank) * products
+    if method == "lokr":
+        w1, w2 = lokr_halves(absb)
+        return (2 * rank + 6) * U32 * abs(lokr_rule(params, "w1" in absb and "w2" in absb)) * np.kron(w1, w2)
+    if method == "adalora":
+        products = absb["lora_B"] @ (absb["lora_A"] * absb["lora_E"].reshape(-1, 1))
+        return (rank + 5) * U32 * abs(params["scaling"] / params["ranknum"]) * products
+    if method in ("oft", "boft"):
+        inp = reference.shape[1]
+        depth = inp + 16 * (params.get("neumann_terms", 1) + params.get("butterfly_factors", 1)) * \
+            params["block_size"]
+        return 8 * depth * U32 * (float(np.abs(reference + base).max()) + float(np.abs(base).max()))
     raise KeyError(f"no tolerance row for {method}")
 
 

@@ -44,8 +44,11 @@ MERGE_SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=
 def modules(draw, case: str):
     """(entry, tensors, canonical fp32 base) of one random module of ``case``."""
     variant = "nola" if case == "nola_rows" else case
-    out_f, in_f, rank = draw(st.integers(1, 12)), draw(st.integers(1, 12)), draw(st.integers(1, 6))
-    layer = draw(st.sampled_from(["linear", "conv1d", "embedding"]))
+    method = get_method(VARIANTS[variant][0])
+    # OFT rotates blocks of at least two inputs.
+    out_f, in_f, rank = draw(st.integers(1, 12)), draw(st.integers(2 if method.name == "oft" else 1, 12)), \
+        draw(st.integers(1, 6))
+    layer = draw(st.sampled_from([k for k in ("linear", "conv1d", "embedding") if k in method.layers]))
     dtype = draw(st.sampled_from(DTYPES))
     alpha = draw(st.one_of(st.integers(1, 64).map(float), st.floats(0.01, 64, allow_nan=False)))
     rows = None

@@ -47,6 +47,7 @@ import adapterfmt
 from adapterfmt.conversion_report import EXACT_MATH, LOSSLESS, LOSSY, SCALE_FOLDED
 from adapterfmt.errors import AdapterFmtError
 from adapterfmt.formats.registry import FORMATS
+from adapterfmt.methods import get_method
 
 from .builders import VARIANTS, Target, build_adapter, method_of, uncovered_methods
 from .reference import reference_delta
@@ -62,16 +63,21 @@ LAYERS = {
 }
 #: writer -> the layer kinds and methods it cannot hold (a method is held when the writer stores it, or
 #: the method converts exactly to one it stores). Everything else must round-trip.
-CANNOT_HOLD = {"adapterfmt": set(), "peft": set(), "gguf": {"conv1d", "dora"},
+#: Methods whose ΔW depends on the base (ia3, oft, boft) have no LoRA equivalent: writers without them refuse.
+BASE_DEPENDENT = {"ia3", "oft", "boft"}
+CANNOT_HOLD = {"adapterfmt": set(), "peft": set(), "gguf": {"conv1d", "dora"} | BASE_DEPENDENT,
                # kohya: no consumer maps an LLM module name (diffusers/ComfyUI apply nothing), so it refuses.
-               "kohya": {"linear", "conv1d", "embedding", "dora"}, "mlx": {"dora on an embedding"}}
+               "kohya": {"linear", "conv1d", "embedding", "dora"} | BASE_DEPENDENT,
+               "mlx": {"dora on an embedding"} | BASE_DEPENDENT,
+               # lycoris: LyCORIS's own wrapper maps any module name (prefix "lycoris"); Linear layers only.
+               "lycoris": {"conv1d", "embedding", "dora"} | BASE_DEPENDENT}
 STATUS_SLACK = {EXACT_MATH: 2.0 ** -20, SCALE_FOLDED: 2.0 ** -20, LOSSY: 2.0 ** -20}
 OUTPUT_NAME = {"adapterfmt": "out.safetensors", "peft": "out-peft", "gguf": "out.gguf",
-               "kohya": "out.safetensors", "mlx": "out-mlx"}
+               "kohya": "out.safetensors", "mlx": "out-mlx", "lycoris": "out.safetensors"}
 #: Storage dtype of the factors, rotated over the variants so that every writer and layer sees all three.
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 CASES = [(w, layer, v, list(DTYPES)[i % len(DTYPES)]) for w in WRITERS for layer in LAYERS
-         for i, v in enumerate(VARIANTS)]
+         for i, v in enumerate(VARIANTS) if layer in get_method(method_of(v)).layers]
 
 _STATES: dict[Path, dict[str, np.ndarray]] = {}
 
@@ -107,7 +113,8 @@ def module_delta(adapter, target, base):
 def assert_bit_identical(before, after, target):
     old, new = before.manifest.modules[target], after.manifest.modules[target]
     assert new.method == old.method, f"{target}: reported lossless but {old.method} came back as {new.method}"
-    assert (new.params["rank"], new.params["scale"]) == (old.params["rank"], old.params["scale"]), target
+    assert (new.params.get("rank"), new.params.get("scale")) == (old.params.get("rank"), old.params.get("scale")), \
+        target
     old_t, new_t = before.module_tensors(target), after.module_tensors(target)
     assert set(new_t) == set(old_t), target
     for role, tensor in old_t.items():

@@ -17,6 +17,7 @@ from ..base import AdapterFormat, FormatOptions, ReadOptions
 from .config import CONFIG_FILE, PLAIN_INITS, WEIGHTS_FILE, read_config
 from .mutating import read_mutating
 from .state import adapter_to_peft, peft_to_adapter, read_weights
+from .tuners import TUNER_BY_METHOD, TUNERS, build_adapter
 
 
 class PeftReadOptions(FormatOptions):
@@ -28,7 +29,7 @@ class PeftFormat(AdapterFormat):
     name = "peft"
     summary = "Hugging Face PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)"
     priority = 20
-    writes_methods = ("lora", "dora")
+    writes_methods = ("lora", "dora", "ia3", "loha", "lokr", "adalora", "oft", "boft")
     read_options = PeftReadOptions
 
     def detect(self, path: Path) -> bool:
@@ -38,6 +39,9 @@ class PeftFormat(AdapterFormat):
     def read(self, path: Path, options: ReadOptions, report) -> Adapter:
         config = read_config(path)
         tensors = read_weights(path, options.allow_pickle)
+        if config["peft_type"] != "LORA":
+            tuner = TUNERS[config["peft_type"]]
+            return build_adapter(tuner, config, tensors, path, options.base, report)
         if config.get("init_lora_weights", True) not in PLAIN_INITS:
             # OLoRA/PiSSA (and refusals for other mutating inits) live in their own module.
             return read_mutating(config, tensors, path, options, report)
@@ -45,7 +49,12 @@ class PeftFormat(AdapterFormat):
 
     # ---------------------------------------------------------------- writing
     def write(self, adapter: Adapter, path: Path, report, options) -> Path:
-        config, tensors = adapter_to_peft(adapter, report, options.base)
+        methods = set(adapter.manifest.methods())
+        if len(methods) == 1 and next(iter(methods)) in TUNER_BY_METHOD:
+            config, tensors = TUNER_BY_METHOD[methods.pop()].export(adapter, report)
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
+        else:
+            config, tensors = adapter_to_peft(adapter, report, options.base)
         with atomic_directory(path, overwrite=options.overwrite) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})

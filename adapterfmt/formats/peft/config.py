@@ -82,8 +82,12 @@ def read_config(path: Path) -> dict[str, Any]:
     config = read_json_file(cfg_path)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise ForeignFormatError(f"peft_type {peft_type!r} is not supported (only LORA)", path=cfg_path,
-                                 hint="adapterfmt reads PEFT LoRA, rsLoRA and DoRA adapters")
+        from .tuners import TUNERS, check_fields
+        if peft_type not in TUNERS:
+            raise ForeignFormatError(f"peft_type {peft_type!r} is not supported", path=cfg_path,
+                                     hint=f"adapterfmt reads PEFT LORA, {', '.join(sorted(TUNERS))}")
+        check_fields(TUNERS[peft_type], config, cfg_path)
+        return config
     unknown = sorted(set(config) - HANDLED - TRAINING_ONLY - set(NEUTRAL))
     if unknown:
         raise ForeignFormatError(f"config field(s) not understood: {', '.join(unknown)}", path=cfg_path,

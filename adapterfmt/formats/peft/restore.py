@@ -108,6 +108,8 @@ def restore_original(config: dict[str, Any], manifest: Manifest, report) -> dict
     """
     source = manifest.source or {}
     original = source.get("config") if source.get("format") == "peft" else None
+    if isinstance(original, dict) and original.get("peft_type", "LORA") != "LORA":
+        original = None  # another tuner (LoHa, AdaLoRA, ...) converted to LoRA: its fields do not apply
     if not isinstance(original, dict):
         config["bias"], _ = bias_mode(manifest, None)
         config["task_type"] = task_type_for(manifest.base.architecture)

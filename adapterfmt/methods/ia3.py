@@ -1,0 +1,68 @@
+"""IA³ (Liu et al. 2022): a learned vector rescales the base weight's output rows or input columns.
+
+Multiplicative: the merged weight is round(fp32(W)·l), PEFT's own single rounding, so merging needs
+the base. Output-axis vectors also rescale the layer's bias in PEFT (``bias_scaled``).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ..errors import UsageError
+from .descriptor import Method, Params, Role, take_rows
+
+
+class IA3Params(Params):
+    #: "out": W' = diag(l)·W (PEFT's default); "in": W' = W·diag(l) (PEFT ``feedforward_modules``).
+    axis: Literal["out", "in"]
+    #: PEFT also multiplies the bias by l on the output axis (never on the input axis).
+    bias_scaled: bool
+
+
+def ia3_params(axis: str, bias_scaled: bool) -> dict:
+    """The params dict of an IA³ module entry.
+
+    Example:
+        >>> ia3_params("in", False)
+        {'axis': 'in', 'bias_scaled': False}
+    """
+    return {"axis": axis, "bias_scaled": bool(bias_scaled)}
+
+
+class IA3(Method):
+    name = "ia3"
+    summary = "learned rescaling of output rows or input columns (IA³, Liu et al. 2022); needs the base"
+    params_model = IA3Params
+    roles = (Role("scale", ("n",)),)
+    needs_base = True
+    row_separable = True
+    layers = ("linear", "conv1d")
+    formula = "axis out: W' = diag(l)·W; axis in: W' = W·diag(l)"
+    spec_file = "methods-tuners.md"
+
+    def dims(self, entry, params):
+        dims = super().dims(entry, params)
+        dims["n"] = dims["out"] if params.axis == "out" else dims["in"]
+        return dims
+
+    def merged(self, entry, tensors, base, rows=None):
+        # fp32(W) * l, rounded once by the engine: PEFT's torch.mul(W, l).to(dtype).
+        scale = tensors["scale"].float()
+        if entry.params["axis"] == "out":
+            return base * take_rows(scale, rows).view(-1, 1)
+        return base * scale.view(1, -1)
+
+    def delta(self, entry, tensors, base=None, rows=None):
+        if base is None:
+            raise UsageError("IA³'s ΔW depends on the base weight", hint="pass the base model (--base)")
+        return self.merged(entry, tensors, base, rows) - base
+
+    def validate_module(self, target, entry, tensors, base):
+        scale = tensors["scale"].float()
+        zeros = int((scale == 0).sum())
+        problems = [f"{zeros} zero scale(s): the merge cannot be undone by division"] if zeros else []
+        return problems, {"min_abs_scale": float(scale.abs().min()), "max_abs_scale": float(scale.abs().max())}
+
+
+IA3_METHOD = IA3()

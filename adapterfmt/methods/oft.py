@@ -1,0 +1,122 @@
+"""OFT (Qiu et al. 2023; PEFT ≥ 0.18 parametrisation): W' = W·R_bdᵀ, R_bd block-diagonal rotations.
+
+Each block R comes from a skew-symmetric Q (upper triangle stored row-major) by PEFT's truncated
+Cayley–Neumann series (default) or the exact Cayley transform. The two are transposes of each other
+(the series approximates (I−Q)⁻¹(I+Q), the exact branch computes (I−Q)(I+Q)⁻¹), so the choice is
+stored. Multiplicative: merging needs the base; unmerging applies the inverse of R, not Rᵀ (the
+series is not exactly orthogonal).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..errors import UsageError
+from .descriptor import Method, Params, Role
+
+
+class OftParams(Params):
+    block_size: int = Field(ge=2)
+    block_share: bool
+    cayley: Literal["neumann", "exact"]
+    neumann_terms: int = Field(ge=1)
+    coft: bool
+    eps: float = Field(gt=0)
+
+
+def skew(vectors: torch.Tensor, block: int) -> torch.Tensor:
+    """(n, b(b−1)/2) upper-triangle vectors (row-major) -> (n, b, b) skew-symmetric matrices."""
+    rows, cols = torch.triu_indices(block, block, 1)
+    q = torch.zeros(vectors.shape[0], block, block, dtype=vectors.dtype)
+    q[:, rows, cols] = vectors
+    return q - q.transpose(-2, -1)
+
+
+def neumann_terms(n: int) -> list[tuple[int, float]]:
+    """PEFT 0.21's series as (power, coefficient): I + Σ c·Q^k.
+
+    Example:
+        >>> neumann_terms(5)
+        [(1, 2.0), (2, 2.0), (3, 2.0), (4, 1.0)]
+    """
+    if n <= 1:
+        return []
+    if n == 2:
+        return [(1, 2.0)]
+    top = max(3, n - 1)
+    return [(k, 2.0) for k in range(1, top)] + [(top, 1.0)]
+
+
+def coft_project(vectors: torch.Tensor, block: int, eps: float) -> torch.Tensor:
+    """PEFT's COFT projection: blocks with ‖Q‖_F > eps/√n are rescaled to that norm."""
+    q = skew(vectors, block)
+    limit = eps * 1 / torch.sqrt(torch.tensor(q.shape[0]))
+    norm = torch.norm(q, dim=(1, 2), keepdim=True)
+    q = torch.where(norm <= limit, q, limit * (q / norm))
+    rows, cols = torch.triu_indices(block, block, 1)
+    return q[:, rows, cols]
+
+
+def rotations(vectors: torch.Tensor, params) -> torch.Tensor:
+    """The (n, b, b) block rotations, fp32, in PEFT's operation order."""
+    block = params.block_size
+    vectors = vectors.float()
+    if params.coft:
+        vectors = coft_project(vectors, block, params.eps)
+    q = skew(vectors, block)
+    eye = torch.eye(block).repeat(q.shape[0], 1, 1)
+    if params.cayley == "exact":
+        return torch.linalg.solve(eye + q, eye - q, left=False)
+    result, power = eye, None
+    for k, coef in neumann_terms(params.neumann_terms):
+        power = q if k == 1 else torch.bmm(power, q)
+        result.add_(power, alpha=coef)
+    return result
+
+
+class OFT(Method):
+    name = "oft"
+    summary = "orthogonal fine-tuning: block-diagonal rotation of the input side (OFT, PEFT ≥ 0.18)"
+    params_model = OftParams
+    roles = (Role("blocks", ("n", "e")),)
+    needs_base = True
+    row_separable = False
+    layers = ("linear",)
+    formula = "W' = W·R_bdᵀ, R = Cayley–Neumann(skew(blocks)) or exact Cayley"
+    spec_file = "methods-tuners.md"
+
+    def dims(self, entry, params):
+        dims = super().dims(entry, params)
+        b = params.block_size
+        dims["e"] = b * (b - 1) // 2
+        dims["n"] = 1 if params.block_share else dims["in"] // b
+        return dims
+
+    def merged(self, entry, tensors, base, rows=None):
+        # PEFT's own product, mm(R_bd, Wᵀ)ᵀ with the dense in×in block diagonal: the same fp32
+        # summation as PEFT's merge, hence bit-identical (a per-block product differs by a few ulp
+        # where rows cancel). O(in²·out) like PEFT's merge.
+        params = self.params(entry)
+        rot = rotations(tensors["blocks"], params)
+        count = base.shape[1] // params.block_size
+        if rot.shape[0] == 1:
+            rot = rot.expand(count, -1, -1)
+        dense = torch.block_diag(*rot)
+        return torch.mm(dense, base.t()).t()
+
+    def delta(self, entry, tensors, base=None, rows=None):
+        if base is None:
+            raise UsageError("OFT's ΔW depends on the base weight", hint="pass the base model (--base)")
+        return self.merged(entry, tensors, base, rows) - base
+
+    def validate_module(self, target, entry, tensors, base):
+        params = self.params(entry)
+        rot = rotations(tensors["blocks"], params)
+        eye = torch.eye(params.block_size)
+        err = float((rot @ rot.transpose(-2, -1) - eye).abs().max())
+        return [], {"orthogonality_error": err}
+
+
+OFT_METHOD = OFT()
