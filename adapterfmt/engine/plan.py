@@ -65,10 +65,14 @@ class TensorJob:
     out: OutTensor
     updates: list[Update] = field(default_factory=list)
     replacement: Replacement | None = None
+    #: the base form to merge into (dequant(quant(W)), engine/base_form.py); None: the stored weight
+    form: object | None = None
+    #: the stored weight is the transpose of what the quantizer sees (GPT-2 Conv1D)
+    form_transposed: bool = False
 
     @property
     def changed(self) -> bool:
-        return bool(self.updates) or self.replacement is not None
+        return bool(self.updates) or self.replacement is not None or self.form is not None
 
     @property
     def raw_copy(self) -> bool:

@@ -45,11 +45,13 @@ class StreamStats:
     out: str = ""
     notes: list[str] = field(default_factory=list)
     verification: dict | None = None  # unmerge --base: restored vs original
+    base_form: dict | None = None  # merge: the base form merged into, per-layer quantization error / ‖ΔW‖
 
     def to_dict(self) -> dict:
         data = dict(self.__dict__)
-        if data["verification"] is None:
-            data.pop("verification")
+        for key in ("verification", "base_form"):
+            if data[key] is None:
+                data.pop(key)
         data["write_gb_per_s"] = round(self.bytes_written / 1e9 / self.seconds, 3) if self.seconds else None
         return data
 

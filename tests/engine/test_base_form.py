@@ -1,0 +1,171 @@
+"""merge --base-form: a QLoRA adapter merged into the base it was trained against.
+
+The reference is the real QLoRA model: transformers loads the tiny bf16 Llama in 4-bit NF4 with
+bitsandbytes on CPU, PEFT puts a LoRA on it. The effective weight each 4-bit layer computes with is
+read back by probing the layer itself with an identity input (exact: one non-zero product per output),
+in train mode, which is the path training runs (eval on AVX512-BF16 CPUs takes a bf16 inference kernel).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+from safetensors.torch import load_file  # noqa: E402
+
+import adapterfmt  # noqa: E402
+from adapterfmt.errors import UsageError  # noqa: E402
+
+from ..helpers import logits  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+DELTA_SHRINK = 0.02  # makes ΔW small next to the NF4 error on some layers, as in real QLoRA runs
+
+
+def qlora_model(base, compute_dtype, double_quant=True):
+    """The 4-bit NF4 model transformers + bitsandbytes build on CPU (load dtype fp32)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                                bnb_4bit_use_double_quant=double_quant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(base, quantization_config=config, dtype=torch.float32,
+                                                    device_map="cpu")
+
+
+def effective_weight(layer, dtype) -> torch.Tensor:
+    """What a bnb Linear4bit multiplies by, read back through its own forward: I @ Wᵀ = Wᵀ."""
+    base_layer = getattr(layer, "base_layer", layer)
+    base_layer.train()
+    with torch.no_grad():
+        return base_layer(torch.eye(base_layer.in_features, dtype=dtype)).t().contiguous()
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["compute-fp32", "compute-bf16"])
+def qlora(request, llama_base_bf16, tmp_path_factory):
+    """(base dir, PEFT QLoRA model, adapterfmt adapter with its base form recorded, compute dtype)."""
+    from peft import LoraConfig, get_peft_model
+    compute = request.param
+    tmp = tmp_path_factory.mktemp("qlora")
+    model = qlora_model(llama_base_bf16, compute)
+    torch.manual_seed(3)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(DELTA_SHRINK)
+    peft_model.save_pretrained(tmp / "peft")
+    flag = {torch.float32: "fp32", torch.bfloat16: "bf16"}[compute]
+    adapterfmt.convert(tmp / "peft", tmp / "a.safetensors", base=llama_base_bf16, trained_on="nf4",
+                       trained_options={"compute_dtype": flag, "double_quant": True})
+    return llama_base_bf16, peft_model, tmp / "a.safetensors", compute
+
+
+def reference_weights(peft_model, compute) -> dict[str, torch.Tensor]:
+    """Per quantized weight: the QLoRA layer's effective weight (+ PEFT's ΔW where adapted), in fp32."""
+    import bitsandbytes as bnb
+    out = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        layer = getattr(module, "base_layer", module)
+        if isinstance(layer, bnb.nn.Linear4bit) and not name.endswith(".base_layer"):
+            weight = effective_weight(module, compute).float()
+            if hasattr(module, "lora_A"):
+                weight = weight + module.get_delta_weight("default").float()
+            out[f"{name}.weight"] = weight
+    return out
+
+
+def test_records_the_base_form(qlora):
+    _, _, adapter, compute = qlora
+    form = adapterfmt.read_adapter(adapter).manifest.base.quantization
+    assert (form.scheme, form.block_size, form.double_quant, form.library) == ("nf4", 64, True, "bitsandbytes")
+    assert form.compute_dtype == {torch.float32: "F32", torch.bfloat16: "BF16"}[compute]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "keep"])
+def test_trained_equals_bnb_dequant_plus_peft_delta_bit_for_bit(qlora, tmp_path, dtype):
+    base, peft_model, adapter, compute = qlora
+    summary = adapterfmt.merge(base, [adapter], tmp_path / "m", dtype=dtype, base_form="trained")
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    original = load_file(base / "model.safetensors")
+    reference = reference_weights(peft_model, compute)
+    assert len(reference) == 14  # every q/k/v/o/gate/up/down of both layers, adapted or not; not lm_head
+    out_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    for name, want in reference.items():
+        assert torch.equal(merged[name], want.to(out_dtype)), name  # one rounding, from fp32
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(merged[name].float(), original[name].float()), name  # never quantized
+    assert summary.base_form["mode"] == "trained" and len(summary.base_form["layers"]) == 6
+
+
+def test_trained_merge_computes_the_qlora_logits(qlora, tmp_path):
+    from transformers import AutoModelForCausalLM
+    base, peft_model, adapter, compute = qlora
+    adapterfmt.merge(base, [adapter], tmp_path / "trained", dtype="fp32")  # trained is the default here
+    adapterfmt.merge(base, [adapter], tmp_path / "original", dtype="fp32", base_form="original")
+    peft_model.train()  # the training path (dropout is 0)
+    want = logits(peft_model)
+    got = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "trained", dtype=torch.float32))
+    naive = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "original", dtype=torch.float32))
+    # fp32 compute: same weights, only the summation order of x@W + x@ΔW differs. bf16 compute: the
+    # QLoRA model runs its base matmul in bf16, the merged model in fp32 (its weights are bf16 values).
+    tolerance = 1e-5 if compute == torch.float32 else 1e-2  # measured 3.5e-7 and 2.7e-3
+    scale = want.abs().max()
+    assert (got - want).abs().max() / scale < tolerance
+    assert (naive - want).abs().max() / scale > 10 * ((got - want).abs().max() / scale)
+
+
+def test_original_differs_and_reports_the_ratio(qlora, tmp_path):
+    base, peft_model, adapter, compute = qlora
+    summary = adapterfmt.merge(base, [adapter], tmp_path / "m", dtype="fp32", base_form="original")
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    original = load_file(base / "model.safetensors")
+    reference = reference_weights(peft_model, compute)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           reference["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(merged["model.layers.0.self_attn.k_proj.weight"],  # unadapted: untouched
+                       original["model.layers.0.self_attn.k_proj.weight"].float())
+    rows = {row["tensor"]: row for row in summary.base_form["layers"]}
+    assert len(rows) == 6
+    modules = dict(peft_model.base_model.model.named_modules())
+    for name, row in rows.items():
+        module = modules[name.removesuffix(".weight")]
+        delta = module.get_delta_weight("default").float()
+        error = original[name].float() - effective_weight(module, compute).float()
+        want = error.norm() / delta.norm()
+        assert row["ratio"] == pytest.approx(float(want), rel=1e-4), name
+    assert max(r["ratio"] for r in rows.values()) > 1
+    assert any(note.startswith("warning:") and "--base-form trained" in note for note in summary.notes)
+
+
+def test_trained_needs_a_recorded_form(llama_base_bf16, tmp_path):
+    from ..helpers import make_peft_adapter
+    make_peft_adapter(llama_base_bf16, tmp_path / "peft", target_modules=["q_proj"])
+    adapterfmt.convert(tmp_path / "peft", tmp_path / "a.safetensors", base=llama_base_bf16)
+    with pytest.raises(UsageError, match="--base-form trained") as info:
+        adapterfmt.merge(llama_base_bf16, [tmp_path / "a.safetensors"], tmp_path / "m", base_form="trained")
+    assert "--trained-on" in info.value.one_line()
+    summary = adapterfmt.merge(llama_base_bf16, [tmp_path / "a.safetensors"], tmp_path / "m2")
+    assert summary.base_form is None  # unknown form, no request: the stored weights, as always
+
+
+def test_bnb_quantize_dequantize_is_deterministic_on_cpu():
+    """Measured: the same packed codes and scales every time, whatever the thread count."""
+    import bitsandbytes.functional as F
+    torch.manual_seed(0)
+    weight = torch.randn(384, 320).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, threads, 1, threads):
+            torch.set_num_threads(count)
+            packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+            results.append((packed, state.absmax, F.dequantize_4bit(packed, state)))
+    finally:
+        torch.set_num_threads(threads)
+    for packed, absmax, dequant in results[1:]:
+        assert torch.equal(packed, results[0][0]) and torch.equal(absmax, results[0][1])
+        assert torch.equal(dequant, results[0][2])
