@@ -7,6 +7,7 @@ exclusion of the output embedding and tied weights), asked of the model built on
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -88,7 +89,9 @@ def _bnb():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        import bitsandbytes.functional as functional
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its own deprecation warnings are not the user's business
+            import bitsandbytes.functional as functional
     except ImportError:
         raise UsageError("merging against a bitsandbytes-quantized base form needs bitsandbytes",
                          hint="pip install bitsandbytes, or merge with --base-form original") from None

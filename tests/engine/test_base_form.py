@@ -24,10 +24,10 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 DELTA_SHRINK = 0.02  # makes ΔW small next to the NF4 error on some layers, as in real QLoRA runs
 
 
-def qlora_model(base, compute_dtype, double_quant=True):
-    """The 4-bit NF4 model transformers + bitsandbytes build on CPU (load dtype fp32)."""
+def qlora_model(base, compute_dtype, double_quant=True, quant_type="nf4"):
+    """The 4-bit model transformers + bitsandbytes build on CPU (load dtype fp32)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype,
                                 bnb_4bit_use_double_quant=double_quant)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -43,13 +43,14 @@ def effective_weight(layer, dtype) -> torch.Tensor:
         return base_layer(torch.eye(base_layer.in_features, dtype=dtype)).t().contiguous()
 
 
-@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["compute-fp32", "compute-bf16"])
+@pytest.fixture(scope="module", params=[("nf4", torch.float32), ("nf4", torch.bfloat16), ("fp4", torch.float32)],
+                ids=["nf4-compute-fp32", "nf4-compute-bf16", "fp4-compute-fp32"])
 def qlora(request, llama_base_bf16, tmp_path_factory):
     """(base dir, PEFT QLoRA model, adapterfmt adapter with its base form recorded, compute dtype)."""
     from peft import LoraConfig, get_peft_model
-    compute = request.param
+    scheme, compute = request.param
     tmp = tmp_path_factory.mktemp("qlora")
-    model = qlora_model(llama_base_bf16, compute)
+    model = qlora_model(llama_base_bf16, compute, quant_type=scheme)
     torch.manual_seed(3)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                   init_lora_weights=False))
@@ -59,7 +60,7 @@ def qlora(request, llama_base_bf16, tmp_path_factory):
                 param.mul_(DELTA_SHRINK)
     peft_model.save_pretrained(tmp / "peft")
     flag = {torch.float32: "fp32", torch.bfloat16: "bf16"}[compute]
-    adapterfmt.convert(tmp / "peft", tmp / "a.safetensors", base=llama_base_bf16, trained_on="nf4",
+    adapterfmt.convert(tmp / "peft", tmp / "a.safetensors", base=llama_base_bf16, trained_on=scheme,
                        trained_options={"compute_dtype": flag, "double_quant": True})
     return llama_base_bf16, peft_model, tmp / "a.safetensors", compute
 
@@ -81,7 +82,8 @@ def reference_weights(peft_model, compute) -> dict[str, torch.Tensor]:
 def test_records_the_base_form(qlora):
     _, _, adapter, compute = qlora
     form = adapterfmt.read_adapter(adapter).manifest.base.quantization
-    assert (form.scheme, form.block_size, form.double_quant, form.library) == ("nf4", 64, True, "bitsandbytes")
+    assert (form.block_size, form.double_quant, form.library) == (64, True, "bitsandbytes")
+    assert form.scheme in ("nf4", "fp4")
     assert form.compute_dtype == {torch.float32: "F32", torch.bfloat16: "BF16"}[compute]
 
 
@@ -169,3 +171,48 @@ def test_bnb_quantize_dequantize_is_deterministic_on_cpu():
     for packed, absmax, dequant in results[1:]:
         assert torch.equal(packed, results[0][0]) and torch.equal(absmax, results[0][1])
         assert torch.equal(dequant, results[0][2])
+
+
+def test_int8_form_is_what_transformers_quantized(llama_base_bf16):
+    """LLM.int8: the weight side of the form equals the int8 codes and scales transformers stores."""
+    import bitsandbytes.functional as F
+    from safetensors.torch import load_file as load
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from adapterfmt.engine.base_form import bnb_form, trained_weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(llama_base_bf16, dtype=torch.float16, device_map="cpu",
+                                                     quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    stored = load(llama_base_bf16 / "model.safetensors")
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = model.get_submodule(name)
+        want = F.int8_vectorwise_dequant(layer.weight.data, layer.weight.SCB).half()
+        assert torch.equal(trained_weight(stored[f"{name}.weight"], bnb_form("int8")), want), name
+
+
+def test_quantization_config_gives_the_form_or_a_named_refusal():
+    from adapterfmt.engine.base_form import form_from_quantization_config
+    form = form_from_quantization_config({"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                          "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16",
+                                          "bnb_4bit_use_double_quant": True, "llm_int8_skip_modules": ["mlp"]})
+    assert (form.scheme, form.compute_dtype, form.double_quant, form.skip_modules) == ("nf4", "BF16", True, ["mlp"])
+    for method in ("gptq", "awq"):
+        with pytest.raises(UsageError, match=f"'{method}'.*quant_method"):
+            form_from_quantization_config({"quant_method": method, "bits": 4})
+
+
+def test_cli_refusal_is_one_line(llama_base_bf16, tmp_path):
+    from click.testing import CliRunner
+
+    from adapterfmt.cli import main
+    from ..helpers import make_peft_adapter
+    make_peft_adapter(llama_base_bf16, tmp_path / "peft", target_modules=["q_proj"])
+    runner = CliRunner()
+    result = runner.invoke(main, ["convert", str(tmp_path / "peft"), str(tmp_path / "a.safetensors"),
+                                  "--compute-dtype", "bf16"])
+    assert result.exit_code != 0 and "add --trained-on" in result.output
+    runner.invoke(main, ["convert", str(tmp_path / "peft"), str(tmp_path / "a.safetensors")])
+    result = runner.invoke(main, ["merge", "--base", str(llama_base_bf16), "--adapter", str(tmp_path / "a.safetensors"),
+                                  "--out", str(tmp_path / "m"), "--base-form", "trained"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "--trained-on" in result.output
