@@ -23,7 +23,8 @@ from ..methods import get_method
 from ..methods.descriptor import Method, take_rows
 from .base_form import FormReport, choose_form, quantized_weights, trained_weight
 from .devices import exact_math, resolve_device
-from .plan import (OUT_DTYPES, StreamingCheckpoint, TensorJob, Update, check_adapters, make_jobs, untied_aliases,
+from ..checkpoint.bnb_checkpoint import BnbCheckpoint
+from .plan import (OUT_DTYPES, StreamingCheckpoint, open_streaming_base, TensorJob, Update, check_adapters, make_jobs, untied_aliases,
                    shard_jobs)
 from .stream import BufferPool, StreamStats, execute, peak_rss_bytes
 from ..format.dtypes import DTYPE_FROM_NAME
@@ -205,6 +206,9 @@ def merge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> Iter
 def plan_base_form(jobs: list[TensorJob], base: StreamingCheckpoint, loaded, requested: str | None,
                    ctx: MathContext, stats: StreamStats) -> None:
     """Mark the jobs that become dequant(quant(W)) (``trained``) and the adapted ones whose ratio is reported."""
+    if isinstance(base, BnbCheckpoint):
+        prequantized_base_notes(base, loaded, requested, stats)
+        return
     mode, form = choose_form([adapter.manifest.base.quantization for adapter, _ in loaded], requested)
     if form is None or form.scheme == "none":
         return
@@ -230,6 +234,22 @@ def plan_base_form(jobs: list[TensorJob], base: StreamingCheckpoint, loaded, req
     if form.scheme == "int8":
         stats.notes.append("LLM.int8 also quantizes activations at run time; merged weights reproduce the "
                            "weight side only")
+
+
+def prequantized_base_notes(base: BnbCheckpoint, loaded, requested: str | None, stats: StreamStats) -> None:
+    """A bitsandbytes-quantized base already is the trained form; the original weights are not there."""
+    if requested == "original":
+        raise UsageError(f"--base-form original: the base is quantized ({base.scheme}); it does not hold the "
+                         "original weights", path=base.path, hint="give the unquantized base as --base, or drop "
+                         "--base-form (a quantized base is merged as the adapter was trained against it)")
+    stats.notes.append(f"base is bitsandbytes-quantized ({base.scheme}): {len(base.quantized_names())} weight(s) "
+                       f"dequantized by bitsandbytes into {base.compute_dtype} (the trained form); fingerprints of "
+                       "quantized weights cannot be checked, and ‖W − dequant(quant(W))‖ needs the float base")
+    for adapter, _ in loaded:
+        form = adapter.manifest.base.quantization
+        if form is not None and (form.scheme, form.compute_dtype) != (base.scheme, base.compute_dtype):
+            stats.notes.append(f"warning: an adapter records base form {form.scheme} (compute {form.compute_dtype}), "
+                               f"the base is {base.scheme} (compute {base.compute_dtype})")
 
 
 def adapter_paths(adapters) -> list[str | None]:
@@ -272,7 +292,7 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
     check_weights(adapters)
     check_output_path(out_dir, [Path(base_dir)] + [Path(a) for a, _ in adapters if not isinstance(a, Adapter)])
     torch_device = resolve_device(device)
-    base = StreamingCheckpoint(base_dir)
+    base = open_streaming_base(base_dir)
     loaded = load_adapters(adapters)
     check_adapters(loaded, base, force, adapter_paths(adapters))
     jobs = make_jobs(base, loaded, dtype)

@@ -191,6 +191,25 @@ def test_int8_form_is_what_transformers_quantized(llama_base_bf16):
         assert torch.equal(trained_weight(stored[f"{name}.weight"], bnb_form("int8")), want), name
 
 
+def test_prequantized_int8_base_reads_as_its_dequantized_weights(llama_base_bf16, tmp_path):
+    import bitsandbytes.functional as F
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from adapterfmt.checkpoint.bnb_checkpoint import BnbCheckpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(llama_base_bf16, dtype=torch.float16, device_map="cpu",
+                                                     quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    model.save_pretrained(tmp_path / "q8")
+    checkpoint = BnbCheckpoint(tmp_path / "q8")
+    assert checkpoint.scheme == "int8" and len(checkpoint.quantized_names()) == 14
+    assert not any(name.endswith((".SCB", ".weight_format")) for name in checkpoint.names())
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = model.get_submodule(name)
+        want = F.int8_vectorwise_dequant(layer.weight.data, layer.weight.SCB).half()
+        assert torch.equal(checkpoint.get(f"{name}.weight"), want), name
+
+
 def test_quantization_config_gives_the_form_or_a_named_refusal():
     from adapterfmt.engine.base_form import form_from_quantization_config
     form = form_from_quantization_config({"quant_method": "bitsandbytes", "load_in_4bit": True,
@@ -216,3 +235,32 @@ def test_cli_refusal_is_one_line(llama_base_bf16, tmp_path):
     result = runner.invoke(main, ["merge", "--base", str(llama_base_bf16), "--adapter", str(tmp_path / "a.safetensors"),
                                   "--out", str(tmp_path / "m"), "--base-form", "trained"])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "--trained-on" in result.output
+
+
+def test_prequantized_bnb_base_merges_like_the_trained_form(qlora, tmp_path):
+    """--base given as the 4-bit checkpoint save_pretrained writes: dequantized by bitsandbytes, tensor by tensor."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+    base, peft_model, adapter, compute = qlora
+    form = adapterfmt.read_adapter(adapter).manifest.base.quantization
+    quantized = qlora_model(base, compute, quant_type=form.scheme)
+    quantized.save_pretrained(tmp_path / "q4")
+    summary = adapterfmt.merge(tmp_path / "q4", [adapter], tmp_path / "from-q4", dtype="fp32")
+    adapterfmt.merge(base, [adapter], tmp_path / "from-float", dtype="fp32", base_form="trained")
+    got = load_file(tmp_path / "from-q4" / "model.safetensors")
+    want = load_file(tmp_path / "from-float" / "model.safetensors")
+    assert sorted(got) == sorted(want)  # the packed parts (absmax, quant_map, ...) are gone
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    for name, weight in reference_weights(peft_model, compute).items():
+        assert torch.equal(got[name], weight), name
+    assert "quantization_config" not in json.loads((tmp_path / "from-q4" / "config.json").read_text())
+    assert any("bitsandbytes-quantized" in note for note in summary.notes)
+    peft_model.train()
+    merged_logits = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "from-q4", dtype=torch.float32))
+    want_logits = logits(peft_model)
+    tolerance = 1e-5 if compute == torch.float32 else 1e-2
+    assert (merged_logits - want_logits).abs().max() / want_logits.abs().max() < tolerance
+    with pytest.raises(UsageError, match="does not hold the original weights"):
+        adapterfmt.merge(tmp_path / "q4", [adapter], tmp_path / "x", base_form="original")
