@@ -367,8 +367,11 @@ _SHARD = click.option("--shard-size", "shard_size", type=ByteSize(), default=Non
 @click.option("--base-form", "base_form", type=click.Choice(["trained", "original"]), default=None,
               help="trained: merge into dequant(quant(W)), the base the adapter was trained against (QLoRA; "
                    "default when the adapter records it, see convert --trained-on); original: into the stored W.")
+@click.option("--gguf-type", "gguf_type", default=None, metavar="TYPE",
+              help="GGUF base (a .gguf file): type of the merged tensors, F16, F32 or a type gguf can quantize "
+                   "(Q8_0, ...); default: requantize each to its own type.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def merge(base, adapters, out, device, dtype, shard_size, force, overwrite, base_form, as_json):
+def merge(base, adapters, out, device, dtype, shard_size, force, overwrite, base_form, gguf_type, as_json):
     """Merge adapters into a base model (fp32 maths, one rounding), streaming tensor by tensor.
 
     With several adapters, ΔW = Σ weight·ΔW of each, all computed against the original base.
@@ -381,7 +384,7 @@ def merge(base, adapters, out, device, dtype, shard_size, force, overwrite, base
     from .ops.merge import merge as run_merge
     summary = run_merge(base, list(adapters), out, dtype=dtype, force=force, overwrite=overwrite,
                         progress=not as_json and sys.stderr.isatty(), device=device, shard_size=shard_size,
-                        base_form=base_form)
+                        base_form=base_form, gguf_type=gguf_type)
     _print_stream_summary(summary, "merged", out, as_json)
 
 
