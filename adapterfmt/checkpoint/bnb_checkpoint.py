@@ -41,6 +41,20 @@ def is_bnb_quantized(config: dict) -> bool:
     return isinstance(quant, dict) and str(quant.get("quant_method", "")).lower() == "bitsandbytes"
 
 
+def refuse_foreign_quantization(checkpoint: BaseCheckpoint) -> None:
+    """Refuse a base quantized by anything but bitsandbytes (GPTQ, AWQ, ...), naming the scheme.
+
+    No GPTQ/AWQ dequantizer installs on a CPU-only machine (gptqmodel and autoawq ship sources that
+    build CUDA kernels), so their packed weights cannot be read back exactly here.
+    """
+    quant = checkpoint.config.get("quantization_config") or {}
+    if isinstance(quant, dict) and quant and not is_bnb_quantized(checkpoint.config):
+        method = str(quant.get("quant_method") or "unnamed")
+        raise UsageError(f"the base is quantized with {method!r} (config.json quantization_config.quant_method); "
+                         "adapterfmt reads bitsandbytes-quantized bases only", path=checkpoint.path,
+                         hint="give the unquantized base as --base")
+
+
 @dataclass(frozen=True)
 class PackedSpan(TensorSpan):
     """A quantized weight: where its packed codes lie (``start``/``end``) and its other parts.

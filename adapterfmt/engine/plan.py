@@ -13,7 +13,7 @@ from ..errors import BaseMismatchError, UsageError
 from ..format import Adapter, Payload
 from ..format.dtypes import FLOAT_DTYPES, dtype_name
 from ..checkpoint import BaseCheckpoint
-from ..checkpoint.bnb_checkpoint import BnbCheckpoint, PackedSpan, is_bnb_quantized
+from ..checkpoint.bnb_checkpoint import BnbCheckpoint, PackedSpan, is_bnb_quantized, refuse_foreign_quantization
 from ..format.tensorio import TensorSpan
 from .base import bind_base
 from .writer import OutTensor
@@ -47,6 +47,7 @@ def open_streaming_base(path: Path | str) -> StreamingCheckpoint:
         >>> open_streaming_base("tiny-llama").ordered()[0].name  # doctest: +SKIP
     """
     base = StreamingCheckpoint(path)
+    refuse_foreign_quantization(base)
     return BnbStreamingCheckpoint(path) if is_bnb_quantized(base.config) else base
 
 

@@ -264,3 +264,27 @@ def test_prequantized_bnb_base_merges_like_the_trained_form(qlora, tmp_path):
     assert (merged_logits - want_logits).abs().max() / want_logits.abs().max() < tolerance
     with pytest.raises(UsageError, match="does not hold the original weights"):
         adapterfmt.merge(tmp_path / "q4", [adapter], tmp_path / "x", base_form="original")
+    # convert --base <the 4-bit checkpoint>: the form comes from its quantization_config
+    adapterfmt.convert(adapter.parent / "peft", tmp_path / "b.safetensors", base=tmp_path / "q4")
+    recorded = adapterfmt.read_adapter(tmp_path / "b.safetensors").manifest.base.quantization
+    assert (recorded.scheme, recorded.compute_dtype, recorded.double_quant) == \
+        (form.scheme, form.compute_dtype, form.double_quant)
+
+
+def test_gptq_and_awq_bases_are_refused_by_name(llama_base_bf16, tmp_path):
+    import json
+    import shutil
+    from ..helpers import make_peft_adapter
+    make_peft_adapter(llama_base_bf16, tmp_path / "peft", target_modules=["q_proj"])
+    adapterfmt.convert(tmp_path / "peft", tmp_path / "a.safetensors", base=llama_base_bf16)
+    for method in ("gptq", "awq"):
+        base = tmp_path / method
+        shutil.copytree(llama_base_bf16, base)
+        config = json.loads((base / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": 128}
+        (base / "config.json").write_text(json.dumps(config))
+        with pytest.raises(UsageError, match=f"quantized with '{method}'") as info:
+            adapterfmt.merge(base, [tmp_path / "a.safetensors"], tmp_path / f"m-{method}")
+        assert "unquantized base" in info.value.one_line()
+        with pytest.raises(UsageError, match=f"quantized with '{method}'"):
+            adapterfmt.convert(tmp_path / "peft", tmp_path / f"{method}.safetensors", base=base)
