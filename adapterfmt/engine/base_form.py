@@ -181,9 +181,9 @@ def choose_form(adapter_forms: list[BaseQuantization | None], requested: str | N
     if requested is not None and requested not in BASE_FORMS:
         raise UsageError(f"--base-form {requested!r} is not known", hint="use trained or original")
     known = [f for f in adapter_forms if f is not None]
-    distinct = {(f.scheme, f.block_size, f.compute_dtype, f.weight_dtype, f.double_quant,
-                 tuple(f.skip_modules or ())) for f in known}
-    if len(distinct) > 1:
+    distinct = {None if f is None else (f.scheme, f.block_size, f.compute_dtype, f.weight_dtype, f.double_quant,
+                                        tuple(f.skip_modules or ())) for f in adapter_forms}
+    if len(distinct) > 1:  # several forms, or some known and some not: no single trained base exists
         if requested == "original":
             return "original", None
         raise UsageError("the adapters were trained against different base forms",

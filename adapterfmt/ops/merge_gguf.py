@@ -51,7 +51,7 @@ def quantizable_types() -> list[str]:
         if not block:
             continue
         try:
-            gguf.quants.quantize(np.zeros((1, block * 8 if qtype.name.endswith("_K") else block), np.float32), qtype)
+            gguf.quants.quantize(np.zeros((1, block), np.float32), qtype)
             names.append(qtype.name)
         except (NotImplementedError, ValueError, AssertionError):
             continue

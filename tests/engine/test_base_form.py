@@ -288,3 +288,16 @@ def test_gptq_and_awq_bases_are_refused_by_name(llama_base_bf16, tmp_path):
         assert "unquantized base" in info.value.one_line()
         with pytest.raises(UsageError, match=f"quantized with '{method}'"):
             adapterfmt.convert(tmp_path / "peft", tmp_path / f"{method}.safetensors", base=base)
+
+
+def test_choose_form_never_guesses():
+    from adapterfmt.engine.base_form import bnb_form, choose_form
+    nf4, fp4 = bnb_form("nf4", "bf16"), bnb_form("fp4")
+    assert choose_form([nf4, nf4], None) == ("trained", nf4)
+    assert choose_form([None, None], None) == ("original", None)
+    assert choose_form([nf4], "original") == ("original", nf4)  # still measured for the report
+    assert choose_form([bnb_form("none")], None)[0] == "original"
+    for forms in ([nf4, fp4], [nf4, None]):
+        with pytest.raises(UsageError, match="different base forms"):
+            choose_form(forms, None)
+        assert choose_form(forms, "original")[0] == "original"
