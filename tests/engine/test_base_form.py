@@ -301,3 +301,48 @@ def test_choose_form_never_guesses():
         with pytest.raises(UsageError, match="different base forms"):
             choose_form(forms, None)
         assert choose_form(forms, "original")[0] == "original"
+
+
+def test_spec_reader_reads_the_recorded_form(qlora):
+    """The independent spec reader (tests/spec) accepts base.quantization; a bad scheme is refused."""
+    import json
+
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spec"))  # the spec reader is a plain module
+    import independent_reader
+    _, _, adapter, _ = qlora
+    manifest = independent_reader.read(adapter).manifest
+    assert manifest["base"]["quantization"]["scheme"] in ("nf4", "fp4")
+    from adapterfmt.format.schema import validate_manifest_dict
+    from adapterfmt.errors import ManifestError
+    bad = json.loads(json.dumps(manifest))
+    bad["base"]["quantization"]["scheme"] = "nf3"
+    with pytest.raises(ManifestError):
+        validate_manifest_dict(bad)
+
+
+def test_dora_on_a_4bit_base_merges_into_the_trained_form(llama_base_bf16, tmp_path):
+    """DoRA needs the base for its norms: in the trained form that is dequant(quant(W)), as PEFT's bnb DoRA uses."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = qlora_model(llama_base_bf16, torch.float32)
+    torch.manual_seed(5)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                  use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * torch.rand_like(param))
+    peft_model.save_pretrained(tmp_path / "peft")
+    adapterfmt.convert(tmp_path / "peft", tmp_path / "d.safetensors", base=llama_base_bf16, trained_on="nf4",
+                       trained_options={"compute_dtype": "fp32", "double_quant": True})
+    adapterfmt.merge(llama_base_bf16, [tmp_path / "d.safetensors"], tmp_path / "m", dtype="fp32")
+    adapterfmt.merge(llama_base_bf16, [tmp_path / "d.safetensors"], tmp_path / "o", dtype="fp32", base_form="original")
+    peft_model.train()
+    want = logits(peft_model)
+    got = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32))
+    naive = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32))
+    scale = want.abs().max()
+    assert (got - want).abs().max() / scale < 1e-5
+    assert (naive - want).abs().max() / scale > 1e-3
