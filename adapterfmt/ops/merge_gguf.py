@@ -11,6 +11,7 @@ the adapter would be lost in the rounding, and that is refused (naming the layer
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -93,10 +94,25 @@ def _permutation(reader, name: str, rows: int) -> torch.Tensor | None:
     return rope_permutation(rows, int(heads))
 
 
+def tensor_data(reader, tensor) -> np.ndarray:
+    """One tensor's stored data, read into its own buffer.
+
+    Not through the reader's map of the whole file: pages touched there stay resident, so peak RSS
+    would grow with the model instead of the largest tensor.
+    """
+    with open(reader.data.filename, "rb") as handle:
+        raw = os.pread(handle.fileno(), int(tensor.n_bytes), int(tensor.data_offset))
+    if len(raw) != tensor.n_bytes:
+        raise InputIOError(f"tensor {tensor.name!r} is cut short", path=reader.data.filename,
+                           hint="the GGUF file is truncated; re-download it")
+    return np.frombuffer(raw, dtype=tensor.data.dtype).reshape(tensor.data.shape)
+
+
 def merged_tensor(reader, tensor, updates: list[Update], ctx: MathContext) -> tuple[np.ndarray, float]:
     """(W + Σ w·ΔW in fp32 in the GGUF row order, ‖ΔW‖) for one targeted tensor."""
     gguf = _gguf()
-    weight = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type),
+    stored = tensor_data(reader, tensor)
+    weight = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(stored, tensor.tensor_type),
                                                    dtype=np.float32))
     weight = weight.reshape(tuple(reversed([int(d) for d in tensor.shape])))
     perm = _permutation(reader, tensor.name, weight.shape[0])
@@ -189,7 +205,7 @@ def _write(reader, out: Path, targets, outputs, ctx, rows: list, overwrite: bool
         writer.write_ti_data_to_file()
         for tensor in reader.tensors:
             if tensor.name not in targets:
-                writer.write_tensor_data(np.asarray(tensor.data))
+                writer.write_tensor_data(tensor_data(reader, tensor))
                 continue
             kind = outputs[tensor.name]
             merged, delta_norm = merged_tensor(reader, tensor, targets[tensor.name], ctx)
