@@ -166,9 +166,20 @@ def with_format_options(command):
 @click.option("--for", "for_target", default=None, metavar="TARGET",
               help="Lay the adapter out so that TARGET (vllm, sglang, tgi, llama.cpp, mlx, peft, ...) computes "
                    "exactly our ΔW (folds scales, pads ranks), or refuse with the reason.")
+@click.option("--trained-on", "trained_on", type=click.Choice(["nf4", "fp4", "int8", "none"]), default=None,
+              help="Record the base form the adapter was trained against (QLoRA: nf4); merge then reproduces it.")
+@click.option("--compute-dtype", "compute_dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="With --trained-on: bnb_4bit_compute_dtype used in training (default fp32, as BitsAndBytesConfig).")
+@click.option("--block-size", "block_size", type=click.IntRange(min=1), default=None,
+              help="With --trained-on nf4/fp4: quantization block size (default 64).")
+@click.option("--double-quant", "double_quant", is_flag=True, default=False,
+              help="With --trained-on nf4/fp4: bnb_4bit_use_double_quant was on.")
+@click.option("--load-dtype", "load_dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="With --trained-on: dtype the base was loaded in before quantizing (default: as stored).")
 @with_format_options
 def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, strict, compact, new_rank, energy,
-            device, as_json, push_to_hub, for_target, **options):
+            device, as_json, push_to_hub, for_target, trained_on, compute_dtype, block_size, double_quant,
+            load_dtype, **options):
     """Convert an adapter between formats and methods, printing a per-module report.
 
     Formats (--to/--from): adapterfmt, peft, gguf (llama.cpp), kohya (A1111/ComfyUI), mlx (MLX-LM);
@@ -198,8 +209,9 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
         resize = {"rank": new_rank, "energy": energy, "device": device}
     report = run_convert(src, dst, to=to, source_format=source_format, base=base, method=method,
                          allow_pickle=allow_pickle, overwrite=overwrite, strict=strict,
-                         format_options=options, resize=resize,
-                         for_target=for_target)
+                         format_options=options, resize=resize, for_target=for_target, trained_on=trained_on,
+                         trained_options={"compute_dtype": compute_dtype, "block_size": block_size,
+                                          "double_quant": double_quant, "load_dtype": load_dtype})
     if push_to_hub:
         from .ops.hub import push_to_hub as run_push
         report.notes.append(f"uploaded to {run_push(dst, push_to_hub)}")
@@ -328,8 +340,14 @@ _SHARD = click.option("--shard-size", "shard_size", type=ByteSize(), default=Non
 @_SHARD
 @click.option("--force", is_flag=True, help="Merge even if the base fingerprints do not match.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--base-form", "base_form", type=click.Choice(["trained", "original"]), default=None,
+              help="trained: merge into dequant(quant(W)), the base the adapter was trained against (QLoRA; "
+                   "default when the adapter records it, see convert --trained-on); original: into the stored W.")
+@click.option("--gguf-type", "gguf_type", default=None, metavar="TYPE",
+              help="GGUF base (a .gguf file): type of the merged tensors, F16, F32 or a type gguf can quantize "
+                   "(Q8_0, ...); default: requantize each to its own type.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def merge(base, adapters, out, device, dtype, shard_size, force, overwrite, as_json):
+def merge(base, adapters, out, device, dtype, shard_size, force, overwrite, base_form, gguf_type, as_json):
     """Merge adapters into a base model (fp32 maths, one rounding), streaming tensor by tensor.
 
     With several adapters, ΔW = Σ weight·ΔW of each, all computed against the original base.
@@ -341,7 +359,8 @@ def merge(base, adapters, out, device, dtype, shard_size, force, overwrite, as_j
     """
     from .ops.merge import merge as run_merge
     summary = run_merge(base, list(adapters), out, dtype=dtype, force=force, overwrite=overwrite,
-                        progress=not as_json and sys.stderr.isatty(), device=device, shard_size=shard_size)
+                        progress=not as_json and sys.stderr.isatty(), device=device, shard_size=shard_size,
+                        base_form=base_form, gguf_type=gguf_type)
     _print_stream_summary(summary, "merged", out, as_json)
 
 

@@ -47,11 +47,11 @@ def bind_base(adapter: Adapter, base: BaseCheckpoint, path: str | None = None, *
         if list(shape) != list(want.shape):
             raise BaseMismatchError(f"base parameter {name!r} has shape {shape}, the adapter expects "
                                     f"{want.shape}", path=path, hint="this adapter is for a different model")
-        fingerprint = base.fingerprint(name)
-        if want.fingerprint and want.fingerprint != fingerprint:
+        fingerprint = base.fingerprint(name)  # None: not comparable (a pre-quantized base's weights)
+        if want.fingerprint and fingerprint is not None and want.fingerprint != fingerprint:
             raise BaseMismatchError(f"base parameter {name!r} has different content than the adapter's "
                                     "base (fingerprint mismatch)", path=path, hint=force_hint)
-        if not check_only:
+        if not check_only and fingerprint is not None:
             want.dtype, want.fingerprint = base.dtype_name(name), fingerprint
     if not check_only:
         manifest.base.architecture = manifest.base.architecture or base.architecture

@@ -21,8 +21,10 @@ from ..methods import read_checked_adapter
 from ..format.container import require_finite
 from ..methods import get_method
 from ..methods.descriptor import Method, take_rows
+from .base_form import FormReport, choose_form, quantized_weights, trained_weight
 from .devices import exact_math, resolve_device
-from .plan import (OUT_DTYPES, StreamingCheckpoint, TensorJob, Update, check_adapters, make_jobs, untied_aliases,
+from ..checkpoint.bnb_checkpoint import BnbCheckpoint
+from .plan import (OUT_DTYPES, StreamingCheckpoint, open_streaming_base, TensorJob, Update, check_adapters, make_jobs, untied_aliases,
                    shard_jobs)
 from .stream import BufferPool, StreamStats, execute, peak_rss_bytes
 from ..format.dtypes import DTYPE_FROM_NAME
@@ -39,6 +41,8 @@ class MathContext:
     def __init__(self, device: torch.device):
         self.device = device
         self.pool = BufferPool()
+        self.form_report: FormReport | None = None
+        self.measured: set[str] = set()  # quantized weights whose ‖W − dequant(quant(W))‖ / ‖ΔW‖ is reported
         self._tensors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
 
     def reserve(self, jobs: list[TensorJob]) -> None:
@@ -144,6 +148,26 @@ def _block_fraction(job: TensorJob) -> float:
     return 1.0 if first is None else (first.stop - first.start) / job.span.shape[0]
 
 
+def base_for_merge(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> torch.Tensor:
+    """The weight the updates are added to: the stored W, or dequant(quant(W)) for the trained base form.
+
+    For an adapted quantized weight it also records ‖W − dequant(quant(W))‖ and ‖ΔW‖ in the report.
+    """
+    measure = bool(job.updates) and job.out.name in ctx.measured
+    if job.form is None and not measure:
+        return stored
+    form = job.form or ctx.form_report.form
+    quantizer_view = stored.t() if job.form_transposed else stored
+    trained = trained_weight(quantizer_view.cpu(), form)
+    trained = ctx.on_device(trained.t() if job.form_transposed else trained)
+    merged_into = trained if job.form is not None else stored
+    if measure:
+        error = torch.linalg.vector_norm(stored.float() - trained.float())
+        delta = torch.linalg.vector_norm(delta_sum(job.updates, merged_into, ctx, _fan(job)))
+        ctx.form_report.add(job.out.name, float(error), float(delta))
+    return merged_into
+
+
 def merge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> Iterator[torch.Tensor]:
     """The output tensor for one job as consecutive row blocks (CPU, output dtype, stored layout).
 
@@ -160,6 +184,8 @@ def merge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> Iter
             return
         # A saved full tensor (PEFT's base_layer of a targeted embedding) is what modules adapt.
         stored = tensor.to(stored.dtype)
+    else:
+        stored = base_for_merge(job, stored, ctx)
     if not job.updates:
         yield ctx.to_output(stored, job.out.dtype, False, slot=0)
         return
@@ -176,6 +202,55 @@ def merge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> Iter
             total = delta_sum(job.updates, stored, ctx, fan, rows)
             result = ctx.canonical32(stored, fan, rows).add_(total)
         yield ctx.to_output(result, job.out.dtype, fan, slot=index % 2)
+
+
+def plan_base_form(jobs: list[TensorJob], base: StreamingCheckpoint, loaded, requested: str | None,
+                   ctx: MathContext, stats: StreamStats) -> None:
+    """Mark the jobs that become dequant(quant(W)) (``trained``) and the adapted ones whose ratio is reported."""
+    if isinstance(base, BnbCheckpoint):
+        prequantized_base_notes(base, loaded, requested, stats)
+        return
+    mode, form = choose_form([adapter.manifest.base.quantization for adapter, _ in loaded], requested)
+    if form is None or form.scheme == "none":
+        return
+    if form.scheme.startswith("gguf:"):
+        raise UsageError(f"base form {form.scheme} cannot be reproduced on a safetensors base yet",
+                         hint="merge with --base-form original")
+    quantized = quantized_weights(base, form)
+    ctx.form_report = FormReport(mode, form)
+    ctx.measured = set(quantized)
+    if mode != "trained":
+        return
+    narrowed = set()
+    for job in jobs:
+        if job.out.name in quantized and job.replacement is None:
+            job.form, job.form_transposed = form, quantized[job.out.name]
+            if job.out.dtype != form.compute_dtype and form.compute_dtype == "F32":
+                narrowed.add(job.out.dtype)
+    stats.notes.append(f"base form trained: {len(quantized)} weight(s) became dequant(quant(W)) with "
+                       f"{form.library or 'bitsandbytes'} ({form.scheme}, compute {form.compute_dtype})")
+    if narrowed:
+        stats.notes.append(f"the trained form is {form.compute_dtype} (the compute dtype); writing it as "
+                           f"{', '.join(sorted(narrowed))} rounds it: --dtype fp32 keeps it exact")
+    if form.scheme == "int8":
+        stats.notes.append("LLM.int8 also quantizes activations at run time; merged weights reproduce the "
+                           "weight side only")
+
+
+def prequantized_base_notes(base: BnbCheckpoint, loaded, requested: str | None, stats: StreamStats) -> None:
+    """A bitsandbytes-quantized base already is the trained form; the original weights are not there."""
+    if requested == "original":
+        raise UsageError(f"--base-form original: the base is quantized ({base.scheme}); it does not hold the "
+                         "original weights", path=base.path, hint="give the unquantized base as --base, or drop "
+                         "--base-form (a quantized base is merged as the adapter was trained against it)")
+    stats.notes.append(f"base is bitsandbytes-quantized ({base.scheme}): {len(base.quantized_names())} weight(s) "
+                       f"dequantized by bitsandbytes into {base.compute_dtype} (the trained form); fingerprints of "
+                       "quantized weights cannot be checked, and ‖W − dequant(quant(W))‖ needs the float base")
+    for adapter, _ in loaded:
+        form = adapter.manifest.base.quantization
+        if form is not None and (form.scheme, form.compute_dtype) != (base.scheme, base.compute_dtype):
+            stats.notes.append(f"warning: an adapter records base form {form.scheme} (compute {form.compute_dtype}), "
+                               f"the base is {base.scheme} (compute {base.compute_dtype})")
 
 
 def adapter_paths(adapters) -> list[str | None]:
@@ -201,8 +276,11 @@ def load_adapters(adapters) -> list[tuple[Adapter, float]]:
 
 def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float]], out_dir: Path | str, *,
           dtype: str = "keep", force: bool = False, overwrite: bool = False, progress: bool = False,
-          device: str = "auto", shard_size: int | None = None) -> StreamStats:
+          device: str = "auto", shard_size: int | None = None, base_form: str | None = None) -> StreamStats:
     """Merge adapters (each with a weight) into a base model directory, streaming, into a new directory.
+
+    ``base_form``: ``trained`` merges into dequant(quant(W)) as the adapter was trained (QLoRA),
+    ``original`` into the stored W; None: ``trained`` when the adapters record their base form.
 
     Example:
         >>> merge("tiny-llama", [("a.safetensors", 0.7), ("b.safetensors", 0.3)], "merged")  # doctest: +SKIP
@@ -215,14 +293,16 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
     check_weights(adapters)
     check_output_path(out_dir, [Path(base_dir)] + [Path(a) for a, _ in adapters if not isinstance(a, Adapter)])
     torch_device = resolve_device(device)
-    base = StreamingCheckpoint(base_dir)
+    base = open_streaming_base(base_dir)
     loaded = load_adapters(adapters)
     check_adapters(loaded, base, force, adapter_paths(adapters))
-    plan = shard_jobs(make_jobs(base, loaded, dtype), shard_size)
-    untied = untied_aliases(base, {job.out.name for job in plan.jobs if job.changed})
+    jobs = make_jobs(base, loaded, dtype)
     ctx = MathContext(torch_device)
-    ctx.reserve(plan.jobs)
     stats = StreamStats(device=str(torch_device))
+    plan_base_form(jobs, base, loaded, base_form, ctx, stats)
+    plan = shard_jobs(jobs, shard_size)
+    untied = untied_aliases(base, {job.out.name for job in plan.jobs if job.updates or job.replacement})
+    ctx.reserve(plan.jobs)
     for alias in untied:
         stats.notes.append(f"untied {alias} from {base.tied_weights[alias]}: the adapter changes only one of the "
                            "two uses, so both are written and config.json says tie_word_embeddings: false")
@@ -232,6 +312,9 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
                 untie=bool(untied))
     if base.path.is_file():
         stats.notes.append("base was a single file; no config copied")
+    if ctx.form_report is not None:
+        stats.base_form = ctx.form_report.to_dict()
+        stats.notes += ctx.form_report.notes()
     stats.seconds = time.perf_counter() - start
     stats.peak_rss_bytes = peak_rss_bytes()
     return stats

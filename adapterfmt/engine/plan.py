@@ -13,6 +13,7 @@ from ..errors import BaseMismatchError, UsageError
 from ..format import Adapter, Payload
 from ..format.dtypes import FLOAT_DTYPES, dtype_name
 from ..checkpoint import BaseCheckpoint
+from ..checkpoint.bnb_checkpoint import BnbCheckpoint, PackedSpan, is_bnb_quantized, refuse_foreign_quantization
 from ..format.tensorio import TensorSpan
 from .base import bind_base
 from .writer import OutTensor
@@ -33,6 +34,21 @@ class StreamingCheckpoint(BaseCheckpoint):
         """Spans in shard order, then file order (sequential reads)."""
         rank = {p: i for i, p in enumerate(self.shard_files)}
         return sorted(self.spans.values(), key=lambda s: (rank[s.path], s.start))
+
+
+class BnbStreamingCheckpoint(StreamingCheckpoint, BnbCheckpoint):
+    """A bitsandbytes-quantized base read in file order; its quantized weights come dequantized."""
+
+
+def open_streaming_base(path: Path | str) -> StreamingCheckpoint:
+    """The streaming view of a base directory: plain, or bitsandbytes-quantized (dequantized on read).
+
+    Example:
+        >>> open_streaming_base("tiny-llama").ordered()[0].name  # doctest: +SKIP
+    """
+    base = StreamingCheckpoint(path)
+    refuse_foreign_quantization(base)
+    return BnbStreamingCheckpoint(path) if is_bnb_quantized(base.config) else base
 
 
 @dataclass
@@ -65,14 +81,19 @@ class TensorJob:
     out: OutTensor
     updates: list[Update] = field(default_factory=list)
     replacement: Replacement | None = None
+    #: the base form to merge into (dequant(quant(W)), engine/base_form.py); None: the stored weight
+    form: object | None = None
+    #: the stored weight is the transpose of what the quantizer sees (GPT-2 Conv1D)
+    form_transposed: bool = False
 
     @property
     def changed(self) -> bool:
-        return bool(self.updates) or self.replacement is not None
+        return bool(self.updates) or self.replacement is not None or self.form is not None
 
     @property
     def raw_copy(self) -> bool:
-        return not self.changed and self.out.dtype == self.span.dtype and self.out.shape == self.span.shape
+        return (not self.changed and self.out.dtype == self.span.dtype and self.out.shape == self.span.shape
+                and not isinstance(self.span, PackedSpan))
 
 
 @dataclass

@@ -45,11 +45,13 @@ class StreamStats:
     out: str = ""
     notes: list[str] = field(default_factory=list)
     verification: dict | None = None  # unmerge --base: restored vs original
+    base_form: dict | None = None  # merge: the base form merged into, per-layer quantization error / ‖ΔW‖
 
     def to_dict(self) -> dict:
         data = dict(self.__dict__)
-        if data["verification"] is None:
-            data.pop("verification")
+        for key in ("verification", "base_form"):
+            if data[key] is None:
+                data.pop(key)
         data["write_gb_per_s"] = round(self.bytes_written / 1e9 / self.seconds, 3) if self.seconds else None
         return data
 
@@ -106,8 +108,10 @@ def copy_side_files(base: StreamingCheckpoint, dest: Path, out_dtype: str | None
         if (not item.is_file() or item.name.startswith(".") or item.suffix.lower() in WEIGHT_SUFFIXES
                 or item.name.endswith(".index.json") or item in base.shard_files):
             continue
-        if item.name == "config.json" and (out_dtype is not None or untie):
+        dequantized = item.name == "config.json" and "quantization_config" in base.config
+        if item.name == "config.json" and (out_dtype is not None or untie or dequantized):
             config = json.loads(item.read_text())
+            config.pop("quantization_config", None)  # the output holds float weights
             for key in ("dtype", "torch_dtype"):  # transformers 5 / 4 spellings
                 if key in config and out_dtype is not None:
                     config[key] = config_dtype_name(out_dtype)
@@ -138,7 +142,9 @@ def execute(plan: Plan, base: StreamingCheckpoint, out_dir: Path, compute: Compu
                     if job.raw_copy:
                         writer.copy_span(job.out.name, job.span, None)
                     else:
-                        with mapped_tensor(job.span) as stored:
+                        # A packed (quantized) base weight opens dequantized; every other one is mapped.
+                        opener = getattr(job.span, "open", None)
+                        with (opener() if opener else mapped_tensor(job.span)) as stored:
                             result = compute(job, stored)
                             if isinstance(result, torch.Tensor):
                                 writer.write_tensor(job.out.name, result)

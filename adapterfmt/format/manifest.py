@@ -34,13 +34,41 @@ class BaseWeight:
 
 
 @dataclass
+class BaseQuantization:
+    """The form of the base the adapter was trained against (spec §7): e.g. QLoRA's NF4.
+
+    ``scheme`` is ``none``, ``nf4``, ``fp4``, ``int8`` or ``gguf:<TYPE>``; ``compute_dtype`` is the
+    dtype the quantized weight is dequantized into (part of the form: bf16 and fp32 compute train
+    against different weights); ``weight_dtype`` the dtype the base was loaded in before quantizing
+    (None: as stored); ``skip_modules`` the library's skip list (None: its default).
+    """
+
+    scheme: str
+    block_size: int | None = None
+    compute_dtype: str | None = None
+    weight_dtype: str | None = None
+    double_quant: bool | None = None
+    skip_modules: list[str] | None = None
+    library: str | None = None
+    library_version: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BaseQuantization":
+        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass
 class BaseIdentity:
-    """The base model: how to find it, and per targeted parameter its shape/dtype/fingerprint."""
+    """The base model: how to find it, and per targeted parameter its shape/dtype/fingerprint.
+
+    ``quantization`` (optional, spec 1.1) records the base form used in training; None = unknown.
+    """
 
     name_or_path: str | None = None
     revision: str | None = None
     architecture: str | None = None
     weights: dict[str, BaseWeight] = field(default_factory=dict)
+    quantization: BaseQuantization | None = None
 
 
 @dataclass
@@ -109,6 +137,8 @@ class Manifest:
         data = asdict(self)
         if not data["source"]:
             data.pop("source")
+        if data["base"]["quantization"] is None:
+            data["base"].pop("quantization")  # optional: files without it stay byte-identical
         return data
 
     def to_json(self) -> str:
@@ -125,7 +155,8 @@ class Manifest:
                 architecture=base.get("architecture"),
                 weights={k: BaseWeight(shape=list(v["shape"]), dtype=v.get("dtype"),
                                        fingerprint=v.get("fingerprint"))
-                         for k, v in base.get("weights", {}).items()})
+                         for k, v in base.get("weights", {}).items()},
+                quantization=BaseQuantization.from_dict(base["quantization"]) if "quantization" in base else None)
             modules = {
                 name: ModuleEntry(
                     method=m["method"], base_weight=m["base_weight"], shape=list(m["shape"]),

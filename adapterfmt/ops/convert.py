@@ -92,17 +92,40 @@ def _merge_statuses(read_report: ConversionReport, *later: ConversionReport) -> 
     return [statuses[k] for k in sorted(statuses)]
 
 
+def record_base_form(adapter, checkpoint, trained_on: str | None, options: dict[str, Any],
+                     report: ConversionReport) -> None:
+    """Fill ``base.quantization`` from ``--trained-on`` or the base's ``quantization_config``."""
+    from ..engine.base_form import bnb_form, form_from_quantization_config
+    if trained_on is None:
+        if any(v not in (None, False) for v in options.values()):
+            raise UsageError("--compute-dtype, --block-size, --double-quant and --load-dtype describe --trained-on",
+                             hint="add --trained-on nf4 (or fp4, int8)")
+        config = (checkpoint.config if checkpoint is not None else {}).get("quantization_config")
+        form = form_from_quantization_config(config) if config else None
+    else:
+        form = bnb_form(trained_on, options.get("compute_dtype"), block_size=options.get("block_size"),
+                        double_quant=bool(options.get("double_quant")), load_dtype=options.get("load_dtype"))
+    if form is not None:
+        adapter.manifest.base.quantization = form
+        report.notes.append(f"recorded base form {form.scheme} (compute {form.compute_dtype}): merge reproduces it "
+                            "by default (merge --base-form)")
+
+
 def convert(src: Path | str, dst: Path | str, *, to: str | None = None, source_format: str | None = None,
             base: Path | str | None = None, method: str | None = None, allow_pickle: bool = False,
             overwrite: bool = False, strict: bool = False, method_options: dict[str, Any] | None = None,
             format_options: dict[str, Any] | None = None, resize: dict[str, Any] | None = None,
-            for_target: str | None = None) -> ConversionReport:
+            for_target: str | None = None, trained_on: str | None = None,
+            trained_options: dict[str, Any] | None = None) -> ConversionReport:
     """Convert an adapter between formats (and methods); returns the per-module report.
 
     ``format_options`` (and ``method_options``) hold the readers', writers' and method conversions'
     own options by field name (e.g. ``{"cuda_sm_count": 108}``, ``{"nola_basis": "64,32"}``); each
     takes the fields of its typed options model. ``for_target``
     (``vllm``, ``sglang``, ...) lays the adapter out so that consumer computes exactly our ΔW, or refuses.
+    ``trained_on`` (``nf4``, ``fp4``, ``int8``, ``none``) records the base form the adapter was trained
+    against, with ``trained_options`` {compute_dtype, block_size, double_quant, load_dtype}; without it
+    a base whose config has a ``quantization_config`` records that.
 
     Example:
         >>> report = convert("peft-dir", "adapter.safetensors")  # doctest: +SKIP
@@ -125,6 +148,7 @@ def convert(src: Path | str, dst: Path | str, *, to: str | None = None, source_f
         # Head counts, layer count etc. travel with the adapter (GGUF/MLX export need them later).
         adapter.manifest.source.setdefault("base_config", base_config_summary(checkpoint.config))
     require_finite(adapter, src)
+    record_base_form(adapter, checkpoint, trained_on, trained_options or {}, report)
     if checkpoint is not None:
         claimed = adapter.manifest.base.name_or_path
         bind_base(adapter, checkpoint, str(src))

@@ -40,7 +40,7 @@ def inspect_adapter(path: Path | str) -> dict[str, Any]:
                         "params": {k: v for k, v in entry.params.items() if k not in ("rank", "scale")}})
     payload_params = sum(t.numel() for n, t in adapter.tensors.items() if n.startswith("payload."))
     ranks = Counter(m["rank"] for m in modules if m["rank"] is not None)
-    return {
+    info = {
         "path": str(path),
         "format": fmt,
         "format_version": version_string(adapter.version) if fmt == "adapterfmt" else None,
@@ -62,6 +62,9 @@ def inspect_adapter(path: Path | str) -> dict[str, Any]:
         "created_by": manifest.created_by,
         "modules": modules,
     }
+    if manifest.base.quantization is not None:  # the base form it was trained against (QLoRA)
+        info["base"]["quantization"] = {k: v for k, v in vars(manifest.base.quantization).items() if v is not None}
+    return info
 
 
 def _size_on_disk(path: Path) -> int:
@@ -81,7 +84,9 @@ def format_inspection(info: dict[str, Any], limit: int = 20) -> list[str]:
         f"  base: {base['name_or_path'] or '?'}"
         + (f"@{base['revision']}" if base["revision"] else "")
         + (f" ({base['architecture']})" if base["architecture"] else "")
-        + f", {base['fingerprinted_weights']} weight fingerprint(s)",
+        + f", {base['fingerprinted_weights']} weight fingerprint(s)"
+        + (f", trained on {base['quantization']['scheme']} (compute {base['quantization'].get('compute_dtype', '?')})"
+           if "quantization" in base else ""),
         f"  parameters: {info['parameter_count']:,} adapter + {info['payload_parameter_count']:,} payload; "
         f"{info['bytes_on_disk']:,} bytes on disk",
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoint import BaseCheckpoint
+from ..checkpoint.bnb_checkpoint import BnbCheckpoint, is_bnb_quantized, refuse_foreign_quantization
 from ..errors import InputIOError, UsageError
 from ..format import Adapter
 from ..methods import read_checked_adapter
@@ -65,4 +66,7 @@ def load_base(path: Path | str | BaseCheckpoint | None) -> BaseCheckpoint | None
     """
     if path is None or isinstance(path, BaseCheckpoint):
         return path
-    return BaseCheckpoint(resolve_path(path))
+    base = BaseCheckpoint(resolve_path(path))
+    refuse_foreign_quantization(base)
+    # A bitsandbytes-quantized base reads as its dequantized weights (their form is recorded on convert).
+    return BnbCheckpoint(base.path) if is_bnb_quantized(base.config) else base

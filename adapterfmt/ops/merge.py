@@ -43,7 +43,18 @@ def merge(base: Path | str, adapters: Sequence[AdapterSpec] | AdapterSpec, out: 
     Example:
         >>> merge("tiny-llama", [("a.safetensors", 0.7), ("b.safetensors", 0.3)], "merged")  # doctest: +SKIP
     """
-    return engine_merge(resolve_path(base), adapter_list(adapters), out, **options)
+    base = resolve_path(base)
+    if base.is_file() and base.suffix.lower() == ".gguf":
+        from .merge_gguf import merge_gguf
+        unsupported = sorted(k for k, v in options.items() if v not in (None, False, "keep", "auto")
+                             and k not in ("gguf_type", "force", "overwrite", "progress"))
+        if unsupported:
+            raise UsageError(f"--{unsupported[0].replace('_', '-')} does not apply to a GGUF base",
+                             hint="a GGUF merge takes --gguf-type, --force and --overwrite")
+        return merge_gguf(base, adapter_list(adapters), out, gguf_type=options.get("gguf_type") or "keep",
+                          force=options.get("force", False), overwrite=options.get("overwrite", False))
+    options.pop("gguf_type", None)
+    return engine_merge(base, adapter_list(adapters), out, **options)
 
 
 def unmerge(merged: Path | str, adapters: Sequence[AdapterSpec] | AdapterSpec, out: Path | str, *,

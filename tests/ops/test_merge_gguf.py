@@ -1,0 +1,150 @@
+"""Merging into a Q8_0 GGUF model (quantized with gguf's own quants), to F16 and requantized to Q8_0.
+
+The reference: the base's Q8_0 tensors dequantized by ``gguf``, PEFT's own ΔW (get_delta_weight),
+and convert_hf_to_gguf's q/k row permutation written out independently here.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+import adapterfmt  # noqa: E402
+from adapterfmt.errors import UsageError  # noqa: E402
+
+from ..helpers import load_model, make_peft_adapter  # noqa: E402
+
+BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+         "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+Q8 = gguf.GGMLQuantizationType.Q8_0
+
+
+def permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.permute (reshape to heads × 2 halves, swap, flatten)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_name(hf: str) -> str | None:
+    if hf == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf == "lm_head.weight":
+        return "output.weight"
+    if hf == "model.norm.weight":
+        return "output_norm.weight"
+    parts = hf.split(".")
+    return f"blk.{parts[2]}.{BLOCK['.'.join(parts[3:-1])]}.weight"
+
+
+def heads_for(hf: str, config) -> int | None:
+    return {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(hf.split(".")[-2])
+
+
+@pytest.fixture(scope="module")
+def q8_model(llama_base, tmp_path_factory):
+    """A tiny Llama as a Q8_0 GGUF (2-D weights Q8_0, norms F32), q/k permuted like convert_hf_to_gguf."""
+    model = load_model(llama_base, torch.float32)
+    config = model.config
+    path = tmp_path_factory.mktemp("gguf") / "model-Q8_0.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_embedding_length(config.hidden_size)
+    for name, tensor in model.state_dict().items():
+        data = tensor.numpy()
+        heads = heads_for(name, config)
+        if heads:
+            data = permute(data, heads)
+        if data.ndim == 2:
+            writer.add_tensor(gguf_name(name), gguf.quants.quantize(data, Q8), raw_dtype=Q8)
+        else:
+            writer.add_tensor(gguf_name(name), data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora(llama_base, tmp_path_factory):
+    from peft import PeftModel
+    tmp = tmp_path_factory.mktemp("gguf-lora")
+    make_peft_adapter(llama_base, tmp / "peft", target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    adapterfmt.convert(tmp / "peft", tmp / "a.safetensors", base=llama_base)
+    peft_model = PeftModel.from_pretrained(load_model(llama_base, torch.float32), tmp / "peft")
+    return tmp / "a.safetensors", peft_model
+
+
+def expected(q8_model, peft_model) -> dict[str, np.ndarray]:
+    """GGUF name -> dequant(Q8_0 W) + ΔW (PEFT's, permuted for q/k) in fp32."""
+    reader = gguf.GGUFReader(q8_model)
+    tensors = {t.name: t for t in reader.tensors}
+    config = peft_model.base_model.model.config
+    out = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if not hasattr(module, "lora_A"):
+            continue
+        delta = module.get_delta_weight("default").detach().numpy()
+        heads = heads_for(f"{name}.weight", config)
+        delta = permute(delta, heads) if heads else delta
+        tensor = tensors[gguf_name(f"{name}.weight")]
+        base = gguf.quants.dequantize(np.asarray(tensor.data), Q8).reshape(delta.shape)
+        out[tensor.name] = base + delta
+    return out
+
+
+def read(path) -> dict:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def test_merge_to_f16_equals_dequant_plus_delta(q8_model, lora, tmp_path):
+    adapter, peft_model = lora
+    summary = adapterfmt.merge(q8_model, [adapter], tmp_path / "m.gguf", gguf_type="F16")
+    got, base = read(tmp_path / "m.gguf"), read(q8_model)
+    want = expected(q8_model, peft_model)
+    assert len(want) == 8
+    for name, value in want.items():
+        assert got[name].tensor_type == gguf.GGMLQuantizationType.F16
+        assert np.array_equal(np.asarray(got[name].data).reshape(value.shape), value.astype(np.float16)), name
+    for name, tensor in base.items():  # untouched tensors: the same type and bytes
+        if name not in want:
+            assert got[name].tensor_type == tensor.tensor_type
+            assert np.array_equal(np.asarray(got[name].data), np.asarray(tensor.data)), name
+    assert summary.tensors_changed == 8 and len(summary.base_form["layers"]) == 8
+    assert all(row["ratio"] < 1e-2 for row in summary.base_form["layers"])  # F16 rounding only
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert int(fields["llama.attention.head_count"].contents()) == peft_model.base_model.model.config.num_attention_heads
+
+
+def test_requantized_q8_0_output_and_its_error(q8_model, lora, tmp_path):
+    adapter, peft_model = lora
+    summary = adapterfmt.merge(q8_model, [adapter], tmp_path / "m.gguf")  # keep: each tensor's own type
+    got = read(tmp_path / "m.gguf")
+    for name, value in expected(q8_model, peft_model).items():
+        assert got[name].tensor_type == Q8
+        assert np.array_equal(np.asarray(got[name].data), gguf.quants.quantize(value, Q8)), name
+        row = next(r for r in summary.base_form["layers"] if r["tensor"] == name)
+        decoded = gguf.quants.dequantize(np.asarray(got[name].data), Q8).reshape(value.shape)
+        assert row["requant_error_norm"] == pytest.approx(float(np.linalg.norm(decoded - value)), rel=1e-5)
+    assert any("requantization error" in note for note in summary.notes)
+
+
+def test_a_delta_lost_in_requantization_is_refused(q8_model, llama_base, tmp_path):
+    from safetensors.torch import load_file, save_file
+    make_peft_adapter(llama_base, tmp_path / "peft", target_modules=["v_proj"])
+    weights = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    save_file({k: v * 1e-4 if "lora_B" in k else v for k, v in weights.items()},
+              str(tmp_path / "peft" / "adapter_model.safetensors"))
+    adapterfmt.convert(tmp_path / "peft", tmp_path / "tiny.safetensors", base=llama_base)
+    with pytest.raises(UsageError, match=r"bury ΔW.*blk\.\d\.attn_v\.weight") as info:
+        adapterfmt.merge(q8_model, [tmp_path / "tiny.safetensors"], tmp_path / "m.gguf", gguf_type="Q8_0")
+    assert "--gguf-type F16" in info.value.one_line()
+    assert not (tmp_path / "m.gguf").exists()
+    adapterfmt.merge(q8_model, [tmp_path / "tiny.safetensors"], tmp_path / "m.gguf", gguf_type="Q8_0", force=True)
+    with pytest.raises(UsageError, match="cannot quantize to Q4_K"):
+        adapterfmt.merge(q8_model, [tmp_path / "tiny.safetensors"], tmp_path / "k.gguf", gguf_type="Q4_K")
