@@ -9,6 +9,7 @@ import torch
 from ..checkpoint import BaseCheckpoint
 from ..errors import BaseMismatchError
 from ..format import Adapter
+from ..format.components import split_components
 from ..format.manifest import ModuleEntry
 
 
@@ -28,9 +29,32 @@ def bind_base(adapter: Adapter, base: BaseCheckpoint, path: str | None = None, *
     Recorded fingerprints are always compared (a mismatch is a :class:`BaseMismatchError`);
     unless ``check_only``, missing dtypes and fingerprints are filled in from ``base``.
 
+    A multi-component adapter (spec §7.1) binds each component to that component of a diffusers
+    pipeline base, against its own base identity; a single component directory binds an adapter
+    that has only that component.
+
     Example:
         >>> bind_base(adapter, BaseCheckpoint("tiny-llama"))  # doctest: +SKIP
     """
+    if adapter.manifest.components:
+        for component, view in split_components(adapter).items():
+            _bind_single(view, _component_base(base, component, adapter, path), path, check_only, force_hint)
+        return
+    _bind_single(adapter, base, path, check_only, force_hint)
+
+
+def _component_base(base: BaseCheckpoint, component: str, adapter: Adapter, path: str | None) -> BaseCheckpoint:
+    """The checkpoint of one component: from a pipeline, or the base itself for a one-component adapter."""
+    if hasattr(base, "component"):
+        return base.component(component)
+    if len(adapter.manifest.components) == 1:
+        return base
+    raise BaseMismatchError(f"the adapter has components {', '.join(adapter.manifest.components)}; one model "
+                            "directory cannot be the base of them all", path=path,
+                            hint="pass the diffusers pipeline directory (with model_index.json) as --base")
+
+
+def _bind_single(adapter: Adapter, base: BaseCheckpoint, path: str | None, check_only: bool, force_hint: str) -> None:
     manifest = adapter.manifest
     recorded = manifest.base.architecture
     if recorded and base.architecture and recorded != base.architecture:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import BaseCheckpoint
+from ..checkpoint import BaseCheckpoint, open_base
 from ..errors import InputIOError
 from ..format import Adapter
 from ..methods import read_checked_adapter
@@ -24,11 +24,12 @@ def load_adapter(path: Path | str) -> Adapter:
 
 
 def load_base(path: Path | str | BaseCheckpoint | None) -> BaseCheckpoint | None:
-    """A base checkpoint from a local path or ``hf://`` spec (None stays None).
+    """A base checkpoint from a local path or ``hf://`` spec (None stays None): a transformers model,
+    a diffusers component directory or a diffusers pipeline directory.
 
     Example:
         >>> base = load_base("hf://org/model")  # doctest: +SKIP
     """
     if path is None or isinstance(path, BaseCheckpoint):
         return path
-    return BaseCheckpoint(resolve_path(path))
+    return open_base(resolve_path(path))
