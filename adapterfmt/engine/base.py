@@ -39,6 +39,9 @@ def bind_base(adapter: Adapter, base: BaseCheckpoint, path: str | None = None, *
     if adapter.manifest.components:
         for component, view in split_components(adapter).items():
             _bind_single(view, _component_base(base, component, adapter, path), path, check_only, force_hint)
+        if not check_only and hasattr(base, "components"):  # the pipeline itself, for humans; no weights
+            adapter.manifest.base.architecture = adapter.manifest.base.architecture or base.architecture
+            adapter.manifest.base.name_or_path = adapter.manifest.base.name_or_path or base.name_or_path
         return
     _bind_single(adapter, base, path, check_only, force_hint)
 
