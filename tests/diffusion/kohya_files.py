@@ -47,10 +47,11 @@ def _te_path(path: str, spelling: str) -> str:
 
 
 def sd_scripts_lora(kind: str, models: dict, out: Path, *, te_spelling: str = "text_model",
-                    dtype: torch.dtype = torch.float16, seed: int = 0) -> dict[str, str]:
+                    dtype: torch.dtype = torch.float16, seed: int = 0, alphas: str = "varied") -> dict[str, str]:
     """Write an sd-scripts-style LoRA for a tiny ``sd15``/``sdxl`` pipeline; returns {kohya name: module}.
 
-    Ranks and alphas vary per module (block-wise dims), as ``network_args`` allow.
+    Ranks vary per module (block-wise dims, as ``network_args`` allow); alphas too unless
+    ``alphas="uniform"`` (one ``network_alpha`` for the whole file, sd-scripts' default).
     """
     gen = torch.Generator().manual_seed(seed)
     modules: list[tuple[str, str]] = []  # (kohya name, "component.path")
@@ -67,6 +68,7 @@ def sd_scripts_lora(kind: str, models: dict, out: Path, *, te_spelling: str = "t
         component, path = target.split(".", 1)
         layer = models[component].get_submodule(path)
         rank, alpha = (2, 1.0) if i % 3 else (4, 3.0)
+        alpha = 3.0 if alphas == "uniform" else alpha
         state[f"{name}.lora_down.weight"] = (torch.randn(rank, layer.in_features, generator=gen) * 0.3).to(dtype)
         state[f"{name}.lora_up.weight"] = (torch.randn(layer.out_features, rank, generator=gen) * 0.3).to(dtype)
         state[f"{name}.alpha"] = torch.tensor(alpha).to(dtype)
