@@ -83,3 +83,34 @@ def _bind_single(adapter: Adapter, base: BaseCheckpoint, path: str | None, check
     if not check_only:
         manifest.base.architecture = manifest.base.architecture or base.architecture
         manifest.base.name_or_path = manifest.base.name_or_path or base.name_or_path
+
+
+def component_view(adapter: Adapter, base: BaseCheckpoint, path: str | None = None) -> Adapter:
+    """The part of an adapter that applies to one model directory.
+
+    A single-model adapter is returned as is. For a multi-component adapter (spec §7.1) the
+    component is the one whose recorded architecture is the base's, or else the one whose recorded
+    fingerprints the base matches; none or several is a :class:`BaseMismatchError`.
+
+    Example:
+        >>> component_view(sd_lora, DiffusersComponent("sd15/unet")).manifest.base.architecture  # doctest: +SKIP
+        'UNet2DConditionModel'
+    """
+    if not adapter.manifest.components:
+        return adapter
+    views = split_components(adapter)
+    chosen = [c for c, v in views.items() if v.manifest.base.architecture and
+              v.manifest.base.architecture == base.architecture]
+    if len(chosen) != 1:
+        chosen = [c for c, v in views.items() if _fingerprints_match(v, base)]
+    if len(chosen) != 1:
+        raise BaseMismatchError(f"cannot tell which of the adapter's components ({', '.join(views)}) this base "
+                                f"({base.architecture or 'unknown architecture'}) is", path=path,
+                                hint="merge into a component directory the adapter has modules for")
+    return views[chosen[0]]
+
+
+def _fingerprints_match(view: Adapter, base: BaseCheckpoint) -> bool:
+    weights = view.manifest.base.weights
+    return bool(weights) and all(w.fingerprint and name in base and base.fingerprint(name) == w.fingerprint
+                                 for name, w in weights.items())

@@ -22,7 +22,8 @@ from ..format.container import require_finite
 from ..methods import get_method
 from ..methods.descriptor import Method, take_rows
 from .devices import exact_math, resolve_device
-from .plan import (OUT_DTYPES, StreamingCheckpoint, TensorJob, Update, check_adapters, make_jobs, untied_aliases,
+from .base import component_view
+from .plan import (OUT_DTYPES, TensorJob, Update, check_adapters, make_jobs, open_streaming, untied_aliases,
                    shard_jobs)
 from .stream import BufferPool, StreamStats, execute, peak_rss_bytes
 from ..format.dtypes import DTYPE_FROM_NAME
@@ -214,10 +215,10 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
     check_weights(adapters)
     check_output_path(out_dir, [Path(base_dir)] + [Path(a) for a, _ in adapters if not isinstance(a, Adapter)])
     torch_device = resolve_device(device)
-    base = StreamingCheckpoint(base_dir)
-    loaded = load_adapters(adapters)
+    base = open_streaming(base_dir)
+    loaded = [(component_view(a, base, p), w) for (a, w), p in zip(load_adapters(adapters), adapter_paths(adapters))]
     check_adapters(loaded, base, force, adapter_paths(adapters))
-    plan = shard_jobs(make_jobs(base, loaded, dtype), shard_size)
+    plan = shard_jobs(make_jobs(base, loaded, dtype), shard_size, base.weights_stem)
     untied = untied_aliases(base, {job.out.name for job in plan.jobs if job.changed})
     ctx = MathContext(torch_device)
     ctx.reserve(plan.jobs)

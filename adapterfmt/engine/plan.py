@@ -13,6 +13,7 @@ from ..errors import BaseMismatchError, UsageError
 from ..format import Adapter, Payload
 from ..format.dtypes import FLOAT_DTYPES, dtype_name
 from ..checkpoint import BaseCheckpoint
+from ..checkpoint.diffusers_checkpoint import DiffusersComponent, is_component_dir, is_pipeline_dir
 from ..format.tensorio import TensorSpan
 from .base import bind_base
 from .writer import OutTensor
@@ -29,10 +30,34 @@ class StreamingCheckpoint(BaseCheckpoint):
         32768
     """
 
+    #: Output weight files are ``<stem>.safetensors`` (or sharded with an index), as the base's library names them.
+    weights_stem = "model"
+
     def ordered(self) -> list[TensorSpan]:
         """Spans in shard order, then file order (sequential reads)."""
         rank = {p: i for i, p in enumerate(self.shard_files)}
         return sorted(self.spans.values(), key=lambda s: (rank[s.path], s.start))
+
+
+class StreamingDiffusersComponent(DiffusersComponent, StreamingCheckpoint):
+    """A diffusers component directory (UNet, transformer, VAE) for the streaming engine."""
+
+    weights_stem = "diffusion_pytorch_model"
+
+
+def open_streaming(path: Path | str) -> StreamingCheckpoint:
+    """The streaming reader for a base directory: diffusers component or transformers model.
+
+    Example:
+        >>> open_streaming("sd15/unet").weights_stem  # doctest: +SKIP
+        'diffusion_pytorch_model'
+    """
+    path = Path(path)
+    if is_pipeline_dir(path):
+        raise UsageError("cannot merge into a whole pipeline directory", path=path,
+                         hint="merge into one component directory (e.g. PIPELINE/unet); a multi-component adapter "
+                              "applies the modules of that component")
+    return StreamingDiffusersComponent(path) if is_component_dir(path) else StreamingCheckpoint(path)
 
 
 @dataclass
@@ -80,6 +105,12 @@ class Plan:
     """Output shards (file name, jobs) in write order."""
 
     shards: list[tuple[str, list[TensorJob]]]
+    stem: str = "model"
+
+    @property
+    def index_name(self) -> str:
+        """``model.safetensors.index.json`` (transformers) or ``diffusion_pytorch_model.safetensors.index.json``."""
+        return f"{self.stem}.safetensors.index.json"
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -160,14 +191,14 @@ def untied_aliases(base: BaseCheckpoint, touched: set[str]) -> list[str]:
     return sorted(alias for alias, source in base.tied_weights.items() if alias in touched or source in touched)
 
 
-def shard_names(count: int) -> list[str]:
-    """transformers' shard names: ``model.safetensors`` or ``model-00001-of-0000N.safetensors``."""
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    """transformers' / diffusers' shard names: ``model.safetensors`` or ``model-00001-of-0000N.safetensors``."""
     if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def shard_jobs(jobs: list[TensorJob], shard_size: int | None) -> Plan:
+def shard_jobs(jobs: list[TensorJob], shard_size: int | None, stem: str = "model") -> Plan:
     """Group jobs into output shards: like the source when ``shard_size`` is None, else greedily by bytes.
 
     A tensor larger than ``shard_size`` gets a shard of its own.
@@ -192,7 +223,7 @@ def shard_jobs(jobs: list[TensorJob], shard_size: int | None) -> Plan:
             groups[-1].append(job)
             size += job.out.nbytes
     groups = groups or [[]]
-    return Plan(list(zip(shard_names(len(groups)), groups)))
+    return Plan(list(zip(shard_names(len(groups), stem), groups)), stem)
 
 
 def index_json(plan: Plan) -> dict:
@@ -204,5 +235,5 @@ def index_json(plan: Plan) -> dict:
 
 
 
-__all__ = ["StreamingCheckpoint", "Update", "Replacement", "TensorJob", "Plan", "check_adapters", "make_jobs",
+__all__ = ["StreamingCheckpoint", "open_streaming", "Update", "Replacement", "TensorJob", "Plan", "check_adapters", "make_jobs",
            "shard_jobs", "index_json", "output_dtype", "dtype_name", "untied_aliases"]

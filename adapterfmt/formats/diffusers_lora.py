@@ -96,7 +96,9 @@ class DiffusersLoraFormat(AdapterFormat):
 
     def write(self, adapter: Adapter, path: Path, report, options) -> Path:
         if not adapter.manifest.components:
-            raise UsageError("diffusers pipeline LoRA files need a multi-component adapter (unet, text_encoder, ...)",
+            target, entry = next(iter(adapter.manifest.modules.items()))
+            raise UsageError(f"module {target!r} ({entry.layer} {entry.method}) belongs to no pipeline component; "
+                             "diffusers pipeline LoRA files hold multi-component adapters (unet, text_encoder, ...)",
                              hint="read the source with --base pointing at the diffusers pipeline; for a single "
                                   "model use --to peft")
         state, config = {}, {}

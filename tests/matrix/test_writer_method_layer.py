@@ -64,10 +64,12 @@ LAYERS = {
 #: the method converts exactly to one it stores). Everything else must round-trip.
 CANNOT_HOLD = {"adapterfmt": set(), "peft": set(), "gguf": {"conv1d", "dora"},
                # kohya: no consumer maps an LLM module name (diffusers/ComfyUI apply nothing), so it refuses.
-               "kohya": {"linear", "conv1d", "embedding", "dora"}, "mlx": {"conv1d", "embedding"}}
+               "kohya": {"linear", "conv1d", "embedding", "dora"}, "mlx": {"conv1d", "embedding"},
+               # diffusers pipeline files hold multi-component adapters only (tests/diffusion)
+               "diffusers": {"linear", "conv1d", "embedding", "dora"}}
 STATUS_SLACK = {EXACT_MATH: 2.0 ** -20, SCALE_FOLDED: 2.0 ** -20, LOSSY: 2.0 ** -20}
 OUTPUT_NAME = {"adapterfmt": "out.safetensors", "peft": "out-peft", "gguf": "out.gguf",
-               "kohya": "out.safetensors", "mlx": "out-mlx"}
+               "kohya": "out.safetensors", "mlx": "out-mlx", "diffusers": "out.safetensors"}
 #: Storage dtype of the factors, rotated over the variants so that every writer and layer sees all three.
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 CASES = [(w, layer, v, list(DTYPES)[i % len(DTYPES)]) for w in WRITERS for layer in LAYERS
