@@ -49,3 +49,25 @@ def lora_layer_count(pipe) -> dict[str, int]:
     from peft.tuners.lora import LoraLayer
     return {name: sum(isinstance(m, LoraLayer) for m in getattr(pipe, name).modules())
             for name in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None}
+
+
+def tiny_flux_pipeline(transformer):
+    """A pipeline object with diffusers' real FluxLoraLoaderMixin around a copy of ``transformer``."""
+    from diffusers import DiffusionPipeline
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    class TinyFlux(FluxLoraLoaderMixin, DiffusionPipeline):
+        def __init__(self, transformer, text_encoder):
+            super().__init__()
+            self.register_modules(transformer=transformer, text_encoder=text_encoder)
+
+    return TinyFlux(copy.deepcopy(transformer), None)
+
+
+def flux_output(pipe) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return pipe.transformer(hidden_states=torch.randn(1, 16, 4, generator=gen),
+                                encoder_hidden_states=torch.randn(1, 4, 16, generator=gen),
+                                pooled_projections=torch.randn(1, 8, generator=gen), timestep=torch.tensor([0.5]),
+                                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3)).sample
