@@ -114,3 +114,15 @@ def _fingerprints_match(view: Adapter, base: BaseCheckpoint) -> bool:
     weights = view.manifest.base.weights
     return bool(weights) and all(w.fingerprint and name in base and base.fingerprint(name) == w.fingerprint
                                  for name, w in weights.items())
+
+
+def stored_name(entry: ModuleEntry, base: BaseCheckpoint) -> str:
+    """The name of a module's base weight in ``base``: ``<component>.<weight>`` in a pipeline.
+
+    Example:
+        >>> stored_name(entry, DiffusersPipeline("sd15"))  # doctest: +SKIP
+        'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight'
+    """
+    if entry.component is not None and hasattr(base, "components"):
+        return f"{entry.component}.{entry.base_weight}"
+    return entry.base_weight
