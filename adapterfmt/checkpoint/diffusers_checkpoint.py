@@ -168,26 +168,3 @@ def single_file_layout(checkpoint: BaseCheckpoint) -> str | None:
     names = checkpoint.names()
     return next((layout for prefix, layout in SINGLE_FILE_MARKERS.items()
                  if any(n.startswith(prefix) for n in names)), None)
-
-
-def open_base(path: Path) -> BaseCheckpoint:
-    """The right checkpoint reader for a local path: pipeline, diffusers component, or transformers model.
-
-    Single-file diffusion checkpoints (LDM/SGM/BFL key layouts) are refused: their names are not the
-    ones adapters use, and the mapping must come from diffusers' own conversion code.
-
-    Example:
-        >>> open_base(Path("sd15"))  # doctest: +SKIP
-    """
-    if is_pipeline_dir(path):
-        return DiffusersPipeline(path)
-    if is_component_dir(path):
-        return DiffusersComponent(path)
-    checkpoint = BaseCheckpoint(path)
-    if path.is_file():
-        layout = single_file_layout(checkpoint)
-        if layout:
-            raise InputIOError(f"single-file {layout} checkpoints are not supported as a base yet", path=path,
-                               hint="load it with diffusers' from_single_file(...) and save_pretrained() it, then "
-                                    "pass that directory as --base")
-    return checkpoint

@@ -13,7 +13,8 @@ from ..errors import BaseMismatchError, UsageError
 from ..format import Adapter, Payload
 from ..format.dtypes import FLOAT_DTYPES, dtype_name
 from ..checkpoint import BaseCheckpoint
-from ..checkpoint.diffusers_checkpoint import DiffusersComponent, is_component_dir, is_pipeline_dir
+from ..checkpoint.diffusers_checkpoint import (DiffusersComponent, is_component_dir, is_pipeline_dir,
+                                              single_file_layout)
 from ..format.tensorio import TensorSpan
 from .base import bind_base
 from .writer import OutTensor
@@ -57,7 +58,14 @@ def open_streaming(path: Path | str) -> StreamingCheckpoint:
         raise UsageError("cannot merge into a whole pipeline directory", path=path,
                          hint="merge into one component directory (e.g. PIPELINE/unet); a multi-component adapter "
                               "applies the modules of that component")
-    return StreamingDiffusersComponent(path) if is_component_dir(path) else StreamingCheckpoint(path)
+    if is_component_dir(path):
+        return StreamingDiffusersComponent(path)
+    checkpoint = StreamingCheckpoint(path)
+    if path.is_file() and single_file_layout(checkpoint):
+        raise UsageError(f"merging into a single-file {single_file_layout(checkpoint)} checkpoint is not supported yet",
+                         path=path, hint="merge into a diffusers component directory (from_single_file(...)."
+                                         "save_pretrained() makes one)")
+    return checkpoint
 
 
 @dataclass
