@@ -120,3 +120,21 @@ def test_loha_lokr_and_conv_lora_are_refused_by_name(sd15, tmp_path):
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 2, 1, 1)}, str(conv))
     with pytest.raises(ForeignFormatError, match="conv LoRA .* is not supported"):
         adapterfmt.convert(conv, tmp_path / "x.safetensors", base=pipe)
+
+
+def test_missing_alpha_and_other_alpha_layouts_round_trip(sd15, tmp_path):
+    """Some tools omit alpha (scale 1) or store it as bf16 / shape [1]: written back as read."""
+    pipe, models = sd15
+    src = tmp_path / "src.safetensors"
+    sd_scripts_lora("sd15", models, src, dtype=torch.bfloat16)
+    state = load_file(str(src))
+    names = sorted({k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")})
+    state.pop(f"{names[0]}.alpha")
+    state[f"{names[1]}.alpha"] = torch.tensor([4.0], dtype=torch.float32)
+    save_file(state, str(src), metadata={"ss_network_module": "networks.lora"})
+    adapterfmt.convert(src, tmp_path / "af.safetensors", base=pipe)
+    adapterfmt.convert(tmp_path / "af.safetensors", tmp_path / "back.safetensors", to="kohya")
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert sorted(back) == sorted(state)
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and back[key].shape == value.shape and torch.equal(back[key], value), key
