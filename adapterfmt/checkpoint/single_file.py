@@ -1,10 +1,11 @@
-"""Single-file SD 1.x checkpoints (original LDM key layout) read as a pipeline with diffusers' names.
+"""Single-file SD 1.x / SDXL checkpoints (original LDM/SGM key layout) read as a pipeline with diffusers' names.
 
 The mapping is diffusers' own (``diffusers.loaders.single_file_utils``: ``convert_ldm_unet_checkpoint``,
 ``convert_ldm_clip_checkpoint``), run on placeholders instead of tensors: each placeholder carries its
 stored name, so where diffusers puts it says which stored tensor a diffusers name is. Only names
-diffusers maps one to one are addressable; SDXL's OpenCLIP encoder (fused qkv) and Flux (BFL, fused
-qkv) are refused by name, since their diffusers weights are slices of stored tensors.
+diffusers maps one to one are addressable: SDXL's OpenCLIP encoder (fused qkv) is left out and refused
+by name when an adapter needs it; Flux files (BFL, fused qkv) are refused: their diffusers weights are
+slices of stored tensors.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from .diffusers_checkpoint import DiffusersPipeline
 from .safetensors_checkpoint import BaseCheckpoint
 
 UNET_PREFIX = "model.diffusion_model."
-#: Layouts whose diffusers weights are not stored tensors one to one.
-NOT_ONE_TO_ONE = {"conditioner.embedders.1.model.": "SDXL's OpenCLIP text encoder (fused qkv)",
-                  "double_blocks.": "Flux (BFL layout, fused qkv)"}
+#: Layouts whose diffusers weights are not stored tensors one to one (the whole file is refused).
+NOT_ONE_TO_ONE = {"double_blocks.": "Flux (BFL layout, fused qkv)"}
+#: Components left out of an otherwise readable file: stored prefix -> (component, why).
+LEFT_OUT = {"conditioner.embedders.1.model.": ("text_encoder_2", "SDXL's OpenCLIP text encoder stores q/k/v fused "
+                                                                 "(in_proj_weight), not one to one")}
 
 
 class _Stored:
@@ -107,7 +110,9 @@ class SingleFilePipeline(DiffusersPipeline):
                 raise InputIOError(f"single-file checkpoints with {what} are not supported as a base yet",
                                    path=self.path, hint="load it with diffusers' from_single_file(...) and "
                                                         "save_pretrained() it, then pass that directory as --base")
-        self.index = {"_class_name": "StableDiffusionPipeline (single file)"}
+        self.left_out = {component: why for prefix, (component, why) in LEFT_OUT.items()
+                         if any(n.startswith(prefix) for n in names)}
+        self.index = {"_class_name": "single-file checkpoint (LDM/SGM layout)"}
         placeholders = {n: _Stored(n) for n in names}
         self.components = {}
         unet_config = _unet_config(names)
@@ -124,6 +129,13 @@ class SingleFilePipeline(DiffusersPipeline):
             raise InputIOError("no UNet or CLIP text encoder found in the single-file checkpoint", path=self.path,
                                hint="pass a diffusers pipeline directory as --base")
         self.shard_files = stored.shard_files
+
+    def component(self, name: str):
+        if name in self.left_out:
+            raise BaseMismatchError(f"the single-file base's {name} cannot be used: {self.left_out[name]}",
+                                    path=self.path, hint="pass the diffusers pipeline directory as --base "
+                                                         "(from_single_file(...).save_pretrained() makes one)")
+        return super().component(name)
 
 
 def _moved(converted: dict) -> dict[str, str]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
+from safetensors.torch import load_file, save_file
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-       "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+       "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+       "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def ldm_unet_name(name: str, layers_per_block: int, up_with_attention: set[int]) -> str:
@@ -46,11 +48,25 @@ def ldm_unet_name(name: str, layers_per_block: int, up_with_attention: set[int])
 
 def save_sd15_single_file(models: dict, out: Path) -> Path:
     """unet -> ``model.diffusion_model.*``, text encoder -> ``cond_stage_model.transformer.text_model.*``."""
+    return _save(models, out, "cond_stage_model.transformer.text_model.")
+
+
+def save_sdxl_single_file(models: dict, out: Path) -> Path:
+    """SGM layout: text encoder 1 under ``conditioner.embedders.0.transformer.``; the OpenCLIP second
+    encoder under ``conditioner.embedders.1.model.`` with fused ``in_proj_weight`` (a stand-in)."""
+    out = _save(models, out, "conditioner.embedders.0.transformer.text_model.")
+    state = load_file(str(out))
+    state["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"] = torch.zeros(24, 8)
+    save_file(state, str(out))
+    return out
+
+
+def _save(models: dict, out: Path, text_prefix: str) -> Path:
     unet = models["unet"]
     with_attention = {i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t}
     state = {"model.diffusion_model." + ldm_unet_name(k, unet.config.layers_per_block, with_attention): v
              for k, v in unet.state_dict().items()}
     for key, value in models["text_encoder"].state_dict().items():
-        state["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = value
+        state[text_prefix + key.removeprefix("text_model.")] = value
     save_file({k: v.contiguous() for k, v in state.items()}, str(out))
     return out
