@@ -59,6 +59,10 @@ class BaseCheckpoint:
         else:
             raise InputIOError(f"no {SINGLE_FILE} or {INDEX_FILE}", path=self.path,
                                hint="point --base at a transformers model directory")
+        self._index_shards(shard_files)
+
+    def _index_shards(self, shard_files: list[Path]) -> None:
+        """Open every shard and record where each tensor is, its dtype and shape (no data read)."""
         self.shard_files = shard_files
         self._handles: dict[Path, object] = {}
         self._where: dict[str, Path] = {}

@@ -9,6 +9,7 @@ import torch
 from ..checkpoint import BaseCheckpoint
 from ..errors import BaseMismatchError
 from ..format import Adapter
+from ..format.components import split_components
 from ..format.manifest import ModuleEntry
 
 
@@ -28,9 +29,35 @@ def bind_base(adapter: Adapter, base: BaseCheckpoint, path: str | None = None, *
     Recorded fingerprints are always compared (a mismatch is a :class:`BaseMismatchError`);
     unless ``check_only``, missing dtypes and fingerprints are filled in from ``base``.
 
+    A multi-component adapter (spec §7.1) binds each component to that component of a diffusers
+    pipeline base, against its own base identity; a single component directory binds an adapter
+    that has only that component.
+
     Example:
         >>> bind_base(adapter, BaseCheckpoint("tiny-llama"))  # doctest: +SKIP
     """
+    if adapter.manifest.components:
+        for component, view in split_components(adapter).items():
+            _bind_single(view, _component_base(base, component, adapter, path), path, check_only, force_hint)
+        if not check_only and hasattr(base, "components"):  # the pipeline itself, for humans; no weights
+            adapter.manifest.base.architecture = adapter.manifest.base.architecture or base.architecture
+            adapter.manifest.base.name_or_path = adapter.manifest.base.name_or_path or base.name_or_path
+        return
+    _bind_single(adapter, base, path, check_only, force_hint)
+
+
+def _component_base(base: BaseCheckpoint, component: str, adapter: Adapter, path: str | None) -> BaseCheckpoint:
+    """The checkpoint of one component: from a pipeline, or the base itself for a one-component adapter."""
+    if hasattr(base, "component"):
+        return base.component(component)
+    if len(adapter.manifest.components) == 1:
+        return base
+    raise BaseMismatchError(f"the adapter has components {', '.join(adapter.manifest.components)}; one model "
+                            "directory cannot be the base of them all", path=path,
+                            hint="pass the diffusers pipeline directory (with model_index.json) as --base")
+
+
+def _bind_single(adapter: Adapter, base: BaseCheckpoint, path: str | None, check_only: bool, force_hint: str) -> None:
     manifest = adapter.manifest
     recorded = manifest.base.architecture
     if recorded and base.architecture and recorded != base.architecture:
@@ -56,3 +83,46 @@ def bind_base(adapter: Adapter, base: BaseCheckpoint, path: str | None = None, *
     if not check_only:
         manifest.base.architecture = manifest.base.architecture or base.architecture
         manifest.base.name_or_path = manifest.base.name_or_path or base.name_or_path
+
+
+def component_view(adapter: Adapter, base: BaseCheckpoint, path: str | None = None) -> Adapter:
+    """The part of an adapter that applies to one model directory.
+
+    A single-model adapter is returned as is. For a multi-component adapter (spec §7.1) the
+    component is the one whose recorded architecture is the base's, or else the one whose recorded
+    fingerprints the base matches; none or several is a :class:`BaseMismatchError`.
+
+    Example:
+        >>> component_view(sd_lora, DiffusersComponent("sd15/unet")).manifest.base.architecture  # doctest: +SKIP
+        'UNet2DConditionModel'
+    """
+    if not adapter.manifest.components:
+        return adapter
+    views = split_components(adapter)
+    chosen = [c for c, v in views.items() if v.manifest.base.architecture and
+              v.manifest.base.architecture == base.architecture]
+    if len(chosen) != 1:
+        chosen = [c for c, v in views.items() if _fingerprints_match(v, base)]
+    if len(chosen) != 1:
+        raise BaseMismatchError(f"cannot tell which of the adapter's components ({', '.join(views)}) this base "
+                                f"({base.architecture or 'unknown architecture'}) is", path=path,
+                                hint="merge into a component directory the adapter has modules for")
+    return views[chosen[0]]
+
+
+def _fingerprints_match(view: Adapter, base: BaseCheckpoint) -> bool:
+    weights = view.manifest.base.weights
+    return bool(weights) and all(w.fingerprint and name in base and base.fingerprint(name) == w.fingerprint
+                                 for name, w in weights.items())
+
+
+def stored_name(entry: ModuleEntry, base: BaseCheckpoint) -> str:
+    """The name of a module's base weight in ``base``: ``<component>.<weight>`` in a pipeline.
+
+    Example:
+        >>> stored_name(entry, DiffusersPipeline("sd15"))  # doctest: +SKIP
+        'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight'
+    """
+    if entry.component is not None and hasattr(base, "components"):
+        return f"{entry.component}.{entry.base_weight}"
+    return entry.base_weight

@@ -24,7 +24,9 @@ from ..methods.descriptor import Method, take_rows
 from .base_form import FormReport, choose_form, quantized_weights, trained_weight
 from .devices import exact_math, resolve_device
 from ..checkpoint.bnb_checkpoint import BnbCheckpoint
-from .plan import (OUT_DTYPES, StreamingCheckpoint, open_streaming_base, TensorJob, Update, check_adapters, make_jobs, untied_aliases,
+from .base import component_view
+from .plan import (OUT_DTYPES, StreamingCheckpoint, TensorJob, Update, check_adapters, make_jobs, open_streaming,
+                   untied_aliases,
                    shard_jobs)
 from .stream import BufferPool, StreamStats, execute, peak_rss_bytes
 from ..format.dtypes import DTYPE_FROM_NAME
@@ -293,14 +295,14 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
     check_weights(adapters)
     check_output_path(out_dir, [Path(base_dir)] + [Path(a) for a, _ in adapters if not isinstance(a, Adapter)])
     torch_device = resolve_device(device)
-    base = open_streaming_base(base_dir)
-    loaded = load_adapters(adapters)
+    base = open_streaming(base_dir)
+    loaded = [(component_view(a, base, p), w) for (a, w), p in zip(load_adapters(adapters), adapter_paths(adapters))]
     check_adapters(loaded, base, force, adapter_paths(adapters))
     jobs = make_jobs(base, loaded, dtype)
     ctx = MathContext(torch_device)
     stats = StreamStats(device=str(torch_device))
     plan_base_form(jobs, base, loaded, base_form, ctx, stats)
-    plan = shard_jobs(jobs, shard_size)
+    plan = shard_jobs(jobs, shard_size, base.weights_stem)
     untied = untied_aliases(base, {job.out.name for job in plan.jobs if job.updates or job.replacement})
     ctx.reserve(plan.jobs)
     for alias in untied:

@@ -14,6 +14,8 @@ from ..format import Adapter, Payload
 from ..format.dtypes import FLOAT_DTYPES, dtype_name
 from ..checkpoint import BaseCheckpoint
 from ..checkpoint.bnb_checkpoint import BnbCheckpoint, PackedSpan, is_bnb_quantized, refuse_foreign_quantization
+from ..checkpoint.diffusers_checkpoint import (DiffusersComponent, is_component_dir, is_pipeline_dir,
+                                              single_file_layout)
 from ..format.tensorio import TensorSpan
 from .base import bind_base
 from .writer import OutTensor
@@ -30,6 +32,9 @@ class StreamingCheckpoint(BaseCheckpoint):
         32768
     """
 
+    #: Output weight files are ``<stem>.safetensors`` (or sharded with an index), as the base's library names them.
+    weights_stem = "model"
+
     def ordered(self) -> list[TensorSpan]:
         """Spans in shard order, then file order (sequential reads)."""
         rank = {p: i for i, p in enumerate(self.shard_files)}
@@ -40,15 +45,40 @@ class BnbStreamingCheckpoint(StreamingCheckpoint, BnbCheckpoint):
     """A bitsandbytes-quantized base read in file order; its quantized weights come dequantized."""
 
 
-def open_streaming_base(path: Path | str) -> StreamingCheckpoint:
-    """The streaming view of a base directory: plain, or bitsandbytes-quantized (dequantized on read).
+class StreamingDiffusersComponent(DiffusersComponent, StreamingCheckpoint):
+    """A diffusers component directory (UNet, transformer, VAE) for the streaming engine."""
+
+    weights_stem = "diffusion_pytorch_model"
+
+
+def open_streaming(path: Path | str) -> StreamingCheckpoint:
+    """The streaming reader for a base directory: diffusers component or transformers model.
 
     Example:
-        >>> open_streaming_base("tiny-llama").ordered()[0].name  # doctest: +SKIP
+        >>> open_streaming("sd15/unet").weights_stem  # doctest: +SKIP
+        'diffusion_pytorch_model'
     """
-    base = StreamingCheckpoint(path)
-    refuse_foreign_quantization(base)
-    return BnbStreamingCheckpoint(path) if is_bnb_quantized(base.config) else base
+    path = Path(path)
+    if is_pipeline_dir(path):
+        raise UsageError("cannot merge into a whole pipeline directory", path=path,
+                         hint="merge into one component directory (e.g. PIPELINE/unet); a multi-component adapter "
+                              "applies the modules of that component")
+    if is_component_dir(path):
+        return StreamingDiffusersComponent(path)
+    checkpoint = StreamingCheckpoint(path)
+    refuse_foreign_quantization(checkpoint)
+    if is_bnb_quantized(checkpoint.config):
+        return BnbStreamingCheckpoint(path)
+    if path.is_file() and single_file_layout(checkpoint):
+        raise UsageError(f"merging into a single-file {single_file_layout(checkpoint)} checkpoint is not supported yet",
+                         path=path, hint="merge into a diffusers component directory (from_single_file(...)."
+                                         "save_pretrained() makes one)")
+    return checkpoint
+
+
+def open_streaming_base(path: Path | str) -> StreamingCheckpoint:
+    """Alias of :func:`open_streaming` (the name the quantized-base code uses)."""
+    return open_streaming(path)
 
 
 @dataclass
@@ -101,6 +131,12 @@ class Plan:
     """Output shards (file name, jobs) in write order."""
 
     shards: list[tuple[str, list[TensorJob]]]
+    stem: str = "model"
+
+    @property
+    def index_name(self) -> str:
+        """``model.safetensors.index.json`` (transformers) or ``diffusion_pytorch_model.safetensors.index.json``."""
+        return f"{self.stem}.safetensors.index.json"
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -186,14 +222,14 @@ def untied_aliases(base: BaseCheckpoint, touched: set[str]) -> list[str]:
     return sorted(alias for alias, source in base.tied_weights.items() if alias in touched or source in touched)
 
 
-def shard_names(count: int) -> list[str]:
-    """transformers' shard names: ``model.safetensors`` or ``model-00001-of-0000N.safetensors``."""
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    """transformers' / diffusers' shard names: ``model.safetensors`` or ``model-00001-of-0000N.safetensors``."""
     if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def shard_jobs(jobs: list[TensorJob], shard_size: int | None) -> Plan:
+def shard_jobs(jobs: list[TensorJob], shard_size: int | None, stem: str = "model") -> Plan:
     """Group jobs into output shards: like the source when ``shard_size`` is None, else greedily by bytes.
 
     A tensor larger than ``shard_size`` gets a shard of its own.
@@ -218,7 +254,7 @@ def shard_jobs(jobs: list[TensorJob], shard_size: int | None) -> Plan:
             groups[-1].append(job)
             size += job.out.nbytes
     groups = groups or [[]]
-    return Plan(list(zip(shard_names(len(groups)), groups)))
+    return Plan(list(zip(shard_names(len(groups), stem), groups)), stem)
 
 
 def index_json(plan: Plan) -> dict:
@@ -230,5 +266,5 @@ def index_json(plan: Plan) -> dict:
 
 
 
-__all__ = ["StreamingCheckpoint", "Update", "Replacement", "TensorJob", "Plan", "check_adapters", "make_jobs",
+__all__ = ["StreamingCheckpoint", "open_streaming", "Update", "Replacement", "TensorJob", "Plan", "check_adapters", "make_jobs",
            "shard_jobs", "index_json", "output_dtype", "dtype_name", "untied_aliases"]

@@ -17,7 +17,6 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import atomic_directory
-from ..checkpoint import INDEX_FILE
 from ..format.dtypes import config_dtype_name
 from .plan import Plan, StreamingCheckpoint, TensorJob, index_json
 from ..format.tensorio import mapped_tensor
@@ -157,7 +156,7 @@ def execute(plan: Plan, base: StreamingCheckpoint, out_dir: Path, compute: Compu
             stats.bytes_written += writer.bytes_written
         if len(plan.shards) > 1:
             text = json.dumps(index_json(plan), indent=2) + "\n"
-            (tmp / INDEX_FILE).write_text(text)
+            (tmp / plan.index_name).write_text(text)
             stats.bytes_written += len(text)
         stats.bytes_written += copy_side_files(base, tmp, out_dtype, untie)
     stats.shards = len(plan.shards)

@@ -26,7 +26,8 @@ from ..errors import InputIOError, UsageError
 from ..methods import get_method
 from .devices import exact_math, resolve_device
 from .merge import MathContext, _fan, adapter_paths, check_weights, delta_sum, load_adapters
-from .plan import StreamingCheckpoint, TensorJob, check_adapters, make_jobs, shard_jobs
+from .base import component_view
+from .plan import StreamingCheckpoint, TensorJob, check_adapters, make_jobs, open_streaming, shard_jobs
 from .stream import StreamStats, execute, peak_rss_bytes
 from ..format.tensorio import mapped_tensor
 
@@ -142,9 +143,9 @@ def unmerge(merged_dir: Path | str, adapters, out_dir: Path | str, *, base: Path
     torch_device = resolve_device(device)
     if not Path(merged_dir).exists():
         raise InputIOError("merged model not found", path=merged_dir, hint="check the --merged path")
-    merged = StreamingCheckpoint(merged_dir)
-    original = StreamingCheckpoint(base) if base else None
-    loaded = load_adapters(adapters)
+    merged = open_streaming(merged_dir)
+    original = open_streaming(base) if base else None
+    loaded = [(component_view(a, merged, p), w) for (a, w), p in zip(load_adapters(adapters), adapter_paths(adapters))]
     if original is None:
         _require_invertible(loaded, adapter_paths(adapters))
     paths = adapter_paths(adapters)
@@ -152,7 +153,7 @@ def unmerge(merged_dir: Path | str, adapters, out_dir: Path | str, *, base: Path
     if original is not None:
         check_adapters(loaded, original, force, paths)
         _check_same_layout(merged, original)
-    plan = shard_jobs(make_jobs(merged, loaded, "keep"), shard_size)
+    plan = shard_jobs(make_jobs(merged, loaded, "keep"), shard_size, merged.weights_stem)
     ctx = MathContext(torch_device)
     ctx.reserve(plan.jobs)
     check = Verification() if original is not None else None

@@ -129,7 +129,7 @@ def check_manifest_rules(manifest: Manifest, path: str | None = None) -> None:
                 raise TensorError(f"module {target!r}: role {role} is {ref.dtype}; factors are "
                                   f"{', '.join(FACTOR_DTYPES)}", path=path,
                                   hint="the file was written by a broken tool; re-export it")
-        listed = manifest.base.weights.get(entry.base_weight)
+        listed = manifest.expected_weight(entry)
         want = entry.stored_shape()
         if listed is not None and list(listed.shape) != want:
             raise ManifestError(f"module {target!r}: base.weights lists {entry.base_weight!r} as {listed.shape}, "

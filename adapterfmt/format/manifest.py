@@ -88,6 +88,9 @@ class ModuleEntry:
     tensors: dict[str, TensorRef]
     fan_in_fan_out: bool = False
     layer: str = "linear"
+    #: Multi-component adapters only: the pipeline component (``unet``, ``text_encoder``, ...) whose
+    #: parameter ``base_weight`` is; the module's key is ``<component>.<module path in the component>``.
+    component: str | None = None
 
     def replace(self, **changes: Any) -> "ModuleEntry":
         """A copy with some fields changed (e.g. another method's params and tensors)."""
@@ -122,6 +125,8 @@ class Manifest:
     payloads: dict[str, Payload] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     created_by: str = ""
+    #: Multi-component adapters only: component name -> that component's base identity.
+    components: dict[str, BaseIdentity] = field(default_factory=dict)
 
     def methods(self) -> list[str]:
         """Distinct methods used, in first-seen order."""
@@ -137,9 +142,25 @@ class Manifest:
         data = asdict(self)
         if not data["source"]:
             data.pop("source")
-        if data["base"]["quantization"] is None:
-            data["base"].pop("quantization")  # optional: files without it stay byte-identical
+        # Optional 1.1 fields are absent, not empty, so files without them stay byte-identical.
+        for identity in [data["base"], *data["components"].values()]:
+            if identity["quantization"] is None:
+                identity.pop("quantization")
+        if not data["components"]:
+            data.pop("components")
+        for module in data["modules"].values():
+            if module["component"] is None:
+                module.pop("component")
         return data
+
+    def base_for(self, entry: ModuleEntry) -> BaseIdentity:
+        """The base identity a module belongs to: its component's, or the single ``base``."""
+        return self.components[entry.component] if entry.component is not None else self.base
+
+    def expected_weight(self, entry: ModuleEntry) -> BaseWeight | None:
+        """What the module's base weight must be (shape, dtype, fingerprint), if recorded."""
+        identity = self.components.get(entry.component) if entry.component is not None else self.base
+        return identity.weights.get(entry.base_weight) if identity is not None else None
 
     def to_json(self) -> str:
         # sort_keys makes the header, and so the file, deterministic for golden tests.
@@ -149,29 +170,50 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any], path: str | None = None) -> "Manifest":
         """Build from parsed JSON that already passed the schema."""
         try:
-            base = data.get("base", {})
-            identity = BaseIdentity(
-                name_or_path=base.get("name_or_path"), revision=base.get("revision"),
-                architecture=base.get("architecture"),
-                weights={k: BaseWeight(shape=list(v["shape"]), dtype=v.get("dtype"),
-                                       fingerprint=v.get("fingerprint"))
-                         for k, v in base.get("weights", {}).items()},
-                quantization=BaseQuantization.from_dict(base["quantization"]) if "quantization" in base else None)
+            identity = _identity(data.get("base", {}))
+            components = {name: _identity(c) for name, c in data.get("components", {}).items()}
             modules = {
                 name: ModuleEntry(
                     method=m["method"], base_weight=m["base_weight"], shape=list(m["shape"]),
                     params=dict(m["params"]),
                     tensors={role: _ref(t) for role, t in m["tensors"].items()},
                     fan_in_fan_out=bool(m.get("fan_in_fan_out", False)),
-                    layer=m.get("layer", "linear"))
+                    layer=m.get("layer", "linear"), component=m.get("component"))
                 for name, m in data.get("modules", {}).items()}
             payloads = {name: Payload(kind=p["kind"], target=p["target"], tensor=_ref(p["tensor"]))
                         for name, p in data.get("payloads", {}).items()}
         except (KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"manifest is malformed near {exc!s}", path=path,
                                 hint="the file was damaged or hand-edited; re-export it") from None
-        return cls(base=identity, modules=modules, payloads=payloads,
-                   source=dict(data.get("source", {})), created_by=data.get("created_by", ""))
+        manifest = cls(base=identity, modules=modules, payloads=payloads, source=dict(data.get("source", {})),
+                       created_by=data.get("created_by", ""), components=components)
+        _check_components(manifest, path)
+        return manifest
+
+
+def _identity(base: dict[str, Any]) -> BaseIdentity:
+    return BaseIdentity(
+        name_or_path=base.get("name_or_path"), revision=base.get("revision"), architecture=base.get("architecture"),
+        weights={k: BaseWeight(shape=list(v["shape"]), dtype=v.get("dtype"), fingerprint=v.get("fingerprint"))
+                 for k, v in base.get("weights", {}).items()},
+        quantization=BaseQuantization.from_dict(base["quantization"]) if "quantization" in base else None)
+
+
+def _check_components(manifest: Manifest, path: str | None) -> None:
+    """spec §7.1: every module of a multi-component file names a listed component and is keyed by it."""
+    if not manifest.components and all(m.component is None for m in manifest.modules.values()):
+        return
+    for key, entry in manifest.modules.items():
+        if entry.component not in manifest.components:
+            raise ManifestError(f"module {key!r} names component {entry.component!r}, which is not in components",
+                                path=path, hint="the manifest contradicts itself; re-export the file")
+        if not key.startswith(entry.component + "."):
+            raise ManifestError(f"module {key!r} of component {entry.component!r} is not keyed "
+                                f"'{entry.component}.<module>'", path=path,
+                                hint="the manifest contradicts itself; re-export the file")
+    if manifest.base.weights:
+        raise ManifestError("a multi-component manifest lists base.weights; they belong in components",
+                            path=path, hint="the manifest contradicts itself; re-export the file")
 
 
 def _ref(data: dict[str, Any]) -> TensorRef:

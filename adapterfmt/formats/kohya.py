@@ -11,7 +11,9 @@ know for a diffusion pipeline's components, and silently apply nothing otherwise
 writes a module only under the kohya name it was read with (a kohya file round-trips exactly)
 and refuses modules that have no such name (any LLM adapter: use peft, gguf or mlx). A file whose
 names span several pipeline components (``lora_te1_`` and ``lora_te2_``, ``lora_unet_`` and
-``lora_te_``) is refused until multi-component adapters exist: one base cannot name them all.
+``lora_te_``) is read as a multi-component adapter (kohya_pipeline.py): SD 1.x and SDXL names are
+mapped by diffusers' own conversion, with a diffusers pipeline or component as ``--base`` (or none
+for SD 1.x names). LyCORIS LoHa/LoKr, conv LoRA and DoRA are refused by name in this build.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from ..methods.lora import lora_params
 from ..conversion_report import EXACT_MATH, LOSSLESS
 from ._lowrank import add_lowrank_module, most_common, require_linear
 from .base import AdapterFormat
+from .kohya_diffusion import FAMILIES, is_diffusion_file, unsupported_family
+from .kohya_pipeline import pipeline_kohya_state, read_pipeline_file
 
 READ_PREFIXES = ("lora_transformer", "lora_te", "lora_te1", "lora_te2", "lora_te3", "lora_unet", "lora_llm")
 NAMES_KEY = "adapterfmt.kohya_names"
@@ -68,20 +72,16 @@ class KohyaFormat(AdapterFormat):
         if not (path.is_file() and path.suffix == ".safetensors"):
             return False
         found = safetensors_keys(path)
-        return found is not None and any(k.endswith(".lora_down.weight") for k in found[0])
+        # LyCORIS keys are claimed too, so that they are refused by name rather than "unknown format".
+        return found is not None and any(k.endswith(".lora_down.weight") or
+                                         (k.startswith("lora_") and unsupported_family(k)) for k in found[0])
 
     # ---------------------------------------------------------------- reading
     def read(self, path: Path, options, report) -> Adapter:
         state, metadata = load_safetensors(path)
-        grouped: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in state.items():
-            match = KEY_RE.match(key)
-            if not match:
-                kind = next((m for m in LYCORIS if m in key), None)
-                raise ForeignFormatError(f"key {key!r} is not a kohya LoRA tensor"
-                                         + (f" (LyCORIS {kind.rstrip('_')} is not supported)" if kind else ""),
-                                         path=path, hint="only plain LoRA (lora_down/lora_up/alpha) is supported")
-            grouped.setdefault(match["name"], {})[ROLES[match["suffix"]]] = tensor
+        grouped = _group(state, path)
+        if NAMES_KEY not in metadata and _pipeline_base(options.base) and is_diffusion_file(list(grouped)):
+            return read_pipeline_file(grouped, metadata, options.base, path, report)
         _one_component(grouped, path)
         lookup = _name_table(metadata, options.base, path)
         manifest, tensors = Manifest(), {}
@@ -114,6 +114,11 @@ class KohyaFormat(AdapterFormat):
 
     # ---------------------------------------------------------------- writing
     def write(self, adapter: Adapter, path: Path, report, options) -> Path:
+        if adapter.manifest.components:
+            state, metadata = pipeline_kohya_state(adapter, report)
+            with atomic_file(path, overwrite=options.overwrite) as tmp:
+                save_file(state, str(tmp), metadata=metadata)
+            return path
         require_linear(adapter, "kohya", report, options.base)
         known = adapter.manifest.source.get(SOURCE_NAMES) or {}
         names, state = {}, {}
@@ -151,6 +156,34 @@ class KohyaFormat(AdapterFormat):
         with atomic_file(path, overwrite=options.overwrite) as tmp:
             save_file(state, str(tmp), metadata=metadata)
         return path
+
+
+def _group(state: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{kohya name: {role: tensor}}; keys of no kohya LoRA family are refused, the first ones named."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched = []
+    for key, tensor in state.items():
+        match = KEY_RE.match(key)
+        if match:
+            grouped.setdefault(match["name"], {})[ROLES[match["suffix"]]] = tensor
+        else:
+            unmatched.append(key)
+    if unmatched:
+        first = unmatched[0]
+        kind = next((m for m in LYCORIS if m in first), None)
+        family = unsupported_family(first)
+        named = f" (LyCORIS {kind.rstrip('_')} is not supported)" if kind else ""
+        named += f" ({family} is not supported by this build)" if family else ""
+        more = f"; {len(unmatched) - 1} more: {', '.join(unmatched[1:3])}" if len(unmatched) > 1 else ""
+        raise ForeignFormatError(f"key {first!r} is not a kohya LoRA tensor{named}{more}", path=path,
+                                 hint=f"only plain LoRA (lora_down/lora_up/alpha) is supported; families tried: "
+                                      f"{'; '.join(FAMILIES)}")
+    return grouped
+
+
+def _pipeline_base(base) -> bool:
+    """No base, or a diffusers one: kohya diffusion names are mapped by diffusers' conversion."""
+    return base is None or hasattr(base, "components") or type(base).__name__ == "DiffusersComponent"
 
 
 def _one_component(grouped: dict[str, dict], path: Path) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from .base import AdapterFormat
+from .diffusers_lora import DiffusersLoraFormat
 from .gguf_lora import GgufLoraFormat
 from .kohya import KohyaFormat
 from .lycoris import LycorisFormat
@@ -15,7 +16,7 @@ from .peft import PeftFormat
 from .sorsa_official import SorsaOfficialFormat
 
 FORMATS: tuple[AdapterFormat, ...] = (NativeFormat(), PeftFormat(), GgufLoraFormat(), KohyaFormat(), LycorisFormat(),
-                                      MlxFormat(), NolaOfficialFormat(), SorsaOfficialFormat())
+                                      MlxFormat(), NolaOfficialFormat(), SorsaOfficialFormat(), DiffusersLoraFormat())
 FORMAT_BY_NAME: dict[str, AdapterFormat] = {f.name: f for f in FORMATS}
 assert len(FORMAT_BY_NAME) == len(FORMATS), "two formats share a name"
 

@@ -11,7 +11,8 @@ from .registry import METHODS
 
 
 #: The container-level definitions of the hand-written schema; everything else is generated.
-CONTAINER_DEFS = ("param_name", "dtype", "shape", "tensor_ref", "base_weight", "payload", "module")
+CONTAINER_DEFS = ("param_name", "dtype", "shape", "tensor_ref", "base_weight", "payload", "module",
+                  "component_name", "base_identity")
 
 
 def _strip_titles(node: Any) -> Any:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import BaseCheckpoint
+from ..checkpoint import BaseCheckpoint, open_base
 from ..checkpoint.bnb_checkpoint import BnbCheckpoint, is_bnb_quantized, refuse_foreign_quantization
 from ..errors import InputIOError, UsageError
 from ..format import Adapter
@@ -59,14 +59,17 @@ def load_any_adapter(path: Path | str) -> tuple[Adapter, str]:
 
 
 def load_base(path: Path | str | BaseCheckpoint | None) -> BaseCheckpoint | None:
-    """A base checkpoint from a local path or ``hf://`` spec (None stays None).
+    """A base checkpoint from a local path or ``hf://`` spec (None stays None): a transformers model,
+    a diffusers component directory or a diffusers pipeline directory.
 
     Example:
         >>> base = load_base("hf://org/model")  # doctest: +SKIP
     """
     if path is None or isinstance(path, BaseCheckpoint):
         return path
-    base = BaseCheckpoint(resolve_path(path))
+    base = open_base(resolve_path(path))
+    if type(base) is not BaseCheckpoint:  # a diffusers pipeline or component
+        return base
     refuse_foreign_quantization(base)
     # A bitsandbytes-quantized base reads as its dequantized weights (their form is recorded on convert).
     return BnbCheckpoint(base.path) if is_bnb_quantized(base.config) else base

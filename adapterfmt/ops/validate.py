@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import BaseCheckpoint
-from ..engine.base import bind_base, canonical_base
+from ..engine.base import bind_base, canonical_base, stored_name
 from ..errors import AdapterFmtError
 from ..format.container import nonfinite_tensors
 from ..methods import get_method
@@ -64,7 +64,7 @@ def validate(path: Path | str, base: Path | str | BaseCheckpoint | None = None) 
         tensors = adapter.module_tensors(target)
         weight = None
         if checkpoint is not None:
-            weight = canonical_base(entry, checkpoint.get(entry.base_weight))
+            weight = canonical_base(entry, checkpoint.get(stored_name(entry, checkpoint)))
         elif method.needs_base:
             out_f, in_f = entry.shape
             # Without a base, a DoRA ΔW can still be checked for finiteness on a stand-in base.

@@ -1,0 +1,100 @@
+"""Single-file SD 1.x checkpoints (LDM layout) as --base, through diffusers' own conversion functions."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adapterfmt
+from adapterfmt.checkpoint.single_file import SingleFilePipeline
+from adapterfmt.errors import InputIOError
+from adapterfmt.ops.load import load_base
+
+from .kohya_files import sd_scripts_lora
+from .ldm_files import save_sd15_single_file
+
+
+@pytest.fixture(scope="module")
+def single(sd15, tmp_path_factory):
+    return save_sd15_single_file(sd15[1], tmp_path_factory.mktemp("single") / "tiny-sd15.safetensors")
+
+
+def test_fixture_is_what_diffusers_converts_back(sd15, single):
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    state = load_file(str(single))
+    unet = sd15[1]["unet"]
+    converted = convert_ldm_unet_checkpoint(state, {"layers_per_block": unet.config.layers_per_block})
+    expected = unet.state_dict()
+    assert set(converted) == set(expected)
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)
+
+
+def test_single_file_reads_with_diffusers_names(sd15, single):
+    base = load_base(single)
+    assert isinstance(base, SingleFilePipeline) and sorted(base.components) == ["text_encoder", "unet"]
+    unet, text = sd15[1]["unet"].state_dict(), sd15[1]["text_encoder"].state_dict()
+    assert len(base.components["unet"].names()) == len(unet)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert torch.equal(base.get(f"unet.{name}"), unet[name])
+    # both CLIP spellings address the same stored weight
+    flat = "encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(base.get(f"text_encoder.{flat}"), text[flat])
+    assert base.components["text_encoder"].fingerprint(flat) == base.components["text_encoder"].fingerprint(
+        f"text_model.{flat}")
+
+
+def test_kohya_lora_binds_to_the_single_file_like_to_the_pipeline(sd15, single, tmp_path):
+    pipe, models = sd15
+    src = tmp_path / "lora.safetensors"
+    sd_scripts_lora("sd15", models, src)
+    adapterfmt.convert(src, tmp_path / "from-pipe.safetensors", base=pipe)
+    adapterfmt.convert(src, tmp_path / "from-single.safetensors", base=single)
+    a = adapterfmt.read_adapter(tmp_path / "from-pipe.safetensors").manifest
+    b = adapterfmt.read_adapter(tmp_path / "from-single.safetensors").manifest
+    assert set(a.modules) == {m.replace("text_encoder.text_model.", "text_encoder.") for m in b.modules}
+    fingerprints = {c: {k.removeprefix("text_model."): w.fingerprint for k, w in i.weights.items()}
+                    for c, i in b.components.items()}
+    assert fingerprints == {c: {k: w.fingerprint for k, w in i.weights.items()} for c, i in a.components.items()}
+    assert adapterfmt.validate(tmp_path / "from-pipe.safetensors", base=single).exit_code == 0
+
+
+def test_layouts_diffusers_cannot_map_one_to_one_are_refused(tmp_path):
+    path = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(path))
+    with pytest.raises(InputIOError, match="Flux \\(BFL layout, fused qkv\\) are not supported"):
+        load_base(path)
+
+
+def test_merge_into_a_single_file_is_refused_clearly(sd15, single, tmp_path):
+    from adapterfmt.errors import UsageError
+    src = tmp_path / "lora.safetensors"
+    sd_scripts_lora("sd15", sd15[1], src)
+    adapterfmt.convert(src, tmp_path / "a.safetensors", base=single)
+    with pytest.raises(UsageError, match="single-file .* not supported yet"):
+        adapterfmt.merge(single, [tmp_path / "a.safetensors"], tmp_path / "merged")
+
+
+def test_sdxl_single_file_unet_and_te1_bind_te2_is_refused_by_name(sdxl, tmp_path):
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from adapterfmt.errors import BaseMismatchError
+
+    from .ldm_files import save_sdxl_single_file
+    pipe, models = sdxl
+    single = save_sdxl_single_file(models, tmp_path / "tiny-sdxl.safetensors")
+    unet = models["unet"]
+    converted = convert_ldm_unet_checkpoint(load_file(str(single)), {"layers_per_block": 2,
+                                                                     "addition_embed_type": "text_time"})
+    assert set(converted) == set(unet.state_dict())  # the fixture is SGM as diffusers reads it
+    src = tmp_path / "lora.safetensors"
+    names = sd_scripts_lora("sdxl", models, src)
+    state = load_file(str(src))
+    no_te2 = {k: v for k, v in state.items() if not k.startswith("lora_te2_")}
+    save_file(no_te2, str(tmp_path / "no-te2.safetensors"))
+    adapterfmt.convert(tmp_path / "no-te2.safetensors", tmp_path / "a.safetensors", base=single)
+    adapterfmt.convert(tmp_path / "no-te2.safetensors", tmp_path / "b.safetensors", base=pipe)
+    a = adapterfmt.read_adapter(tmp_path / "a.safetensors").manifest
+    b = adapterfmt.read_adapter(tmp_path / "b.safetensors").manifest
+    assert {k: w.fingerprint for k, w in a.components["unet"].weights.items()} == \
+        {k: w.fingerprint for k, w in b.components["unet"].weights.items()}
+    assert len(a.modules) == len([n for n in names if not n.startswith("lora_te2_")])
+    with pytest.raises(BaseMismatchError, match="text_encoder_2 cannot be used: SDXL's OpenCLIP"):
+        adapterfmt.convert(src, tmp_path / "c.safetensors", base=single)
