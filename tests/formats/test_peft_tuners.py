@@ -208,3 +208,32 @@ def test_ia3_zero_scale_unmerge_is_refused_by_name(llama_base, tmp_path):
     with pytest.raises(AdapterFmtError, match=f"{target}.*1 zero entry"):
         unmerge(tmp_path / "merged", [(tmp_path / "z.safetensors", 1.0)], tmp_path / "restored")
     assert not (tmp_path / "restored").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_bias_merges_like_peft_and_round_trips(dtype, qwen2_base, tmp_path):
+    """PEFT lora_bias=True: lora_B.bias·scale is added to the layer's bias (Qwen2 q/v carry biases)."""
+    from peft import LoraConfig, get_peft_model
+    base = tmp_path / "base"
+    load_model(qwen2_base).to(dtype).save_pretrained(base)
+    torch.manual_seed(4)
+    model = get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        lora_bias=True, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B.default.bias"):
+                param.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "peft")
+    native, back = tmp_path / "a.safetensors", tmp_path / "back"
+    adapterfmt.convert(tmp_path / "peft", native, base=base)
+    assert any(p.kind == "bias_delta" for p in read_adapter(native).manifest.payloads.values())
+    adapterfmt.merge(base, [(native, 1.0)], tmp_path / "merged")
+    got, want = load_model(tmp_path / "merged").state_dict(), peft_merged_state(base, tmp_path / "peft")
+    assert not torch.equal(want["model.layers.0.self_attn.q_proj.bias"],
+                           load_model(base).state_dict()["model.layers.0.self_attn.q_proj.bias"])
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    adapterfmt.convert(native, back, to="peft")
+    assert json.loads((back / "adapter_config.json").read_text())["lora_bias"] is True
+    if dtype == torch.float32:
+        torch.testing.assert_close(peft_logits(base, back), peft_logits(base, tmp_path / "peft"), rtol=0, atol=1e-5)
