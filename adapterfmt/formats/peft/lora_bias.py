@@ -39,6 +39,9 @@ def add_bias_deltas(config: dict[str, Any], biases: dict[str, torch.Tensor], man
             raise ForeignFormatError(f"lora_B.bias of {module!r}: only plain LoRA Linear/Conv1D modules carry one",
                                      path=path, hint="PEFT does not support lora_bias with DoRA or embeddings")
         target = f"{module}.bias"
+        if target in manifest.payloads:
+            raise ForeignFormatError(f"{target!r} is saved in full (bias={config.get('bias')!r}) and has a "
+                                     "lora_B.bias too", path=path, hint="not supported together; keep the PEFT adapter")
         delta = bias.float() * float(entry.params["scale"])  # PEFT: lora_B.bias * scaling, in fp32
         tensors[f"payload.{target}"] = delta
         manifest.payloads[target] = Payload(kind="bias_delta", target=target,
