@@ -108,6 +108,13 @@ def unmerge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext, base:
         result = ctx.to_output(ctx.canonical32(stored, False).sub_(tensor, alpha=rep.weight), job.out.dtype, False)
     else:
         fan = _fan(job)
+        first = job.updates[0]
+        own = get_method(first.entry.method)
+        if base is None and len(job.updates) == 1 and first.weight == 1.0 and own.unmerges_without_base:
+            # A multiplicative method undoes its own merge (IA³ divides, OFT/BOFT rotate back).
+            restored = own.unmerged(first.entry, ctx.module_tensors(first), ctx.canonical32(stored, fan),
+                                    first.target)
+            return ctx.to_output(restored, job.out.dtype, fan)
         if any(get_method(u.entry.method).needs_base for u in job.updates):
             names = sorted({u.entry.method for u in job.updates if get_method(u.entry.method).needs_base})
             with _base_tensor(base, job, f"{', '.join(names)} is not invertible from the merged weight") as orig:
@@ -171,7 +178,8 @@ def unmerge(merged_dir: Path | str, adapters, out_dir: Path | str, *, base: Path
 def _require_invertible(loaded, paths) -> None:
     """Refuse, before anything is read or written, adapters whose ΔW needs the original base (DoRA)."""
     for (adapter, _), path in zip(loaded, paths):
-        names = sorted({e.method for e in adapter.manifest.modules.values() if get_method(e.method).needs_base})
+        names = sorted({e.method for e in adapter.manifest.modules.values()
+                        if get_method(e.method).needs_base and not get_method(e.method).unmerges_without_base})
         if names:
             raise UsageError(f"{', '.join(names)} is not invertible from the merged weight", path=path,
                              hint="pass --base BASE (the model the adapter was merged into)")

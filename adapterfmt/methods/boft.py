@@ -91,6 +91,17 @@ class BOFT(Method):
             raise UsageError("BOFT's ΔW depends on the base weight", hint="pass the base model (--base)")
         return self.merged(entry, tensors, base, rows) - base
 
+    unmerges_without_base = True
+
+    def unmerged(self, entry, tensors, merged, target=""):
+        # The inverse of what the merge applied: W = (M⁻¹·(W' ⊘ s)ᵀ)ᵀ (PEFT uses Mᵀ, equal up to rounding).
+        scale = tensors["scale"].float()
+        if bool((scale == 0).any()):
+            raise UsageError(f"module {target!r}: BOFT scale has zero entries; the merge cannot be undone",
+                             hint="pass --base BASE instead")
+        unscaled = merged / scale.view(-1, 1)
+        return torch.mm(torch.linalg.inv(boft_matrix(tensors["rotations"])), unscaled.t()).t()
+
     def validate_module(self, target, entry, tensors, base):
         matrix = boft_matrix(tensors["rotations"])
         err = float((matrix @ matrix.t() - torch.eye(matrix.shape[0])).abs().max())

@@ -102,6 +102,15 @@ class Method:
         """The merged weight in fp32, canonical orientation. Default: base + ΔW."""
         return base + self.delta(entry, tensors, base, rows)
 
+    #: A method that needs the base to merge but can undo its own merge from the merged weight alone
+    #: (multiplicative methods: IA³ divides, OFT/BOFT rotate back) implements ``unmerged``.
+    unmerges_without_base: ClassVar[bool] = False
+
+    def unmerged(self, entry: ModuleEntry, tensors: dict[str, torch.Tensor], merged: torch.Tensor,
+                 target: str = "") -> torch.Tensor:
+        """The base weight recovered from the merged one (fp32, canonical), for ``unmerges_without_base``."""
+        raise NotImplementedError
+
     def validate_module(self, target: str, entry: ModuleEntry, tensors: dict[str, torch.Tensor],
                         base: torch.Tensor | None) -> tuple[list[str], dict[str, float]]:
         """Method-specific checks on the values: (problems, measurements). Default: none."""

@@ -58,6 +58,17 @@ class IA3(Method):
             raise UsageError("IA³'s ΔW depends on the base weight", hint="pass the base model (--base)")
         return self.merged(entry, tensors, base, rows) - base
 
+    unmerges_without_base = True
+
+    def unmerged(self, entry, tensors, merged, target=""):
+        # W = W' / l, refused where l has zeros (PEFT adds 1e-8 and silently returns garbage there).
+        scale = tensors["scale"].float()
+        zeros = int((scale == 0).sum())
+        if zeros:
+            raise UsageError(f"module {target!r}: IA³ scale has {zeros} zero entr{'y' if zeros == 1 else 'ies'}; "
+                             "the merge cannot be undone by division", hint="pass --base BASE instead")
+        return merged / (scale.view(-1, 1) if entry.params["axis"] == "out" else scale.view(1, -1))
+
     def validate_module(self, target, entry, tensors, base):
         scale = tensors["scale"].float()
         zeros = int((scale == 0).sum())

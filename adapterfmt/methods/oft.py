@@ -111,6 +111,18 @@ class OFT(Method):
             raise UsageError("OFT's ΔW depends on the base weight", hint="pass the base model (--base)")
         return self.merged(entry, tensors, base, rows) - base
 
+    unmerges_without_base = True
+
+    def unmerged(self, entry, tensors, merged, target=""):
+        # PEFT's unmerge: the inverse of the matrix actually applied (the series is not orthogonal),
+        # inv(R_bd)·W'ᵀ with the dense in×in inverse, in fp32.
+        params = self.params(entry)
+        rot = rotations(tensors["blocks"], params)
+        count = merged.shape[1] // params.block_size
+        if rot.shape[0] == 1:
+            rot = rot.expand(count, -1, -1)
+        return torch.mm(torch.linalg.inv(torch.block_diag(*rot)), merged.t()).t()
+
     def validate_module(self, target, entry, tensors, base):
         params = self.params(entry)
         rot = rotations(tensors["blocks"], params)

@@ -171,3 +171,69 @@ def test_gpt2_conv1d_fan_in_fan_out(kind, gpt2_base, tmp_path):
     adapterfmt.convert(native, back, to="peft")
     torch.testing.assert_close(peft_logits(gpt2_base, back), peft_logits(gpt2_base, tmp_path / "peft"),
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ia3", "oft", "boft"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_multiplicative_unmerge_without_base(kind, dtype, llama_base, llama_base_bf16, tmp_path):
+    """IA³ divides, OFT/BOFT apply the inverse rotation: the base comes back from the merged model alone."""
+    from adapterfmt.engine.unmerge import unmerge
+    base = llama_base if dtype == "fp32" else llama_base_bf16
+    peft_dir = make_tuner_adapter(base, tmp_path / "peft", kind)
+    native = tmp_path / "a.safetensors"
+    adapterfmt.convert(peft_dir, native, base=base)
+    adapterfmt.merge(base, [(native, 1.0)], tmp_path / "merged")
+    unmerge(tmp_path / "merged", [(native, 1.0)], tmp_path / "restored")
+    got, want = load_model(tmp_path / "restored").state_dict(), load_model(base).state_dict()
+    merged = load_model(tmp_path / "merged").state_dict()
+    touched = [k for k in want if not torch.equal(merged[k], want[k])]
+    assert touched
+    for name in touched:
+        # The merged value's rounding (an ulp of its largest entry, twice: in and out) plus the fp32 maths
+        # of the inverse (a few fp32 ulps over a rotation's dot products).
+        top = float(merged[name].float().abs().max())
+        bound = 2 * torch.finfo(want[name].dtype).eps * top + 16 * 2.0 ** -24 * top
+        assert float((got[name].float() - want[name].float()).abs().max()) <= bound, name
+
+
+def test_ia3_zero_scale_unmerge_is_refused_by_name(llama_base, tmp_path):
+    from adapterfmt.engine.unmerge import unmerge
+    peft_dir = make_tuner_adapter(llama_base, tmp_path / "peft", "ia3")
+    adapterfmt.convert(peft_dir, tmp_path / "a.safetensors", base=llama_base)
+    adapter = read_adapter(tmp_path / "a.safetensors")
+    target = "model.layers.0.self_attn.k_proj"
+    adapter.tensors[adapter.manifest.modules[target].tensors["scale"].name][3] = 0.0
+    adapterfmt.write_adapter(adapter, tmp_path / "z.safetensors")
+    adapterfmt.merge(llama_base, [(tmp_path / "z.safetensors", 1.0)], tmp_path / "merged")
+    with pytest.raises(AdapterFmtError, match=f"{target}.*1 zero entry"):
+        unmerge(tmp_path / "merged", [(tmp_path / "z.safetensors", 1.0)], tmp_path / "restored")
+    assert not (tmp_path / "restored").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_bias_merges_like_peft_and_round_trips(dtype, qwen2_base, tmp_path):
+    """PEFT lora_bias=True: lora_B.bias·scale is added to the layer's bias (Qwen2 q/v carry biases)."""
+    from peft import LoraConfig, get_peft_model
+    base = tmp_path / "base"
+    load_model(qwen2_base).to(dtype).save_pretrained(base)
+    torch.manual_seed(4)
+    model = get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        lora_bias=True, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B.default.bias"):
+                param.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "peft")
+    native, back = tmp_path / "a.safetensors", tmp_path / "back"
+    adapterfmt.convert(tmp_path / "peft", native, base=base)
+    assert any(p.kind == "bias_delta" for p in read_adapter(native).manifest.payloads.values())
+    adapterfmt.merge(base, [(native, 1.0)], tmp_path / "merged")
+    got, want = load_model(tmp_path / "merged").state_dict(), peft_merged_state(base, tmp_path / "peft")
+    assert not torch.equal(want["model.layers.0.self_attn.q_proj.bias"],
+                           load_model(base).state_dict()["model.layers.0.self_attn.q_proj.bias"])
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    adapterfmt.convert(native, back, to="peft")
+    assert json.loads((back / "adapter_config.json").read_text())["lora_bias"] is True
+    if dtype == torch.float32:
+        torch.testing.assert_close(peft_logits(base, back), peft_logits(base, tmp_path / "peft"), rtol=0, atol=1e-5)

@@ -20,7 +20,7 @@ PREFIX = "base_model.model."
 # Fields whose value we read and honour.
 HANDLED = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
            "modules_to_save", "use_dora", "init_lora_weights", "base_model_name_or_path", "revision",
-           "target_modules", "target_parameters"}
+           "target_modules", "target_parameters", "lora_bias"}
 # Fields that only steer training or module selection; a saved adapter is the same without them.
 TRAINING_ONLY = {"task_type", "auto_mapping", "peft_version", "inference_mode", "exclude_modules",
                  "lora_dropout", "bias", "layers_to_transform", "layers_pattern", "megatron_config",
@@ -28,7 +28,7 @@ TRAINING_ONLY = {"task_type", "auto_mapping", "peft_version", "inference_mode", 
                  "runtime_config", "qalora_group_size", "ensure_weight_tying"}
 # Fields that change what the saved tensors mean; allowed only at their neutral value.
 NEUTRAL = {"trainable_token_indices": (None, {}, []), "alora_invocation_tokens": (None,), "use_qalora": (False,),
-           "lora_bias": (False,), "use_bdlora": (None, False),
+           "use_bdlora": (None, False),
            "arrow_config": (None,), "kasa_config": (None,), "velora_config": (None,),
            "monteclora_config": (None,),
            # layer_replication duplicates base layers: the adapted model is another model.
@@ -39,7 +39,7 @@ PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "loftq")
 # Types of the fields we honour; a wrong type would silently change the meaning (bool("false")).
 FIELD_TYPES = {"r": ((int, float), "a number"), "lora_alpha": ((int, float), "a number"),
                "use_rslora": ((bool,), "true or false"), "use_dora": ((bool,), "true or false"),
-               "fan_in_fan_out": ((bool,), "true or false"),
+               "fan_in_fan_out": ((bool,), "true or false"), "lora_bias": ((bool,), "true or false"),
                "rank_pattern": ((dict, type(None)), "an object or null"),
                "alpha_pattern": ((dict, type(None)), "an object or null"),
                "base_model_name_or_path": ((str, type(None)), "a string or null"),

@@ -16,6 +16,7 @@ from ...methods.lora import lora_params
 from .._files import load_pickled_tensors, load_safetensors
 from .._lowrank import most_common
 from ..base import ReadOptions
+from .lora_bias import add_bias_deltas, bias_state, split_lora_biases
 from .config import (KEY_RE, MODULE_NAME_RE, PICKLE_FILE, PREFIX, ROLE_OF, WEIGHTS_FILE, resolve_rank_alpha)
 from .params import is_param_module, read_target_params, write_target_params
 from .restore import restore_original
@@ -39,6 +40,7 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
     if config.get("target_parameters"):
         state = dict(state)  # the targeted parameters' factors are taken out of it
         read_target_params(config, state, path, options.base, manifest, tensors, report)
+    state, lora_biases = split_lora_biases(state, PREFIX)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     payload_keys: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -108,6 +110,7 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
         report.notes.append(f"kept {kind} tensor {target} as a payload")
     if not manifest.modules:
         raise ForeignFormatError("no LoRA tensors found", path=path, hint="the adapter is empty or not LoRA")
+    add_bias_deltas(config, lora_biases, manifest, tensors, path, report)
     refuse_unselected(config, sorted(grouped), path)
     manifest.base.name_or_path = config.get("base_model_name_or_path")
     manifest.base.revision = config.get("revision")
@@ -233,7 +236,17 @@ def adapter_to_peft(adapter: Adapter, report, base=None) -> tuple[dict[str, Any]
         tensors[f"{PREFIX}{target}.{names[1]}"] = module_tensors["lora_B"]
         if "magnitude" in module_tensors:
             tensors[f"{PREFIX}{target}.lora_magnitude_vector"] = module_tensors["magnitude"]
+    biases, replaced = bias_state(adapter, PREFIX)
+    if biases:
+        if config["use_dora"]:
+            raise UsageError("bias deltas on DoRA modules have no PEFT representation (lora_bias is LoRA only)",
+                             hint="merge it with adapterfmt merge, or keep the adapterfmt file")
+        config["lora_bias"] = True
+        tensors.update(biases)
+        report.notes.append("bias deltas written as lora_B.bias (lora_bias=true): delta / scale")
     for payload in manifest.payloads.values():
+        if payload.target in replaced:
+            continue
         tensors[f"{PREFIX}{payload_key(payload, manifest)}"] = adapter.tensors[payload.tensor.name]
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     return config, tensors
