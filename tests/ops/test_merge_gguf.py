@@ -47,11 +47,11 @@ def heads_for(hf: str, config) -> int | None:
     return {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(hf.split(".")[-2])
 
 
-def write_llama_gguf(model, path, qtype=None) -> None:
+def write_llama_gguf(model, path, qtype=None, split_max_tensors: int = 0) -> None:
     """The model as a llama GGUF with a placeholder vocabulary (enough for llama.cpp's loader),
     q/k permuted as convert_hf_to_gguf does; 2-D weights in ``qtype`` (gguf's quants) or F32."""
     config = model.config
-    writer = gguf.GGUFWriter(path, "llama")
+    writer = gguf.GGUFWriter(path, "llama", split_max_tensors=split_max_tensors)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -165,6 +165,38 @@ def test_a_delta_lost_in_requantization_is_refused(q8_model, llama_base, tmp_pat
     adapterfmt.merge(q8_model, [tmp_path / "tiny.safetensors"], tmp_path / "m.gguf", gguf_type="Q8_0", force=True)
     with pytest.raises(UsageError, match="cannot quantize to Q4_K"):
         adapterfmt.merge(q8_model, [tmp_path / "tiny.safetensors"], tmp_path / "k.gguf", gguf_type="Q4_K")
+
+
+def test_split_model_and_adapters_with_different_tensor_sets(llama_base, lora, tmp_path):
+    """llama-export-lora takes neither; here a 3-way split Q8_0 model gets two adapters on different tensors."""
+    from peft import PeftModel
+    write_llama_gguf(load_model(llama_base, torch.float32), tmp_path / "model.gguf", Q8, split_max_tensors=9)
+    shards = sorted(tmp_path.glob("model-*-of-*.gguf"))
+    assert len(shards) == 3
+    adapter, peft_model = lora
+    make_peft_adapter(llama_base, tmp_path / "peft2", seed=7, target_modules=["o_proj", "v_proj"])
+    adapterfmt.convert(tmp_path / "peft2", tmp_path / "b.safetensors", base=llama_base)
+    other = PeftModel.from_pretrained(load_model(llama_base, torch.float32), tmp_path / "peft2")
+    adapterfmt.merge(shards[0], [(adapter, 0.5), (tmp_path / "b.safetensors", 2.0)], tmp_path / "m.gguf",
+                     gguf_type="F16")
+    got, config = read(tmp_path / "m.gguf"), peft_model.base_model.model.config
+    assert len(got) == sum(len(gguf.GGUFReader(s).tensors) for s in shards)
+    deltas: dict[str, np.ndarray] = {}
+    for model, weight in ((peft_model, 0.5), (other, 2.0)):
+        for name, module in model.base_model.model.named_modules():
+            if hasattr(module, "lora_A"):
+                delta = module.get_delta_weight("default").detach().numpy() * np.float32(weight)
+                heads = heads_for(f"{name}.weight", config)
+                key = gguf_name(f"{name}.weight")
+                delta = permute(delta, heads) if heads else delta
+                deltas[key] = deltas[key] + delta if key in deltas else delta  # delta_sum's order: first + second
+    assert len(deltas) == 10  # q, k, v (both adapters), o, down in each of 2 layers
+    base = {t.name: t for s in shards for t in gguf.GGUFReader(s).tensors}
+    for name, delta in deltas.items():
+        weight = gguf.quants.dequantize(np.asarray(base[name].data), Q8).reshape(delta.shape)
+        assert np.array_equal(np.asarray(got[name].data).reshape(delta.shape), (weight + delta).astype(np.float16)), name
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert not any(key.startswith("split.") for key in fields)
 
 
 # Opt-in (needs llama.cpp's binaries): LLAMA_CPP_BIN=<dir with llama-quantize>, e.g. /work/llamacpp/build/bin.
