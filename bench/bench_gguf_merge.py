@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import gguf  # noqa: E402
 
 from adapterfmt.ops.merge_gguf import quantizable_types  # noqa: E402
-from tests.ops.test_merge_gguf import gguf_name, heads_for, permute  # noqa: E402
+from tests.ops.test_merge_gguf import write_llama_gguf  # noqa: E402
 
 
 def timed(cmd: list[str]) -> dict:
@@ -49,28 +49,7 @@ def build(work: Path, hidden: int, layers: int, vocab: int) -> tuple[Path, Path]
     model = LlamaForCausalLM(config)
     model.save_pretrained(work / "hf")
     path = work / "base-F32.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(layers)
-    writer.add_context_length(256)
-    writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(64)
-    writer.add_tokenizer_model("llama")
-    tokens = [f"<t{i}>".encode() for i in range(vocab)]
-    writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * vocab)
-    writer.add_token_types([1] * vocab)
-    for name, tensor in model.state_dict().items():
-        data = tensor.numpy()
-        heads = heads_for(name, config)
-        writer.add_tensor(gguf_name(name), permute(data, heads) if heads else data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_llama_gguf(model, path)
     return work / "hf", path
 
 

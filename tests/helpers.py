@@ -17,6 +17,18 @@ def tiny_llama(path: Path, dtype=torch.float32, seed: int = 0) -> Path:
     return path
 
 
+def tiny_llama_sized(path: Path, hidden: int, intermediate: int, layers: int = 2, vocab: int = 256,
+                     seed: int = 0) -> Path:
+    """A small Llama of a chosen width (llama.cpp's K-quants need rows of 256), fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
+                         vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
 def tiny_gpt2(path: Path, dtype=torch.float32, seed: int = 0) -> Path:
     """A 2-layer GPT-2 (Conv1D layers, fan_in_fan_out)."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checkpoint.bnb_checkpoint import BnbCheckpoint
 from ..errors import UsageError
 from ..format.dtypes import DTYPE_FROM_NAME
 from ..format.manifest import BaseQuantization
@@ -226,3 +227,56 @@ class FormReport:
                     "ΔW, so this merge differs from the trained model: use --base-form trained")
         return [text]
 
+
+def plan_base_form(jobs: list, base, loaded, requested: str | None, ctx, stats) -> None:
+    """Mark the jobs that become dequant(quant(W)) (``trained``) and the adapted ones whose ratio is reported.
+
+    ``ctx`` (the merge's MathContext) gets the report and the measured names; ``stats`` the notes.
+
+    Example:
+        >>> plan_base_form(jobs, base, loaded, None, ctx, stats)  # doctest: +SKIP
+    """
+    if isinstance(base, BnbCheckpoint):
+        prequantized_base_notes(base, loaded, requested, stats)
+        return
+    mode, form = choose_form([adapter.manifest.base.quantization for adapter, _ in loaded], requested)
+    if form is None or form.scheme == "none":
+        return
+    if form.scheme.startswith("gguf:"):
+        raise UsageError(f"base form {form.scheme} cannot be reproduced on a safetensors base yet",
+                         hint="merge with --base-form original")
+    quantized = quantized_weights(base, form)
+    ctx.form_report = FormReport(mode, form)
+    ctx.measured = set(quantized)
+    if mode != "trained":
+        return
+    narrowed = set()
+    for job in jobs:
+        if job.out.name in quantized and job.replacement is None:
+            job.form, job.form_transposed = form, quantized[job.out.name]
+            if job.out.dtype != form.compute_dtype and form.compute_dtype == "F32":
+                narrowed.add(job.out.dtype)
+    stats.notes.append(f"base form trained: {len(quantized)} weight(s) became dequant(quant(W)) with "
+                       f"{form.library or 'bitsandbytes'} ({form.scheme}, compute {form.compute_dtype})")
+    if narrowed:
+        stats.notes.append(f"the trained form is {form.compute_dtype} (the compute dtype); writing it as "
+                           f"{', '.join(sorted(narrowed))} rounds it: --dtype fp32 keeps it exact")
+    if form.scheme == "int8":
+        stats.notes.append("LLM.int8 also quantizes activations at run time; merged weights reproduce the "
+                           "weight side only")
+
+
+def prequantized_base_notes(base: BnbCheckpoint, loaded, requested: str | None, stats) -> None:
+    """A bitsandbytes-quantized base already is the trained form; the original weights are not there."""
+    if requested == "original":
+        raise UsageError(f"--base-form original: the base is quantized ({base.scheme}); it does not hold the "
+                         "original weights", path=base.path, hint="give the unquantized base as --base, or drop "
+                         "--base-form (a quantized base is merged as the adapter was trained against it)")
+    stats.notes.append(f"base is bitsandbytes-quantized ({base.scheme}): {len(base.quantized_names())} weight(s) "
+                       f"dequantized by bitsandbytes into {base.compute_dtype} (the trained form); fingerprints of "
+                       "quantized weights cannot be checked, and ‖W − dequant(quant(W))‖ needs the float base")
+    for adapter, _ in loaded:
+        form = adapter.manifest.base.quantization
+        if form is not None and (form.scheme, form.compute_dtype) != (base.scheme, base.compute_dtype):
+            stats.notes.append(f"warning: an adapter records base form {form.scheme} (compute {form.compute_dtype}), "
+                               f"the base is {base.scheme} (compute {base.compute_dtype})")

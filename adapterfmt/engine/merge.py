@@ -21,13 +21,11 @@ from ..methods import read_checked_adapter
 from ..format.container import require_finite
 from ..methods import get_method
 from ..methods.descriptor import Method, take_rows
-from .base_form import FormReport, choose_form, quantized_weights, trained_weight
+from .base_form import FormReport, plan_base_form, trained_weight
 from .devices import exact_math, resolve_device
-from ..checkpoint.bnb_checkpoint import BnbCheckpoint
 from .base import component_view
-from .plan import (OUT_DTYPES, StreamingCheckpoint, TensorJob, Update, check_adapters, make_jobs, open_streaming,
-                   untied_aliases,
-                   shard_jobs)
+from .plan import (OUT_DTYPES, TensorJob, Update, check_adapters, make_jobs, open_streaming, shard_jobs,
+                   untied_aliases)
 from .stream import BufferPool, StreamStats, execute, peak_rss_bytes
 from ..format.dtypes import DTYPE_FROM_NAME
 
@@ -204,55 +202,6 @@ def merge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext) -> Iter
             total = delta_sum(job.updates, stored, ctx, fan, rows)
             result = ctx.canonical32(stored, fan, rows).add_(total)
         yield ctx.to_output(result, job.out.dtype, fan, slot=index % 2)
-
-
-def plan_base_form(jobs: list[TensorJob], base: StreamingCheckpoint, loaded, requested: str | None,
-                   ctx: MathContext, stats: StreamStats) -> None:
-    """Mark the jobs that become dequant(quant(W)) (``trained``) and the adapted ones whose ratio is reported."""
-    if isinstance(base, BnbCheckpoint):
-        prequantized_base_notes(base, loaded, requested, stats)
-        return
-    mode, form = choose_form([adapter.manifest.base.quantization for adapter, _ in loaded], requested)
-    if form is None or form.scheme == "none":
-        return
-    if form.scheme.startswith("gguf:"):
-        raise UsageError(f"base form {form.scheme} cannot be reproduced on a safetensors base yet",
-                         hint="merge with --base-form original")
-    quantized = quantized_weights(base, form)
-    ctx.form_report = FormReport(mode, form)
-    ctx.measured = set(quantized)
-    if mode != "trained":
-        return
-    narrowed = set()
-    for job in jobs:
-        if job.out.name in quantized and job.replacement is None:
-            job.form, job.form_transposed = form, quantized[job.out.name]
-            if job.out.dtype != form.compute_dtype and form.compute_dtype == "F32":
-                narrowed.add(job.out.dtype)
-    stats.notes.append(f"base form trained: {len(quantized)} weight(s) became dequant(quant(W)) with "
-                       f"{form.library or 'bitsandbytes'} ({form.scheme}, compute {form.compute_dtype})")
-    if narrowed:
-        stats.notes.append(f"the trained form is {form.compute_dtype} (the compute dtype); writing it as "
-                           f"{', '.join(sorted(narrowed))} rounds it: --dtype fp32 keeps it exact")
-    if form.scheme == "int8":
-        stats.notes.append("LLM.int8 also quantizes activations at run time; merged weights reproduce the "
-                           "weight side only")
-
-
-def prequantized_base_notes(base: BnbCheckpoint, loaded, requested: str | None, stats: StreamStats) -> None:
-    """A bitsandbytes-quantized base already is the trained form; the original weights are not there."""
-    if requested == "original":
-        raise UsageError(f"--base-form original: the base is quantized ({base.scheme}); it does not hold the "
-                         "original weights", path=base.path, hint="give the unquantized base as --base, or drop "
-                         "--base-form (a quantized base is merged as the adapter was trained against it)")
-    stats.notes.append(f"base is bitsandbytes-quantized ({base.scheme}): {len(base.quantized_names())} weight(s) "
-                       f"dequantized by bitsandbytes into {base.compute_dtype} (the trained form); fingerprints of "
-                       "quantized weights cannot be checked, and ‖W − dequant(quant(W))‖ needs the float base")
-    for adapter, _ in loaded:
-        form = adapter.manifest.base.quantization
-        if form is not None and (form.scheme, form.compute_dtype) != (base.scheme, base.compute_dtype):
-            stats.notes.append(f"warning: an adapter records base form {form.scheme} (compute {form.compute_dtype}), "
-                               f"the base is {base.scheme} (compute {base.compute_dtype})")
 
 
 def adapter_paths(adapters) -> list[str | None]:

@@ -3,7 +3,8 @@
 Each targeted tensor is dequantized to fp32 (``gguf.quants.dequantize``), gets Σ w·ΔW in llama.cpp's
 row order (q/k RoPE-permuted as convert_hf_to_gguf does), and is written once: in a float type, or
 requantized to the base tensor's own type by ``gguf.quants.quantize``. Every other tensor and every
-metadata key is copied as is. Tensors are read and written one at a time (the header first).
+metadata key is copied as is. Tensors are read and written one at a time (the header first). A split
+model (``x-00001-of-00003.gguf``, given by its first file) is read as one and written as one file.
 
 The requantization error ‖requant(W+ΔW) − (W+ΔW)‖ is reported per layer against ‖ΔW‖; at 1 or more
 the adapter would be lost in the rounding, and that is refused (naming the layers) unless ``force``.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -25,7 +27,6 @@ from ..engine.stream import StreamStats, peak_rss_bytes
 from ..errors import BaseMismatchError, InputIOError, UsageError
 from ..formats.gguf_arch import ARCHITECTURES, default_hf_arch, row_layout, row_permutation
 from ..formats.gguf_lora import hf_to_gguf
-
 FLOAT_TYPES = ("F32", "F16")
 
 
@@ -58,14 +59,68 @@ def quantizable_types() -> list[str]:
     return names
 
 
-def _field(reader, key: str):
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
+SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+class GGUFModel:
+    """A GGUF model, one file or llama.cpp split files (``x-00001-of-00003.gguf``), as one tensor list.
+
+    Example:
+        >>> GGUFModel(Path("model-00001-of-00002.gguf")).field("general.architecture")  # doctest: +SKIP
+        'llama'
+    """
+
+    def __init__(self, path: Path):
+        gguf = _gguf()
+        self.path = path
+        self.readers = [self._open(gguf, shard) for shard in self._shards(path)]
+        self.tensors = [t for reader in self.readers for t in reader.tensors]
+        self._file = {t.name: Path(reader.data.filename) for reader in self.readers for t in reader.tensors}
+        # The first split holds the metadata; every split adds its own split.* keys.
+        self.fields = {k: f for k, f in self.readers[0].fields.items() if not k.startswith("split.")}
+
+    @staticmethod
+    def _open(gguf, shard: Path):
+        try:
+            return gguf.GGUFReader(shard)
+        except (ValueError, OSError) as exc:
+            raise InputIOError(f"not a readable GGUF file ({exc})", path=shard, hint="check --base") from None
+
+    @staticmethod
+    def _shards(path: Path) -> list[Path]:
+        match = SPLIT_RE.match(path.name)
+        if not match:
+            return [path]
+        count = int(match["count"])
+        shards = [path.with_name(f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise InputIOError(f"split GGUF is missing {', '.join(missing)}", path=path,
+                               hint="download every split of the model next to the first")
+        return shards
+
+    def field(self, key: str):
+        field = self.fields.get(key) or self.readers[0].get_field(key)
+        return None if field is None else field.contents()
+
+    def data(self, tensor) -> np.ndarray:
+        """One tensor's stored data, read into its own buffer.
+
+        Not through the reader's map of the whole file: pages touched there stay resident, so peak
+        RSS would grow with the model instead of the largest tensor.
+        """
+        path = self._file[tensor.name]
+        with open(path, "rb") as handle:
+            raw = os.pread(handle.fileno(), int(tensor.n_bytes), int(tensor.data_offset))
+        if len(raw) != tensor.n_bytes:
+            raise InputIOError(f"tensor {tensor.name!r} is cut short", path=path,
+                               hint="the GGUF file is truncated; re-download it")
+        return np.frombuffer(raw, dtype=tensor.data.dtype).reshape(tensor.data.shape)
 
 
 def _hf_architecture(reader, adapters) -> str:
     """The transformers architecture whose per-architecture table names and orders the GGUF's tensors."""
-    gguf_arch = _field(reader, "general.architecture")
+    gguf_arch = reader.field("general.architecture")
     recorded = {a.manifest.base.architecture for a, _ in adapters} - {None}
     hf_arch = next(iter(recorded)) if len(recorded) == 1 else default_hf_arch(gguf_arch)
     if hf_arch not in ARCHITECTURES:
@@ -75,16 +130,16 @@ def _hf_architecture(reader, adapters) -> str:
 
 def _gguf_config(reader) -> dict:
     """Head counts from the GGUF's own metadata, under transformers' config names (for the row layouts)."""
-    arch = _field(reader, "general.architecture")
-    return {"num_attention_heads": _field(reader, f"{arch}.attention.head_count"),
-            "num_key_value_heads": _field(reader, f"{arch}.attention.head_count_kv"),
-            "num_kv_heads": _field(reader, f"{arch}.attention.head_count_kv")}
+    arch = reader.field("general.architecture")
+    kv = reader.field(f"{arch}.attention.head_count_kv")
+    return {"num_attention_heads": reader.field(f"{arch}.attention.head_count"), "num_key_value_heads": kv,
+            "num_kv_heads": kv}
 
 
 def _targets(reader, adapters, hf_arch: str) -> dict[str, list[Update]]:
     """GGUF tensor name -> the adapter updates it gets; shapes checked against the base."""
     shapes = {t.name: tuple(reversed([int(d) for d in t.shape])) for t in reader.tensors}
-    blocks = int(_field(reader, f"{_field(reader, 'general.architecture')}.block_count") or 0) or None
+    blocks = int(reader.field(f"{reader.field('general.architecture')}.block_count") or 0) or None
     targets: dict[str, list[Update]] = {}
     for adapter, weight in adapters:
         if adapter.manifest.payloads:
@@ -108,27 +163,13 @@ def _permutation(reader, updates: list[Update], hf_arch: str, rows: int) -> torc
     layout = row_layout(hf_arch, target)
     if layout is None:
         return None
-    return row_permutation(layout, rows, _gguf_config(reader), str(reader.data.filename), target)
-
-
-def tensor_data(reader, tensor) -> np.ndarray:
-    """One tensor's stored data, read into its own buffer.
-
-    Not through the reader's map of the whole file: pages touched there stay resident, so peak RSS
-    would grow with the model instead of the largest tensor.
-    """
-    with open(reader.data.filename, "rb") as handle:
-        raw = os.pread(handle.fileno(), int(tensor.n_bytes), int(tensor.data_offset))
-    if len(raw) != tensor.n_bytes:
-        raise InputIOError(f"tensor {tensor.name!r} is cut short", path=reader.data.filename,
-                           hint="the GGUF file is truncated; re-download it")
-    return np.frombuffer(raw, dtype=tensor.data.dtype).reshape(tensor.data.shape)
+    return row_permutation(layout, rows, _gguf_config(reader), "GGUF base", target)
 
 
 def merged_tensor(reader, tensor, updates: list[Update], ctx: MathContext, hf_arch: str) -> tuple[np.ndarray, float]:
     """(W + Σ w·ΔW in fp32 in the GGUF row order, ‖ΔW‖) for one targeted tensor."""
     gguf = _gguf()
-    stored = tensor_data(reader, tensor)
+    stored = reader.data(tensor)
     weight = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(stored, tensor.tensor_type),
                                                    dtype=np.float32))
     weight = weight.reshape(tuple(reversed([int(d) for d in tensor.shape])))
@@ -146,18 +187,11 @@ def merge_gguf(base: Path | str, adapters, out: Path | str, *, gguf_type: str = 
     Example:
         >>> merge_gguf("model-Q8_0.gguf", [("a.safetensors", 1.0)], "merged-Q8_0.gguf")  # doctest: +SKIP
     """
-    gguf = _gguf()
     start = time.perf_counter()
     base, out = Path(base), Path(out)
     check_weights(adapters)
     check_output_path(out, [base] + [Path(a) for a, _ in adapters if isinstance(a, (str, Path))])
-    try:
-        reader = gguf.GGUFReader(base)
-    except (ValueError, OSError) as exc:
-        raise InputIOError(f"not a readable GGUF file ({exc})", path=base, hint="check --base") from None
-    if _field(reader, "split.count"):
-        raise UsageError("split GGUF models are not supported yet", path=base,
-                         hint="join them first with llama-gguf-split --merge")
+    reader = GGUFModel(base)
     loaded = load_adapters(adapters)
     hf_arch = _hf_architecture(reader, loaded)
     targets = _targets(reader, loaded, hf_arch)
@@ -175,7 +209,8 @@ def merge_gguf(base: Path | str, adapters, out: Path | str, *, gguf_type: str = 
         outputs[tensor.name] = kind
     written = _write(reader, out, targets, outputs, ctx, rows, overwrite, force, hf_arch)
     stats.tensors_changed, stats.tensors_total = len(targets), len(reader.tensors)
-    stats.bytes_read, stats.bytes_written, stats.shards = base.stat().st_size, written, 1
+    stats.bytes_read = sum(Path(r.data.filename).stat().st_size for r in reader.readers)
+    stats.bytes_written, stats.shards = written, 1
     stats.base_form = {"mode": "gguf", "form": {"scheme": f"gguf:{_file_types(reader, targets)}"}, "layers": rows}
     worst = max(rows, key=lambda r: r["ratio"], default=None)
     if worst is not None and worst["ratio"] > 0:
@@ -204,7 +239,7 @@ def _write(reader, out: Path, targets, outputs, ctx, rows: list, overwrite: bool
     A refusal after the last tensor (ΔW lost in requantization) leaves nothing behind.
     """
     gguf = _gguf()
-    writer = gguf.GGUFWriter(path=None, arch=_field(reader, "general.architecture"))
+    writer = gguf.GGUFWriter(path=None, arch=reader.field("general.architecture"))
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
@@ -223,7 +258,7 @@ def _write(reader, out: Path, targets, outputs, ctx, rows: list, overwrite: bool
         writer.write_ti_data_to_file()
         for tensor in reader.tensors:
             if tensor.name not in targets:
-                writer.write_tensor_data(tensor_data(reader, tensor))
+                writer.write_tensor_data(reader.data(tensor))
                 continue
             kind = outputs[tensor.name]
             merged, delta_norm = merged_tensor(reader, tensor, targets[tensor.name], ctx, hf_arch)

@@ -346,3 +346,17 @@ def test_dora_on_a_4bit_base_merges_into_the_trained_form(llama_base_bf16, tmp_p
     scale = want.abs().max()
     assert (got - want).abs().max() / scale < 1e-5
     assert (naive - want).abs().max() / scale > 1e-3
+
+
+def test_compute_dtype_is_part_of_the_form(llama_base_bf16):
+    """The trap: bitsandbytes dequantizes straight into the compute dtype, so bf16 and fp32 compute
+    train against different weights (bf16: every block's absmax·code rounded once more)."""
+    from safetensors.torch import load_file as load
+
+    from adapterfmt.engine.base_form import bnb_form, trained_weight
+    weight = load(llama_base_bf16 / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    fp32 = trained_weight(weight, bnb_form("nf4", "fp32"))
+    bf16 = trained_weight(weight, bnb_form("nf4", "bf16"))
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert torch.equal(bf16, fp32.to(torch.bfloat16))  # one rounding from the fp32 dequantization
+    assert not torch.equal(bf16.float(), fp32)

@@ -5,6 +5,10 @@ and convert_hf_to_gguf's q/k row permutation written out independently here.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -43,30 +47,43 @@ def heads_for(hf: str, config) -> int | None:
     return {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(hf.split(".")[-2])
 
 
-@pytest.fixture(scope="module")
-def q8_model(llama_base, tmp_path_factory):
-    """A tiny Llama as a Q8_0 GGUF (2-D weights Q8_0, norms F32), q/k permuted like convert_hf_to_gguf."""
-    model = load_model(llama_base, torch.float32)
+def write_llama_gguf(model, path, qtype=None, split_max_tensors: int = 0) -> None:
+    """The model as a llama GGUF with a placeholder vocabulary (enough for llama.cpp's loader),
+    q/k permuted as convert_hf_to_gguf does; 2-D weights in ``qtype`` (gguf's quants) or F32."""
     config = model.config
-    path = tmp_path_factory.mktemp("gguf") / "model-Q8_0.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
+    writer = gguf.GGUFWriter(path, "llama", split_max_tensors=split_max_tensors)
     writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_embedding_length(config.hidden_size)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"<t{i}>".encode() for i in range(config.vocab_size)])
+    writer.add_token_scores([0.0] * config.vocab_size)
+    writer.add_token_types([1] * config.vocab_size)
     for name, tensor in model.state_dict().items():
-        data = tensor.numpy()
+        data = tensor.float().numpy()
         heads = heads_for(name, config)
         if heads:
             data = permute(data, heads)
-        if data.ndim == 2:
-            writer.add_tensor(gguf_name(name), gguf.quants.quantize(data, Q8), raw_dtype=Q8)
+        if data.ndim == 2 and qtype is not None:
+            writer.add_tensor(gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name(name), data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+@pytest.fixture(scope="module")
+def q8_model(llama_base, tmp_path_factory):
+    """A tiny Llama as a Q8_0 GGUF (2-D weights Q8_0, norms F32), q/k permuted like convert_hf_to_gguf."""
+    path = tmp_path_factory.mktemp("gguf") / "model-Q8_0.gguf"
+    write_llama_gguf(load_model(llama_base, torch.float32), path, Q8)
     return path
 
 
@@ -81,7 +98,7 @@ def lora(llama_base, tmp_path_factory):
 
 
 def expected(q8_model, peft_model) -> dict[str, np.ndarray]:
-    """GGUF name -> dequant(Q8_0 W) + ΔW (PEFT's, permuted for q/k) in fp32."""
+    """GGUF name -> dequant(W) + ΔW (PEFT's, permuted for q/k) in fp32; W dequantized by gguf."""
     reader = gguf.GGUFReader(q8_model)
     tensors = {t.name: t for t in reader.tensors}
     config = peft_model.base_model.model.config
@@ -93,7 +110,7 @@ def expected(q8_model, peft_model) -> dict[str, np.ndarray]:
         heads = heads_for(f"{name}.weight", config)
         delta = permute(delta, heads) if heads else delta
         tensor = tensors[gguf_name(f"{name}.weight")]
-        base = gguf.quants.dequantize(np.asarray(tensor.data), Q8).reshape(delta.shape)
+        base = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(delta.shape)
         out[tensor.name] = base + delta
     return out
 
@@ -148,3 +165,70 @@ def test_a_delta_lost_in_requantization_is_refused(q8_model, llama_base, tmp_pat
     adapterfmt.merge(q8_model, [tmp_path / "tiny.safetensors"], tmp_path / "m.gguf", gguf_type="Q8_0", force=True)
     with pytest.raises(UsageError, match="cannot quantize to Q4_K"):
         adapterfmt.merge(q8_model, [tmp_path / "tiny.safetensors"], tmp_path / "k.gguf", gguf_type="Q4_K")
+
+
+def test_split_model_and_adapters_with_different_tensor_sets(llama_base, lora, tmp_path):
+    """llama-export-lora takes neither; here a 3-way split Q8_0 model gets two adapters on different tensors."""
+    from peft import PeftModel
+    write_llama_gguf(load_model(llama_base, torch.float32), tmp_path / "model.gguf", Q8, split_max_tensors=9)
+    shards = sorted(tmp_path.glob("model-*-of-*.gguf"))
+    assert len(shards) == 3
+    adapter, peft_model = lora
+    make_peft_adapter(llama_base, tmp_path / "peft2", seed=7, target_modules=["o_proj", "v_proj"])
+    adapterfmt.convert(tmp_path / "peft2", tmp_path / "b.safetensors", base=llama_base)
+    other = PeftModel.from_pretrained(load_model(llama_base, torch.float32), tmp_path / "peft2")
+    adapterfmt.merge(shards[0], [(adapter, 0.5), (tmp_path / "b.safetensors", 2.0)], tmp_path / "m.gguf",
+                     gguf_type="F16")
+    got, config = read(tmp_path / "m.gguf"), peft_model.base_model.model.config
+    assert len(got) == sum(len(gguf.GGUFReader(s).tensors) for s in shards)
+    deltas: dict[str, np.ndarray] = {}
+    for model, weight in ((peft_model, 0.5), (other, 2.0)):
+        for name, module in model.base_model.model.named_modules():
+            if hasattr(module, "lora_A"):
+                delta = module.get_delta_weight("default").detach().numpy() * np.float32(weight)
+                heads = heads_for(f"{name}.weight", config)
+                key = gguf_name(f"{name}.weight")
+                delta = permute(delta, heads) if heads else delta
+                deltas[key] = deltas[key] + delta if key in deltas else delta  # delta_sum's order: first + second
+    assert len(deltas) == 10  # q, k, v (both adapters), o, down in each of 2 layers
+    base = {t.name: t for s in shards for t in gguf.GGUFReader(s).tensors}
+    for name, delta in deltas.items():
+        weight = gguf.quants.dequantize(np.asarray(base[name].data), Q8).reshape(delta.shape)
+        assert np.array_equal(np.asarray(got[name].data).reshape(delta.shape), (weight + delta).astype(np.float16)), name
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert not any(key.startswith("split.") for key in fields)
+
+
+# Opt-in (needs llama.cpp's binaries): LLAMA_CPP_BIN=<dir with llama-quantize>, e.g. /work/llamacpp/build/bin.
+LLAMA_CPP_BIN = os.environ.get("LLAMA_CPP_BIN")
+
+
+@pytest.mark.skipif(not LLAMA_CPP_BIN, reason="set LLAMA_CPP_BIN to llama.cpp's build/bin to run llama-quantize")
+def test_q4_k_base_from_llama_quantize(tmp_path):
+    """A Q4_K_M base made by llama-quantize: F16 merge = dequant + ΔW; a Q8_0 output loads in llama.cpp."""
+    from peft import PeftModel
+    from ..helpers import tiny_llama_sized
+    base = tiny_llama_sized(tmp_path / "hf", hidden=256, intermediate=512)
+    model = load_model(base, torch.float32)
+    write_llama_gguf(model, tmp_path / "f32.gguf")
+    quantize = Path(LLAMA_CPP_BIN) / "llama-quantize"
+    subprocess.run([str(quantize), str(tmp_path / "f32.gguf"), str(tmp_path / "q4k.gguf"), "Q4_K_M"], check=True,
+                   capture_output=True)
+    make_peft_adapter(base, tmp_path / "peft", target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    adapterfmt.convert(tmp_path / "peft", tmp_path / "a.safetensors", base=base)
+    peft_model = PeftModel.from_pretrained(load_model(base, torch.float32), tmp_path / "peft")
+    want = expected(tmp_path / "q4k.gguf", peft_model)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "q4k.gguf").tensors}
+    assert {types[name] for name in want} >= {"Q4_K"}
+    adapterfmt.merge(tmp_path / "q4k.gguf", [tmp_path / "a.safetensors"], tmp_path / "f16.gguf", gguf_type="F16")
+    got = read(tmp_path / "f16.gguf")
+    for name, value in want.items():
+        assert np.array_equal(np.asarray(got[name].data).reshape(value.shape), value.astype(np.float16)), name
+    with pytest.raises(UsageError, match="cannot quantize to Q4_K"):
+        adapterfmt.merge(tmp_path / "q4k.gguf", [tmp_path / "a.safetensors"], tmp_path / "keep.gguf")
+    summary = adapterfmt.merge(tmp_path / "q4k.gguf", [tmp_path / "a.safetensors"], tmp_path / "q8.gguf",
+                               gguf_type="Q8_0", force=True)
+    assert all(row["type"] == "Q8_0" for row in summary.base_form["layers"])
+    # llama.cpp's own loader reads the requantized model (llama-quantize loads every tensor).
+    subprocess.run([str(quantize), "--allow-requantize", str(tmp_path / "q8.gguf"), str(tmp_path / "again.gguf"),
+                    "Q8_0"], check=True, capture_output=True)
