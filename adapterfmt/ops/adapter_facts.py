@@ -147,7 +147,9 @@ def adapter_facts(manifest: Manifest) -> AdapterFacts:
     entries = manifest.modules
     return AdapterFacts(
         modules=modules, methods=manifest.methods(), payload_kinds=payloads,
-        fused=[k for k, e in entries.items() if e.base_weight != f"{k}.weight"],
+        # a multi-component module's key is "<component>.<path>" and its base_weight "<path>.weight"
+        fused=[k for k, e in entries.items()
+               if (f"{e.component}.{e.base_weight}" if e.component else e.base_weight) != f"{k}.weight"],
         conv1d=[k for k, e in entries.items() if e.layer == "conv1d"],
         embeddings=[k for k, e in entries.items() if e.layer == "embedding"],
         lm_head=[k for k in entries if k.rsplit(".", 1)[-1] == "lm_head"],

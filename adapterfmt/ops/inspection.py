@@ -47,7 +47,11 @@ def inspect_adapter(path: Path | str) -> dict[str, Any]:
         "methods": manifest.methods(),
         "base": {"name_or_path": manifest.base.name_or_path, "revision": manifest.base.revision,
                  "architecture": manifest.base.architecture,
-                 "fingerprinted_weights": sum(1 for w in manifest.base.weights.values() if w.fingerprint)},
+                 "fingerprinted_weights": sum(1 for identity in [manifest.base, *manifest.components.values()]
+                                              for w in identity.weights.values() if w.fingerprint)},
+        **({"components": {name: {"architecture": c.architecture, "name_or_path": c.name_or_path,
+                                  "modules": sum(1 for e in manifest.modules.values() if e.component == name)}
+                           for name, c in manifest.components.items()}} if manifest.components else {}),
         "module_count": len(modules),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "parameter_count": total_params,
