@@ -29,7 +29,7 @@ def bind_base(adapter: Adapter, base: BaseCheckpoint, path: str | None = None, *
     Recorded fingerprints are always compared (a mismatch is a :class:`BaseMismatchError`);
     unless ``check_only``, missing dtypes and fingerprints are filled in from ``base``.
 
-    A multi-component adapter (spec §7.1) binds each component to that component of a diffusers
+    A multi-component adapter (spec §7.2) binds each component to that component of a diffusers
     pipeline base, against its own base identity; a single component directory binds an adapter
     that has only that component.
 
@@ -88,7 +88,7 @@ def _bind_single(adapter: Adapter, base: BaseCheckpoint, path: str | None, check
 def component_view(adapter: Adapter, base: BaseCheckpoint, path: str | None = None) -> Adapter:
     """The part of an adapter that applies to one model directory.
 
-    A single-model adapter is returned as is. For a multi-component adapter (spec §7.1) the
+    A single-model adapter is returned as is. For a multi-component adapter (spec §7.2) the
     component is the one whose recorded architecture is the base's, or else the one whose recorded
     fingerprints the base matches; none or several is a :class:`BaseMismatchError`.
 

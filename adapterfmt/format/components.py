@@ -1,4 +1,4 @@
-"""Multi-component adapters (spec §7.1): one file, modules for several components of a pipeline.
+"""Multi-component adapters (spec §7.2): one file, modules for several components of a pipeline.
 
 A multi-component manifest keys each module ``<component>.<module path in that component>``, sets
 the module's ``component`` and keeps each component's base identity in ``components``. Most of the
@@ -18,7 +18,7 @@ COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_enc
 
 
 def is_multi_component(adapter: Adapter) -> bool:
-    """True when the manifest has ``components`` (spec §7.1)."""
+    """True when the manifest has ``components`` (spec §7.2)."""
     return bool(adapter.manifest.components)
 
 

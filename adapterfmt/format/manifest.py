@@ -200,7 +200,7 @@ def _identity(base: dict[str, Any]) -> BaseIdentity:
 
 
 def _check_components(manifest: Manifest, path: str | None) -> None:
-    """spec §7.1: every module of a multi-component file names a listed component and is keyed by it."""
+    """spec §7.2: every module of a multi-component file names a listed component and is keyed by it."""
     if not manifest.components and all(m.component is None for m in manifest.modules.values()):
         return
     for key, entry in manifest.modules.items():
