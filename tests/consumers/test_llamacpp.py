@@ -174,3 +174,22 @@ def test_f16_adapter_factor_dtype(tmp_path_factory):
         record({"case": f"llama F16 adapter, --dtype {dtype}", "ours": errors[dtype], "base floor": floor})
     assert errors["f32"] <= floor + TOL
     assert errors["f32"] < errors["keep"]
+
+
+def test_merge_into_gguf_model_runs_in_llama_cpp(tmp_path_factory):
+    """adapterfmt merge into a GGUF model (the quantized-base issue): the F32 output computes PEFT's logits in
+    llama.cpp's runtime, and the output requantized to Q8_0 loads and runs there too."""
+    hf, base_gguf, floor = base_model("llama", tmp_path_factory.getbasetemp() / "llamacpp")
+    work = tmp_path_factory.mktemp("merge-gguf")
+    peft_dir = peft_adapter(hf, work / "peft", r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"])
+    native = work / "a.safetensors"
+    adapterfmt.convert(peft_dir, native, base=hf)
+    want = peft_logits(hf, peft_dir)
+    adapterfmt.merge(base_gguf, [native], work / "merged-f32.gguf", gguf_type="F32")
+    f32 = llama_cpp_logits(work / "merged-f32.gguf", None)
+    assert max_diff(f32, want) <= floor + TOL
+    adapterfmt.merge(base_gguf, [native], work / "merged-q8.gguf", gguf_type="Q8_0", force=True)
+    q8 = llama_cpp_logits(work / "merged-q8.gguf", None)
+    record({"case": "llama merged into GGUF model (F32 / Q8_0 output)", "ours": max_diff(f32, want),
+            "llama.cpp converter": "-", "base floor": floor, "Q8_0 vs F32 merge": max_diff(q8, f32)})
+    assert np.isfinite(q8).all() and max_diff(q8, f32) < 0.05 * float(np.abs(f32).max())
