@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 
 from ..errors import UsageError
 from .descriptor import Method, Params, Role, take_rows
