@@ -309,6 +309,12 @@ def _llm_adapter(f: AdapterFacts) -> bool:
 
 
 DIFFUSERS = "diffusers 0.42.1 "
+
+
+def _alphas(f: AdapterFacts) -> set:
+    """The distinct alpha = scale·rank values of the LoRA modules."""
+    return {round(float(m["scale"]) * int(m["rank"]), 9) for m in f.modules.values()
+            if m.get("scale") is not None and m.get("rank")}
 KOHYA_FOR = "adapterfmt convert {file} {out} --to kohya --for "
 DIFFUSERS_RULES = (
     Rule("not_a_pipeline_adapter", IGNORED, _llm_adapter,
@@ -322,11 +328,18 @@ DIFFUSERS_RULES = (
     Rule("payloads", REFUSE, lambda f: bool(f.payload_kinds) or bool(f.embeddings),
          lambda f: "modules_to_save / embedding LoRA: no place in a diffusers LoRA file", MERGE_FIX,
          exact_fix=False, source=DIFFUSERS + "utils/peft_utils.py get_peft_kwargs"),
-    Rule("alphas", OK, lambda f: True,
-         lambda f: "per-module .alpha keys become alpha_pattern (rsLoRA baked into alpha = scale*rank); a file "
-                   "without alphas is read with alpha = rank (scale 1)", KOHYA_FOR + "diffusers",
+    Rule("per_module_alphas", MISSCALED, lambda f: len(_alphas(f)) > 1,
+         lambda f: "kohya files with per-module alphas: diffusers builds alpha_pattern keys that match no module "
+                   "and PEFT ignores them, so every module gets the most common alpha (measured: outputs off by "
+                   "up to 0.99 on a tiny SD 1.x); a diffusers-format file carries the exact alpha_pattern",
+         "adapterfmt convert {file} {out} --to diffusers",
+         source=DIFFUSERS + "loaders/lora_conversion_utils.py _convert_kohya_lora_to_diffusers; "
+                            "utils/peft_utils.py get_peft_kwargs"),
+    Rule("alphas", OK, lambda f: len(_alphas(f)) <= 1,
+         lambda f: "one alpha for every module: diffusers reads it exactly (a file without alphas is read with "
+                   "alpha = rank, scale 1)", "adapterfmt convert {file} {out} --to diffusers",
          source=DIFFUSERS + "utils/peft_utils.py get_peft_kwargs"),
-    non_lora_rule("diffusers", KOHYA_FOR + "diffusers"),
+    non_lora_rule("diffusers", "adapterfmt convert {file} {out} --to diffusers"),
 )
 
 COMFY = "ComfyUI comfy/weight_adapter/"

@@ -154,6 +154,7 @@ EXPECTED = [
     ("full", "diffusers", "dora", "refuse"),
     ("full", "diffusers", "payloads", "refuse"),
     ("plain", "diffusers", "alphas", OK),
+    ("patterns", "diffusers", "per_module_alphas", "mis-scaled"),
     ("plain", "comfyui", "not_a_comfy_model", "ignored"),
     ("full", "comfyui", "dora", "mis-scaled"),
     ("embed", "comfyui", "payloads", "refuse"),
