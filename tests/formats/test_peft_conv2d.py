@@ -156,3 +156,25 @@ def test_peft_conv2d_refuses_what_the_format_cannot_hold(vision, tmp_path):
     for to, suffix in (("gguf", "x.gguf"), ("mlx", "mlx_out"), ("kohya", "k.safetensors")):
         with pytest.raises(AdapterFmtError, match="conv2d"):
             adapterfmt.convert(ours, tmp_path / suffix, to=to, base=base)
+
+
+def test_peft_conv2d_unmerge_restores_the_base_and_inspect_counts_the_factors(vision):
+    name, base, _, ours, work, _ = vision
+    merged, restored = work / "merged-u", work / "restored"
+    adapterfmt.merge(base, [(ours, 1.0)], merged, overwrite=True)
+    adapterfmt.unmerge(merged, [(ours, 1.0)], restored, base=base, overwrite=True)
+    original = load_file(base / "model.safetensors")
+    back, sums = load_file(restored / "model.safetensors"), load_file(merged / "model.safetensors")
+    exact = 0
+    for key, weight in original.items():
+        # (W + ΔW) − ΔW can lose what W + ΔW rounded away: at most one ulp of the merged value.
+        ulp = torch.nextafter(sums[key].abs(), torch.tensor(float("inf"))) - sums[key].abs()
+        assert bool(((back[key] - weight).abs() <= ulp).all()), key
+        exact += int((back[key] == weight).sum())
+    total = sum(w.numel() for w in original.values())
+    print(f"{name}: unmerge restored {exact / total:.2%} of the base bit-exactly, the rest within 1 merged ulp")
+    assert exact > total // 2
+    adapter = adapterfmt.read_adapter(ours)
+    facts = adapterfmt.inspect_adapter(ours)
+    stored = sum(t.numel() for t in adapter.tensors.values())
+    assert str(stored) in str(facts) or f"{stored:,}" in str(facts), facts
