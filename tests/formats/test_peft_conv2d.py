@@ -16,6 +16,8 @@ import adapterfmt
 from adapterfmt.engine.unmerge import ulp_distance
 from adapterfmt.errors import AdapterFmtError
 
+from ..helpers import tiny_resnet
+
 IMAGE = 16
 
 
@@ -24,13 +26,6 @@ def tiny_vit(path):
     config = ViTConfig(image_size=IMAGE, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1,
                        num_attention_heads=4, intermediate_size=37)
     return _save(ViTModel(config), path)
-
-
-def tiny_resnet(path):
-    from transformers import ResNetConfig, ResNetModel
-    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[16, 24], depths=[1, 1],
-                          layer_type="bottleneck")
-    return _save(ResNetModel(config), path)
 
 
 def _save(model, path):
