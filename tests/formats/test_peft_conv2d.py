@@ -173,3 +173,21 @@ def test_peft_conv2d_unmerge_restores_the_base_and_inspect_counts_the_factors(vi
     facts = adapterfmt.inspect_adapter(ours)
     stored = sum(t.numel() for t in adapter.tensors.values())
     assert str(stored) in str(facts) or f"{stored:,}" in str(facts), facts
+
+
+def test_peft_conv2d_lora_bias_merges_and_round_trips_like_peft(tmp_path):
+    base = tiny_vit(tmp_path / "base")
+    peft_dir = make_adapter(base, tmp_path / "peft", ["projection", "q_proj"], lora_bias=True)
+    original = load_file(peft_dir / "adapter_model.safetensors")
+    assert any(k.endswith("projection.lora_B.bias") for k in original)
+    ours = tmp_path / "a.safetensors"
+    assert adapterfmt.convert(peft_dir, ours, base=base).worst == "lossless"
+    adapterfmt.merge(base, [(ours, 1.0)], tmp_path / "merged")
+    mine = load(tmp_path / "merged").state_dict()
+    reference = peft_model(base, peft_dir).merge_and_unload().state_dict()
+    assert max(int(ulp_distance(mine[k], ref).max()) for k, ref in reference.items()) <= 1
+    adapterfmt.convert(ours, tmp_path / "back", to="peft")
+    again = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert sorted(again) == sorted(original) and all(torch.equal(original[k], again[k]) for k in original)
+    expected, got = outputs(peft_model(base, peft_dir)), outputs(peft_model(base, tmp_path / "back"))
+    assert (got - expected).abs().max() <= 1e-5
