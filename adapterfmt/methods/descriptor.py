@@ -167,8 +167,8 @@ class Method:
                                 path=path, hint="the manifest is inconsistent; re-export the adapter")
         axes, ndim = LAYER_SHAPES.get(entry.layer, ("out, in", 2))
         if len(entry.shape) != ndim:
-            raise ManifestError(f"module {target!r}: a {entry.layer} layer with shape {entry.shape} (a "
-                                f"{entry.layer} layer's shape is ({axes}))", path=path,
+            raise ManifestError(f"module {target!r}: {entry.layer} layer with shape {entry.shape} (the shape of "
+                                f"{entry.layer} layers is ({axes}))", path=path,
                                 hint="the manifest is inconsistent; re-export the adapter")
         self._check_roles(target, entry, path)
         dims = self.dims(entry, params)
