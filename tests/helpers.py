@@ -39,6 +39,24 @@ def tiny_gpt2(path: Path, dtype=torch.float32, seed: int = 0) -> Path:
     return path
 
 
+def tiny_resnet(path: Path, seed: int = 0) -> Path:
+    """A bottleneck ResNet with Conv2d layers of 1×1, 3×3 and 7×7 kernels (weights ~N(0, 0.05)), eval mode."""
+    import warnings
+
+    from transformers import ResNetConfig, ResNetModel
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[16, 24], depths=[1, 1],
+                          layer_type="bottleneck")
+    model = ResNetModel(config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.eval().save_pretrained(path)
+    return path
+
+
 def load_model(path: Path, dtype=None):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")

@@ -27,6 +27,10 @@ SCALE_RTOL = 1e-12
 Dim = str | int
 #: The layer kind of a stacked 3-D parameter (MoE experts, PEFT ``target_parameters``): shape (experts, out, in).
 STACKED_LAYER = "experts"
+#: A 2-D convolution (nn.Conv2d): the module shape is the weight as stored, (out, in, kh, kw).
+CONV2D_LAYER = "conv2d"
+#: Number of axes of a module's ``shape`` per layer kind; every other layer is (out, in).
+LAYER_SHAPES = {STACKED_LAYER: ("experts, out, in", 3), CONV2D_LAYER: ("out, in, kh, kw", 4)}
 
 
 @dataclass(frozen=True)
@@ -161,9 +165,10 @@ class Method:
         if entry.layer not in self.layers:
             raise ManifestError(f"module {target!r}: {self.name} is not defined for {entry.layer} layers",
                                 path=path, hint="the manifest is inconsistent; re-export the adapter")
-        if (entry.layer == STACKED_LAYER) != (len(entry.shape) == 3):
-            raise ManifestError(f"module {target!r}: a {entry.layer} layer with shape {entry.shape} (an "
-                                f"{STACKED_LAYER} layer is (experts, out, in), every other layer (out, in))", path=path,
+        axes, ndim = LAYER_SHAPES.get(entry.layer, ("out, in", 2))
+        if len(entry.shape) != ndim:
+            raise ManifestError(f"module {target!r}: {entry.layer} layer with shape {entry.shape} (the shape of "
+                                f"{entry.layer} layers is ({axes}))", path=path,
                                 hint="the manifest is inconsistent; re-export the adapter")
         self._check_roles(target, entry, path)
         dims = self.dims(entry, params)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import math
 
+import torch
 from pydantic import Field
 
-from .descriptor import STACKED_LAYER, Method, Params, Role, take_rows
+from .descriptor import CONV2D_LAYER, STACKED_LAYER, Method, Params, Role, take_rows
 
 
 def lora_scale(rank: int, alpha: float, use_rslora: bool) -> float:
@@ -44,14 +45,19 @@ class LoRA(Method):
     #: Stacked experts (PEFT ``target_parameters`` on a 3-D parameter): one (A, B) pair per expert,
     #: ΔW[e] = s·B[e]·A[e]. PEFT keeps them as one (E·r, in) A and one (out, r·E) B; the reader reorders.
     expert_roles = (Role("lora_A", ("experts", "r", "in")), Role("lora_B", ("experts", "out", "r")))
-    layers = Method.layers + (STACKED_LAYER,)
+    #: Conv2d (PEFT's layout): A is a (r, in, kh, kw) convolution, B a 1×1 convolution (out, r, 1, 1).
+    conv2d_roles = (Role("lora_A", ("r", "in", "kh", "kw")), Role("lora_B", ("out", "r", 1, 1)))
+    layers = Method.layers + (STACKED_LAYER, CONV2D_LAYER)
     row_separable = True
-    formula = "ΔW = (B·A)·scale (per expert for stacked experts)"
+    formula = "ΔW = (B·A)·scale (per expert for stacked experts; conv2d: B applied as a 1×1 conv to A)"
 
     def roles_for(self, entry):
-        return self.expert_roles if entry.layer == STACKED_LAYER else self.roles
+        return {STACKED_LAYER: self.expert_roles, CONV2D_LAYER: self.conv2d_roles}.get(entry.layer, self.roles)
 
     def dims(self, entry, params):
+        if entry.layer == CONV2D_LAYER:
+            out_f, in_f, kh, kw = entry.shape
+            return {"out": out_f, "in": in_f, "kh": kh, "kw": kw, "r": params.rank}
         if entry.layer != STACKED_LAYER:
             return super().dims(entry, params)
         experts, out_f, in_f = entry.shape
@@ -66,7 +72,25 @@ class LoRA(Method):
         # mul_ on the fresh product is the same rounding as `* s` without a second full-size buffer.
         # For experts (3-D factors) `@` is the batched product per expert, as PEFT's einsum.
         b = take_rows(tensors["lora_B"], rows).float()
+        if entry.layer == CONV2D_LAYER:
+            return conv2d_delta(tensors["lora_A"].float(), b, float(entry.params["scale"]))
         return (b @ tensors["lora_A"].float()).mul_(float(entry.params["scale"]))
+
+
+def conv2d_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW (out, in, kh, kw) of a Conv2d LoRA, with PEFT's operations (so merges are bit-identical).
+
+    1×1 kernels: the matrix product of the squeezed factors. k×k kernels: A's input channels are taken
+    as a batch and B is applied to them as a 1×1 convolution (the order PEFT uses), then swapped back.
+    Groups are not part of the format (PEFT's grouped-conv LoRA has other shapes, refused on import).
+
+    Example:
+        >>> conv2d_delta(torch.ones(2, 3, 1, 1), torch.ones(4, 2, 1, 1), 0.5).shape
+        torch.Size([4, 3, 1, 1])
+    """
+    if a.shape[2:] == (1, 1):
+        return (b[:, :, 0, 0] @ a[:, :, 0, 0])[:, :, None, None].mul_(scale)
+    return torch.nn.functional.conv2d(a.transpose(0, 1), b).transpose(0, 1).mul_(scale)
 
 
 LORA = LoRA()

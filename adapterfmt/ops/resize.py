@@ -36,8 +36,9 @@ def resize_adapter(adapter: Adapter, report: ConversionReport, *, rank: int | No
             raise UsageError(f"module {target!r} is {entry.method}; only LoRA/DoRA ranks can be changed",
                              hint="convert it to LoRA first (--method lora)")
         if len(entry.shape) != 2:
-            raise UsageError(f"module {target!r} is a {entry.layer} layer (per-expert factors); resize handles one "
-                             "(out, in) matrix per module", hint="resize an adapter without stacked experts")
+            raise UsageError(f"module {target!r} is a {entry.layer} layer ({len(entry.shape)}-D factors); resize "
+                             "handles one (out, in) matrix per module",
+                             hint="resize an adapter without stacked experts or conv2d layers")
         module = adapter.module_tensors(target)
         a, b = module["lora_A"], module["lora_B"]
         a2, b2, keep, exact = compact(a.float(), b.float(), rank=rank, energy=energy, device=device)

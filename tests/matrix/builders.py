@@ -30,7 +30,7 @@ from adapterfmt.methods.sorsa import sorsa_params
 
 @dataclass(frozen=True)
 class Target:
-    """One adapted base weight: module name, canonical [out, in] shape, layer kind."""
+    """One adapted base weight: module name, canonical [out, in] shape ([out, in, kh, kw] for conv2d), layer kind."""
 
     name: str
     shape: list[int]
@@ -43,8 +43,8 @@ class Target:
 
     @property
     def fan_in_fan_out(self) -> bool:
-        # GPT-2 Conv1D and embeddings store the transpose (spec §4).
-        return self.layer != "linear"
+        # GPT-2 Conv1D and embeddings store the transpose (spec §4); Conv2d is stored as is.
+        return self.layer not in ("linear", "conv2d")
 
     @property
     def stored_shape(self) -> list[int]:

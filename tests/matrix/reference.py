@@ -57,6 +57,8 @@ def sorsa_rule(params: dict) -> float:
 
 # ---------------------------------------------------------------------------- ΔW per method
 def lora_delta(params, shape, t, base=None):
+    if len(shape) == 4:  # conv2d (spec §4): B (out, r, 1, 1) mixes A's (r, in, kh, kw) kernels
+        return lora_rule(params) * np.einsum("or,rihw->oihw", t["lora_B"][:, :, 0, 0], t["lora_A"])
     return lora_rule(params) * (t["lora_B"] @ t["lora_A"])
 
 

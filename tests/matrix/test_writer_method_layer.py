@@ -49,6 +49,7 @@ from adapterfmt.errors import AdapterFmtError
 from adapterfmt.formats.registry import FORMATS
 from adapterfmt.methods import get_method
 
+from ..helpers import tiny_resnet
 from .builders import VARIANTS, Target, build_adapter, method_of, uncovered_methods
 from .reference import reference_delta
 
@@ -60,19 +61,21 @@ LAYERS = {
     "conv1d": ("gpt2", [Target("transformer.h.0.attn.c_attn", [96, 32], "conv1d"),
                         Target("transformer.h.1.mlp.c_proj", [32, 128], "conv1d")]),
     "embedding": ("llama", [Target("model.embed_tokens", [64, 128], "embedding")]),
+    "conv2d": ("resnet", [Target("encoder.stages.1.layers.0.layer.1.convolution", [6, 6, 3, 3], "conv2d"),
+                          Target("encoder.stages.1.layers.0.shortcut.convolution", [24, 16, 1, 1], "conv2d")]),
 }
 #: writer -> the layer kinds and methods it cannot hold (a method is held when the writer stores it, or
 #: the method converts exactly to one it stores). Everything else must round-trip.
 #: Methods whose ΔW depends on the base (ia3, oft, boft) have no LoRA equivalent: writers without them refuse.
 BASE_DEPENDENT = {"ia3", "oft", "boft"}
-CANNOT_HOLD = {"adapterfmt": set(), "peft": set(), "gguf": {"conv1d", "dora"} | BASE_DEPENDENT,
+CANNOT_HOLD = {"adapterfmt": set(), "peft": set(), "gguf": {"conv1d", "conv2d", "dora"} | BASE_DEPENDENT,
                # kohya: no consumer maps an LLM module name (diffusers/ComfyUI apply nothing), so it refuses.
-               "kohya": {"linear", "conv1d", "embedding", "dora"} | BASE_DEPENDENT,
-               "mlx": {"dora on an embedding"} | BASE_DEPENDENT,
+               "kohya": {"linear", "conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT,
+               "mlx": {"conv2d", "dora on an embedding"} | BASE_DEPENDENT,
                # lycoris: LyCORIS's own wrapper maps any module name (prefix "lycoris"); Linear layers only.
-               "lycoris": {"conv1d", "embedding", "dora"} | BASE_DEPENDENT,
+               "lycoris": {"conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT,
                # diffusers pipeline files hold multi-component adapters only (tests/diffusion)
-               "diffusers": {"linear", "conv1d", "embedding", "dora"} | BASE_DEPENDENT}
+               "diffusers": {"linear", "conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT}
 STATUS_SLACK = {EXACT_MATH: 2.0 ** -20, SCALE_FOLDED: 2.0 ** -20, LOSSY: 2.0 ** -20}
 OUTPUT_NAME = {"adapterfmt": "out.safetensors", "peft": "out-peft", "gguf": "out.gguf",
                "kohya": "out.safetensors", "mlx": "out-mlx", "lycoris": "out.safetensors",
@@ -96,14 +99,14 @@ def base_state(path: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def bases(llama_base, gpt2_base):
-    return {"llama": llama_base, "gpt2": gpt2_base}
+def bases(llama_base, gpt2_base, tmp_path_factory):
+    return {"llama": llama_base, "gpt2": gpt2_base, "resnet": tiny_resnet(tmp_path_factory.mktemp("resnet") / "base")}
 
 
 def test_every_writer_method_and_layer_has_a_case():
     assert set(WRITERS) == set(CANNOT_HOLD), "a new writer needs a CANNOT_HOLD row"
     assert not uncovered_methods(), "a new method needs a builder row in tests/matrix/builders.py"
-    assert set(LAYERS) == {"linear", "conv1d", "embedding"}
+    assert set(LAYERS) == {"linear", "conv1d", "embedding", "conv2d"}
 
 
 def module_delta(adapter, target, base):

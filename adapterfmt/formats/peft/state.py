@@ -70,18 +70,19 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
                                      f"{'present' if 'magnitude' in roles else 'missing'} but use_dora="
                                      f"{use_dora}", path=path, hint="the config does not match the weights")
         a, b = roles["lora_A"], roles["lora_B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        conv2d = is_conv2d_pair(module, a, b, use_dora, path)
+        if not conv2d and (a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]):
             raise ForeignFormatError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
-                                     "are not a low-rank pair (conv adapters are not supported)", path=path,
-                                     hint="only Linear, Conv1D and Embedding LoRA are supported")
+                                     "are not a low-rank pair (of Conv layers only Conv2d is supported)", path=path,
+                                     hint="only Linear, Conv1D, Conv2d and Embedding LoRA are supported")
         rank = a.shape[0]
         cfg_rank, alpha = resolve_rank_alpha(config, module)
         if cfg_rank != rank:
             raise ForeignFormatError(f"module {module!r} has rank {rank} but the config resolves to {cfg_rank}",
                                      path=path, hint="r/rank_pattern do not match the weights")
         out_f, in_f = b.shape[0], a.shape[1]
-        transposed = embedding or fan_in_fan_out
-        layer = "embedding" if embedding else ("conv1d" if fan_in_fan_out else "linear")
+        transposed = (embedding or fan_in_fan_out) and not conv2d
+        layer = "conv2d" if conv2d else "embedding" if embedding else ("conv1d" if fan_in_fan_out else "linear")
         params = lora_params(rank, alpha, bool(config.get("use_rslora", False)))
         method = "dora"
         if use_dora:
@@ -94,10 +95,11 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
             tensors[name] = tensor
             entry_tensors[role] = TensorRef(name, dtype_name(tensor.dtype), list(tensor.shape))
         base_weight = f"{module}.weight"
-        manifest.modules[module] = ModuleEntry(method=method, base_weight=base_weight, shape=[out_f, in_f],
+        shape = [out_f, in_f, *a.shape[2:]] if conv2d else [out_f, in_f]
+        manifest.modules[module] = ModuleEntry(method=method, base_weight=base_weight, shape=shape,
                                                params=params, tensors=entry_tensors,
                                                fan_in_fan_out=transposed, layer=layer)
-        stored = [in_f, out_f] if transposed else [out_f, in_f]
+        stored = [in_f, out_f] if transposed else shape
         manifest.base.weights[base_weight] = BaseWeight(shape=stored)
         report.add(module, LOSSLESS)
     for key, tensor in sorted(payload_keys.items()):
@@ -118,6 +120,28 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
     manifest.source.update({"format": "peft", "config": config, "modules": sorted(manifest.modules)})
     adapter = Adapter(manifest=manifest, tensors=tensors)
     return adapter
+
+
+def is_conv2d_pair(module: str, a: torch.Tensor, b: torch.Tensor, use_dora: bool, path: Path) -> bool:
+    """Whether lora_A/lora_B are PEFT's Conv2d pair: A (r, in, kh, kw) and B (out, r, 1, 1).
+
+    Refuses by name the conv shapes the format does not hold: DoRA on a conv, and B kernels that are
+    not 1×1 (PEFT's grouped or other conv variants).
+
+    Example:
+        >>> is_conv2d_pair("m.conv", torch.zeros(2, 3, 3, 3), torch.zeros(4, 2, 1, 1), False, Path("."))
+        True
+    """
+    if a.dim() != 4 or b.dim() != 4:
+        return False
+    if use_dora:
+        raise ForeignFormatError(f"module {module!r}: DoRA on a Conv2d layer is not supported", path=path,
+                                 hint="only plain LoRA is supported on Conv2d layers")
+    if b.shape[2:] != (1, 1) or a.shape[0] != b.shape[1]:
+        raise ForeignFormatError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not "
+                                 "a Conv2d low-rank pair (A (r, in, kh, kw), B (out, r, 1, 1))", path=path,
+                                 hint="grouped-conv LoRA is not supported")
+    return True
 
 
 def refuse_unselected(config: dict[str, Any], modules: list[str], path: Path) -> None:
