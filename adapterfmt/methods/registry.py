@@ -16,9 +16,11 @@ from .ia3 import IA3_METHOD
 from .loha import LOHA_METHOD
 from .lokr import LOKR_METHOD
 from .oft import OFT_METHOD
+from .vera import VERA_METHOD
 
 METHODS: tuple[Method, ...] = (LORA, DORA, OLORA, PISSA, SORSA_METHOD, NOLA_METHOD, IA3_METHOD, LOHA_METHOD,
-                               LOKR_METHOD, ADALORA_METHOD, OFT_METHOD, BOFT_METHOD)
+                               LOKR_METHOD, ADALORA_METHOD, OFT_METHOD, BOFT_METHOD,
+                               VERA_METHOD)
 METHOD_BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
 assert len(METHOD_BY_NAME) == len(METHODS), "two methods share a name"
 
