@@ -24,6 +24,7 @@ from adapterfmt.methods.nola import nola_module
 from adapterfmt.methods.adalora import adalora_params
 from adapterfmt.methods.ia3 import ia3_params
 from adapterfmt.methods.vera import vera_params
+from adapterfmt.methods.fourierft import fourierft_params
 from adapterfmt.methods.loha import loha_params
 from adapterfmt.methods.lokr import lokr_scale
 from adapterfmt.methods.sorsa import sorsa_params
@@ -85,6 +86,11 @@ def _vera(rank, alpha, rows):
     return vera_params(4, 7, "fused", 128, 128)
 
 
+def _fourierft(rank, alpha, rows, shape):
+    # Seed and scaling shared by every target (PEFT's rule); n per module (n_frequency_pattern).
+    return fourierft_params(4321, min(5 * rank, shape[0] * shape[1]), 150.0)
+
+
 def _adalora(rank, alpha, rows):
     return adalora_params(rank, alpha, rank + 2)  # pruned: ranknum (init_r) above the rank
 
@@ -109,7 +115,7 @@ def _boft(rank, alpha, rows, shape):
 
 
 #: Methods whose params depend on the target's shape (their builder also takes it).
-SHAPED = {"oft", "boft"}
+SHAPED = {"oft", "boft", "fourierft"}
 #: variant -> (method name, params(rank, alpha, rows)); NOLA is built by nola_module (fingerprints),
 #: LoKr by _lokr (its layout depends on the shape).
 VARIANTS = {"lora": ("lora", _lora), "rslora": ("lora", _rslora), "dora": ("dora", _dora),
@@ -117,7 +123,7 @@ VARIANTS = {"lora": ("lora", _lora), "rslora": ("lora", _rslora), "dora": ("dora
             "sorsa": ("sorsa", _sorsa), "nola": ("nola", None), "ia3": ("ia3", _ia3), "loha": ("loha", _loha),
             "lokr": ("lokr", None), "adalora": ("adalora", _adalora), "oft": ("oft", _oft("neumann", False, False)),
             "oft_exact": ("oft", _oft("exact", True, True)), "boft": ("boft", _boft),
-            "vera": ("vera", _vera)}
+            "vera": ("vera", _vera), "fourierft": ("fourierft", _fourierft)}
 #: Methods whose optional roles stay absent (VeRA: stored projections only for unreproducible imports).
 REQUIRED_ROLES_ONLY = {"vera"}
 
