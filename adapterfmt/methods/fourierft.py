@@ -6,9 +6,9 @@ regenerated from the seed (PEFT's ``random_loc_seed``) by the torch CPU generato
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import math
+from functools import lru_cache
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -18,7 +18,14 @@ from .descriptor import Method, Params, Role
 from .torch_cpu_rng_peft import fourierft_indices
 
 
+#: The generator keys of spec/torch-cpu-generator.md §8.
+GENERATOR = {"generator": "torch-cpu-mt19937", "generator_version": 1}
+
+
 class FourierFTParams(Params):
+    #: The generator that regenerates what is not stored (spec/torch-cpu-generator.md §8).
+    generator: Literal["torch-cpu-mt19937"]
+    generator_version: Literal[1]
     #: PEFT's ``random_loc_seed`` as a decimal string (seeds are written as strings, like NOLA's).
     seed: str = Field(pattern=r"^(0|[1-9][0-9]{0,19})$")
     n_frequency: int = Field(ge=1)
@@ -30,10 +37,10 @@ def fourierft_params(seed: int, n_frequency: int, scaling: float) -> dict:
     """The params dict of a FourierFT module entry.
 
     Example:
-        >>> fourierft_params(777, 100, 150.0)
-        {'seed': '777', 'n_frequency': 100, 'scaling': 150.0}
+        >>> fourierft_params(777, 100, 150.0)["seed"]
+        '777'
     """
-    return {"seed": str(int(seed)), "n_frequency": int(n_frequency), "scaling": float(scaling)}
+    return {**GENERATOR, "seed": str(int(seed)), "n_frequency": int(n_frequency), "scaling": float(scaling)}
 
 
 @lru_cache(maxsize=32)

@@ -22,7 +22,14 @@ from .lora import lora_params
 from .torch_cpu_rng_peft import FLOAT_AFFINE, vera_projections
 
 
+#: The generator keys of spec/torch-cpu-generator.md §8.
+GENERATOR = {"generator": "torch-cpu-mt19937", "generator_version": 1}
+
+
 class VeraParams(Params):
+    #: The generator that regenerates what is not stored (spec/torch-cpu-generator.md §8).
+    generator: Literal["torch-cpu-mt19937"]
+    generator_version: Literal[1]
     rank: int = Field(ge=1)
     #: PEFT's ``projection_prng_key`` as a decimal string (seeds are written as strings, like NOLA's).
     seed: str = Field(pattern=r"^(0|[1-9][0-9]{0,19})$")
@@ -40,7 +47,7 @@ def vera_params(rank: int, seed: int, float_affine: str, max_in: int, max_out: i
         >>> vera_params(4, 0, "fused", 64, 96)["seed"]
         '0'
     """
-    return {"rank": int(rank), "seed": str(int(seed)), "float_affine": float_affine,
+    return {**GENERATOR, "rank": int(rank), "seed": str(int(seed)), "float_affine": float_affine,
             "max_in": int(max_in), "max_out": int(max_out)}
 
 
