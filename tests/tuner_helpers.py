@@ -46,7 +46,7 @@ def tuner_config(method: str):
         # On CPU PEFT builds one butterfly factor whatever boft_n_butterfly_factor says.
         "boft": (BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj", "down_proj"]),
                  0.1),
-        "vera": (VeraConfig(r=8, projection_prng_key=1234, target_modules=["q_proj", "v_proj", "down_proj"]), 0.3),
+        "vera": (VeraConfig(r=32, projection_prng_key=1234, target_modules=["q_proj", "v_proj", "down_proj"]), 0.3),
         "fourierft": (FourierFTConfig(n_frequency=40, scaling=150.0, random_loc_seed=4321,
                                       target_modules=["q_proj", "v_proj", "down_proj"],
                                       n_frequency_pattern={"down_proj": 24}), 0.3),

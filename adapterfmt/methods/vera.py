@@ -17,7 +17,7 @@ from pydantic import Field
 
 from ..conversion_report import EXACT_MATH
 from ..errors import ManifestError
-from .descriptor import Method, Params, Role, refuse_conversion, take_rows, tensor_refs
+from .descriptor import Method, Params, Role, refuse_conversion, tensor_refs
 from .lora import lora_params
 from .torch_cpu_rng_peft import FLOAT_AFFINE, vera_projections
 
@@ -82,7 +82,9 @@ class Vera(Method):
     roles = (Role("lambda_d", ("r",)), Role("lambda_b", ("out",)),
              Role("proj_A", ("r", "in"), required=False, trained=False),
              Role("proj_B", ("out", "r"), required=False, trained=False))
-    row_separable = True
+    # Not row-separable: a row block of the product (λ_b ⊙ B_m)·(λ_d ⊙ A_m) may take another BLAS path than
+    # the whole product and differ in the last bit, and PEFT computes the whole product.
+    row_separable = False
     layers = ("linear", "conv1d")
     formula = "ΔW = (λ_b·B[:out, :]) @ (λ_d·A[:, :in]); A, B regenerated from seed"
     spec_file = "methods-tuners.md"
@@ -102,8 +104,7 @@ class Vera(Method):
     def delta(self, entry, tensors, base=None, rows=None):
         # PEFT's order: (λ_b ⊙ B_m) @ (λ_d ⊙ A_m), fp32, no scale factor.
         proj_a, proj_b = module_projections(entry, tensors)
-        lambda_b = take_rows(tensors["lambda_b"].float(), rows).unsqueeze(-1)
-        left = lambda_b * take_rows(proj_b, rows)
+        left = tensors["lambda_b"].float().unsqueeze(-1) * proj_b
         right = tensors["lambda_d"].float().unsqueeze(-1) * proj_a
         return left @ right
 

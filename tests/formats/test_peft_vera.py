@@ -18,7 +18,7 @@ from tests.helpers import load_model, peft_logits, peft_merged_state
 def make_vera(base, out, save_projection=True, fan_in_fan_out=False, targets=("q_proj", "v_proj", "down_proj")):
     from peft import VeraConfig, get_peft_model
     torch.manual_seed(1)
-    config = VeraConfig(r=8, target_modules=list(targets), projection_prng_key=1234,
+    config = VeraConfig(r=32, target_modules=list(targets), projection_prng_key=1234,
                         save_projection=save_projection, fan_in_fan_out=fan_in_fan_out)
     model = get_peft_model(load_model(base), config)
     with torch.no_grad():
@@ -100,7 +100,7 @@ def test_vera_regeneration_is_bit_exact_in_numpy_alone(llama_base, tmp_path):
     """The PEFT-saved projections equal the numpy generator's output, compared as raw bytes (no torch)."""
     peft_dir = make_vera(llama_base, tmp_path / "peft")
     saved = load_file(peft_dir / "adapter_model.safetensors")
-    a, b = vera_projections(1234, 8, saved["base_model.vera_A"].shape[1], saved["base_model.vera_B"].shape[0])
+    a, b = vera_projections(1234, 32, saved["base_model.vera_A"].shape[1], saved["base_model.vera_B"].shape[0])
     assert a.dtype == b.dtype == np.float32
     assert a.tobytes() == saved["base_model.vera_A"].tobytes()
     assert b.tobytes() == saved["base_model.vera_B"].tobytes()
