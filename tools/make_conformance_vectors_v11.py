@@ -310,7 +310,7 @@ INVALID = {
     "shape_contradicts_rank": (lambda: with_manifest(rank_contradiction), "TensorError",
                                "README §6: role shapes follow from rank and shape"),
     "base_weights_shape": (lambda: with_manifest(base_shape), "ManifestError", "README §7: base.weights shape"),
-    "unknown_method": (lambda: with_manifest(lambda m: module_of(m).update(method="no_such_method")), "UnknownMethodError",
+    "unknown_method": (lambda: with_manifest(lambda m: module_of(m).update(method="vera")), "UnknownMethodError",
                        "README §3: unknown method"),
     "unknown_member_same_minor": (lambda: with_manifest(lambda m: module_of(m).update(extra=1)), "ManifestError",
                                   "README §3: closed schema for b <= m"),
