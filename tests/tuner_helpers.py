@@ -7,7 +7,7 @@ import torch
 
 from tests.helpers import load_model
 
-TUNER_METHODS = ("ia3", "loha", "lokr", "adalora", "oft", "boft")
+TUNER_METHODS = ("ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft")
 
 
 def _perturb(model, std: float) -> None:
@@ -32,7 +32,8 @@ def _train_adalora(model) -> None:
 
 def tuner_config(method: str):
     """(PEFT config, how to move the weights off their init) for ``method`` on Llama-like models."""
-    from peft import AdaLoraConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, OFTConfig
+    from peft import (AdaLoraConfig, BOFTConfig, FourierFTConfig, IA3Config, LoHaConfig, LoKrConfig, OFTConfig,
+                      VeraConfig)
     return {
         "ia3": (IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), 0.3),
         "loha": (LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "down_proj"], init_weights=False,
@@ -45,6 +46,10 @@ def tuner_config(method: str):
         # On CPU PEFT builds one butterfly factor whatever boft_n_butterfly_factor says.
         "boft": (BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj", "down_proj"]),
                  0.1),
+        "vera": (VeraConfig(r=32, projection_prng_key=1234, target_modules=["q_proj", "v_proj", "down_proj"]), 0.3),
+        "fourierft": (FourierFTConfig(n_frequency=40, scaling=150.0, random_loc_seed=4321,
+                                      target_modules=["q_proj", "v_proj", "down_proj"],
+                                      n_frequency_pattern={"down_proj": 24}), 0.3),
     }[method]
 
 

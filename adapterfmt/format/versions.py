@@ -4,10 +4,15 @@ from __future__ import annotations
 import re
 import warnings
 
-from ..errors import ManifestError, VersionError
+from ..errors import ManifestError, UnknownMethodError, VersionError
 
 FORMAT_NAME = "adapterfmt"
-FORMAT_VERSION = (1, 1)
+FORMAT_VERSION = (1, 2)
+#: Methods added after 1.0, with the minor that introduced them. A file declaring an older minor is
+#: validated as that minor, where the method does not exist: UnknownMethodError (spec README §3).
+#: Writers write the oldest version that holds every method of the file, so files without them stay 1.1.
+METHOD_SINCE = {"vera": (1, 2), "fourierft": (1, 2)}
+OLDEST_WRITTEN = (1, 1)
 SUPPORTED_MAJORS = (1,)
 
 # safetensors metadata is a str -> str map; our keys are namespaced so that other
@@ -49,3 +54,29 @@ def parse_version(text: str, path: str | None = None) -> tuple[int, int]:
             f"{path or 'adapter'}: written with format {major}.{minor}, newer than this reader's "
             f"{version_string()}; unknown optional fields are ignored", stacklevel=2)
     return major, minor
+
+
+def version_for_methods(methods) -> tuple[int, int]:
+    """The version a writer stamps on a file with these methods: the oldest that defines all of them.
+
+    Example:
+        >>> version_for_methods(["lora"]), version_for_methods(["lora", "vera"])
+        ((1, 1), (1, 2))
+    """
+    return max([OLDEST_WRITTEN] + [METHOD_SINCE.get(m, OLDEST_WRITTEN) for m in methods])
+
+
+def refuse_methods_newer_than(data, version: tuple[int, int], path: str | None = None) -> None:
+    """UnknownMethodError for a module whose method the file's declared version does not define.
+
+    Example:
+        >>> refuse_methods_newer_than({"modules": {"m": {"method": "lora"}}}, (1, 1))
+    """
+    modules = data.get("modules") if isinstance(data, dict) else None
+    for target, entry in (modules.items() if isinstance(modules, dict) else ()):
+        method = entry.get("method") if isinstance(entry, dict) else None
+        since = METHOD_SINCE.get(method) if isinstance(method, str) else None
+        if since is not None and version[0] == since[0] and version < since:
+            raise UnknownMethodError(f"module {target!r}: method {method!r} is defined from format "
+                                     f"{version_string(since)}, but the file declares {version_string(version)}",
+                                     path=path, hint="the file was written by a broken tool; re-export it")

@@ -23,6 +23,8 @@ from adapterfmt.methods.lora import lora_params
 from adapterfmt.methods.nola import nola_module
 from adapterfmt.methods.adalora import adalora_params
 from adapterfmt.methods.ia3 import ia3_params
+from adapterfmt.methods.vera import vera_params
+from adapterfmt.methods.fourierft import fourierft_params
 from adapterfmt.methods.loha import loha_params
 from adapterfmt.methods.lokr import lokr_scale
 from adapterfmt.methods.sorsa import sorsa_params
@@ -79,6 +81,16 @@ def _loha(rank, alpha, rows):
     return loha_params(rank, alpha)
 
 
+def _vera(rank, alpha, rows):
+    # One projection pair per model (PEFT's rule): rank, seed and max dims shared by every target.
+    return vera_params(4, 7, "fused", 128, 128)
+
+
+def _fourierft(rank, alpha, rows, shape):
+    # Seed and scaling shared by every target (PEFT's rule); n per module (n_frequency_pattern).
+    return fourierft_params(4321, min(5 * rank, shape[0] * shape[1]), 150.0)
+
+
 def _adalora(rank, alpha, rows):
     return adalora_params(rank, alpha, rank + 2)  # pruned: ranknum (init_r) above the rank
 
@@ -103,14 +115,17 @@ def _boft(rank, alpha, rows, shape):
 
 
 #: Methods whose params depend on the target's shape (their builder also takes it).
-SHAPED = {"oft", "boft"}
+SHAPED = {"oft", "boft", "fourierft"}
 #: variant -> (method name, params(rank, alpha, rows)); NOLA is built by nola_module (fingerprints),
 #: LoKr by _lokr (its layout depends on the shape).
 VARIANTS = {"lora": ("lora", _lora), "rslora": ("lora", _rslora), "dora": ("dora", _dora),
             "olora": ("olora", _init_relative("olora")), "pissa": ("pissa", _init_relative("pissa")),
             "sorsa": ("sorsa", _sorsa), "nola": ("nola", None), "ia3": ("ia3", _ia3), "loha": ("loha", _loha),
             "lokr": ("lokr", None), "adalora": ("adalora", _adalora), "oft": ("oft", _oft("neumann", False, False)),
-            "oft_exact": ("oft", _oft("exact", True, True)), "boft": ("boft", _boft)}
+            "oft_exact": ("oft", _oft("exact", True, True)), "boft": ("boft", _boft),
+            "vera": ("vera", _vera), "fourierft": ("fourierft", _fourierft)}
+#: Methods whose optional roles stay absent (VeRA: stored projections only for unreproducible imports).
+REQUIRED_ROLES_ONLY = {"vera"}
 
 
 def method_of(variant: str) -> str:
@@ -174,7 +189,7 @@ def build_module(variant: str, target: Target, rank: int, alpha: float, gen: tor
     params = make_params(rank, alpha, rows, target.shape) if method in SHAPED else make_params(rank, alpha, rows)
     entry = ModuleEntry(method=method, base_weight=target.weight, shape=list(target.shape), params=params, tensors={},
                         fan_in_fan_out=target.fan_in_fan_out, layer=target.layer)
-    tensors = role_tensors(entry, gen, dtype)
+    tensors = role_tensors(entry, gen, dtype, optional=method not in REQUIRED_ROLES_ONLY)
     entry.tensors = tensor_refs(target.name, tensors)
     return entry, tensors
 

@@ -1,7 +1,7 @@
 """Independent float64 ΔW of every method, written from the spec, never from the package's maths.
 
 Sources: ``spec/README.md`` §6 (lora, rsLoRA, dora), ``spec/methods-principal.md`` §1 (olora, pissa,
-sorsa), ``spec/methods-tuners.md`` (ia3, loha, lokr, adalora, oft, boft), ``spec/nola.md`` §§2-3 and ``spec/nola-generator.md`` (nola). Only numpy; the one thing
+sorsa), ``spec/methods-tuners.md`` (ia3, loha, lokr, adalora, oft, boft, vera, fourierft), ``spec/nola.md`` §§2-3 and ``spec/nola-generator.md`` (nola). Only numpy; the one thing
 taken from the package is the NOLA basis of ``adapterfmt.methods.nola.reference_numpy``, the
 numpy oracle of the generator (itself pinned to the spec's known-answer vectors), because a
 basis is a bit pattern, not a formula.
@@ -28,6 +28,8 @@ are exact in fp32, the reference in float64). |X| is the elementwise absolute va
 | loha | each ΔW_ij | ``(2r + 6)·u·|s|·((|w1_a|·|w1_b|) ⊙ (|w2_a|·|w2_b|))_ij`` |
 | lokr | each ΔW_ij | ``(2r + 6)·u·|s|·(|W1| ⊗ |W2|)_ij`` (|Wk| = |wk_a|·|wk_b| when factored) |
 | adalora | each ΔW_ij | ``(r + 5)·u·|scaling/ranknum|·(|B|·(|A| ⊙ |E|))_ij`` |
+| vera | each ΔW_ij | ``(r + 4)·u·((|λ_b|·|B_m|)·(|λ_d|·|A_m|))_ij`` (two scalings, an r-term dot product) |
+| fourierft | each ΔW_ij | ``(4·log2(out·in) + 8)·u·|scaling|·Σ|spectrum|/(out·in) + u_s·|ΔW64_ij|`` (fp32 FFT, the scaling, then PEFT's cast to the spectrum's dtype; u_s: that dtype's unit roundoff, inferred as the coarsest of bf16/fp16 holding every value exactly, else 0) |
 | oft, boft | max |ΔW − ΔW64| | ``8·(in + 16·(terms + factors)·b)·u·(max|W'| + max|W|)`` (series or solve, dense product) |
 """
 from __future__ import annotations
@@ -207,10 +209,39 @@ def boft_delta(params, shape, t, base):
     return (base @ matrix.T) * t["scale"].reshape(-1, 1) - base
 
 
+def vera_slices(params, shape, t):
+    """(A_m, B_m) float64: stored slices, else the seeded generator's pair (a bit pattern, taken from
+    ``adapterfmt.methods.torch_cpu_rng_peft``, itself pinned bit for bit to torch and PEFT's saved pairs)."""
+    if "proj_A" in t:
+        return t["proj_A"], t["proj_B"]
+    from adapterfmt.methods.torch_cpu_rng_peft import vera_projections
+    a, b = vera_projections(int(params["seed"]), int(params["rank"]), int(params["max_in"]), int(params["max_out"]),
+                            fma=params["float_affine"] == "fused")
+    return a[:, :shape[1]].astype(np.float64), b[:shape[0], :].astype(np.float64)
+
+
+def vera_delta(params, shape, t, base=None):
+    """(λ_b ⊙ B_m)·(λ_d ⊙ A_m), no scale."""
+    a, b = vera_slices(params, shape, t)
+    return (t["lambda_b"].reshape(-1, 1) * b) @ (t["lambda_d"].reshape(-1, 1) * a)
+
+
+def fourierft_delta(params, shape, t, base=None):
+    """Re(ifft2(dense))·scaling in float64; positions from the seeded generator (a bit pattern, taken
+    from ``adapterfmt.methods.torch_cpu_rng_peft``, pinned bit for bit to torch's randperm)."""
+    from adapterfmt.methods.torch_cpu_rng_peft import fourierft_indices
+    out, inp = shape
+    rows, cols = fourierft_indices(int(params["seed"]), out, inp, int(params["n_frequency"]))
+    dense = np.zeros((out, inp))
+    dense[rows, cols] = t["spectrum"]
+    return np.fft.ifft2(dense).real * params["scaling"]
+
+
 #: method name -> ΔW(params, shape, tensors64, base64 or None), canonical orientation, float64.
 DELTA = {"lora": lora_delta, "dora": dora_delta, "olora": init_relative_delta, "pissa": init_relative_delta,
          "sorsa": sorsa_delta, "nola": nola_delta, "ia3": ia3_delta, "loha": loha_delta, "lokr": lokr_delta,
-         "adalora": adalora_delta, "oft": oft_delta, "boft": boft_delta}
+         "adalora": adalora_delta, "oft": oft_delta, "boft": boft_delta,
+         "vera": vera_delta, "fourierft": fourierft_delta}
 #: Methods whose ΔW depends on the base weight.
 NEEDS_BASE = {"dora", "ia3", "oft", "boft"}
 
@@ -284,12 +315,29 @@ def delta_bound(method: str, params: dict, tensors64: dict, reference: np.ndarra
     if method == "adalora":
         products = absb["lora_B"] @ (absb["lora_A"] * absb["lora_E"].reshape(-1, 1))
         return (rank + 5) * U32 * abs(params["scaling"] / params["ranknum"]) * products
+    if method == "vera":
+        a, b = vera_slices(params, reference.shape, tensors64)
+        lam_b, lam_d = absb["lambda_b"].reshape(-1, 1), absb["lambda_d"].reshape(-1, 1)
+        return (rank + 4) * U32 * ((lam_b * np.abs(b)) @ (lam_d * np.abs(a)))
+    if method == "fourierft":
+        size = reference.shape[0] * reference.shape[1]
+        fft = (4 * math.log2(size) + 8) * U32 * abs(params["scaling"]) * float(absb["spectrum"].sum()) / size
+        return fft + storage_roundoff(tensors64["spectrum"]) * np.abs(reference)
     if method in ("oft", "boft"):
         inp = reference.shape[1]
         depth = inp + 16 * (params.get("neumann_terms", 1) + params.get("butterfly_factors", 1)) * \
             params["block_size"]
         return 8 * depth * U32 * (float(np.abs(reference + base).max()) + float(np.abs(base).max()))
     raise KeyError(f"no tolerance row for {method}")
+
+
+def storage_roundoff(values: np.ndarray) -> float:
+    """Unit roundoff of the coarsest half-precision dtype holding every value exactly (0: fp32 or wider)."""
+    import torch
+    for dtype, roundoff in ((torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)):
+        if np.array_equal(torch.from_numpy(values).to(dtype).double().numpy(), values):
+            return roundoff
+    return 0.0
 
 
 def within(got: np.ndarray, want: np.ndarray, bound) -> tuple[bool, float]:

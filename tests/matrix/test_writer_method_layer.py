@@ -68,6 +68,8 @@ LAYERS = {
 #: the method converts exactly to one it stores). Everything else must round-trip.
 #: Methods whose ΔW depends on the base (ia3, oft, boft) have no LoRA equivalent: writers without them refuse.
 BASE_DEPENDENT = {"ia3", "oft", "boft"}
+#: fourierft: ΔW is generically full rank (seeded random frequencies), so no exact LoRA form either.
+BASE_DEPENDENT |= {"fourierft"}
 CANNOT_HOLD = {"adapterfmt": set(), "peft": set(), "gguf": {"conv1d", "conv2d", "dora"} | BASE_DEPENDENT,
                # kohya: no consumer maps an LLM module name (diffusers/ComfyUI apply nothing), so it refuses.
                "kohya": {"linear", "conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT,

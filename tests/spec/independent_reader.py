@@ -31,6 +31,8 @@ INIT_RE = {"olora": re.compile(r"olora"), "pissa": re.compile(r"pissa|pissa_nite
 NAME_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 SEED_RE = re.compile(r"0|[1-9][0-9]{0,19}")
 KNOWN_METHODS = ("lora", "dora", "olora", "pissa", "sorsa", "nola")
+#: README §3: methods added by a later minor do not exist in a file declaring an older one.
+METHOD_SINCE = {"vera": (1, 2), "fourierft": (1, 2)}
 
 
 class Refusal(Exception):
@@ -200,6 +202,9 @@ def read(path) -> Adapter:
     if text is None or len(text) > MAX_MANIFEST_CHARS:
         raise ManifestError("adapterfmt.manifest missing or over the limit")
     manifest = strict_json(text, ManifestError)
+    for module, entry in (manifest.get("modules") or {}).items() if isinstance(manifest, dict) else ():
+        if isinstance(entry, dict) and version < METHOD_SINCE.get(entry.get("method"), version):
+            raise UnknownMethodError(f"{module}: method {entry['method']!r} does not exist in {version}")
     Schema(load_schema(), opened=version[1] > READER_VERSION[1], error=ManifestError).check(manifest)
     check_names(manifest)
     named = check_tensors(manifest, tensors)

@@ -29,7 +29,7 @@ class PeftFormat(AdapterFormat):
     name = "peft"
     summary = "Hugging Face PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)"
     priority = 20
-    writes_methods = ("lora", "dora", "ia3", "loha", "lokr", "adalora", "oft", "boft")
+    writes_methods = ("lora", "dora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft")
     read_options = PeftReadOptions
 
     def detect(self, path: Path) -> bool:

@@ -45,6 +45,9 @@ class Tuner:
     bias_deltas: Callable | None = None
     #: ``notes(config, adapter, report)``: tuner-wide remarks once every module is read.
     notes: Callable | None = None
+    #: ``shared(config, state, path, base, report) -> (state, build)`` for tuners with model-wide tensors
+    #: outside ``base_model.model.`` (VeRA's projections): takes them out and returns the per-module builder.
+    shared: Callable | None = None
 
 
 def check_fields(tuner: Tuner, config: dict[str, Any], cfg_path: Path) -> None:
@@ -89,10 +92,13 @@ def group_keys(tuner: Tuner, state: dict[str, torch.Tensor], path: Path
 def build_adapter(tuner: Tuner, config: dict[str, Any], state: dict[str, torch.Tensor], path: Path,
                   base, report) -> Adapter:
     """The Adapter for a PEFT state dict of ``tuner``'s type (modules_to_save kept as payloads)."""
+    build = tuner.build
+    if tuner.shared is not None:
+        state, build = tuner.shared(config, state, path, base, report)
     grouped, others = group_keys(tuner, state, path)
     manifest, tensors = Manifest(), {}
     for module in sorted(grouped):
-        built = tuner.build(config, module, grouped[module], path, base)
+        built = build(config, module, grouped[module], path, base)
         if built is None:
             report.notes.append(f"module {module} has rank 0 (pruned): ΔW = 0, not stored")
             continue
