@@ -170,7 +170,8 @@ def convert(src: Path | str, dst: Path | str, *, to: str | None = None, source_f
     if wanted is not None:
         model = get_method(wanted).convert_options
         typed = _typed_options(model, given, f"--method {wanted}").model_dump() if model is not None else {}
-        adapter = convert_methods(adapter, wanted, typed, method_report)
+        adapter = convert_methods(adapter, wanted, typed, method_report, base=checkpoint,
+                                  dense={k: v for k, v in (resize or {}).items() if k in ("rank", "energy")})
     if resize is not None:  # {} = exact compaction; {"rank": N} or {"energy": F} truncate
         from .resize import resize_adapter
         adapter = resize_adapter(adapter, method_report, **resize)

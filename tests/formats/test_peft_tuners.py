@@ -237,3 +237,36 @@ def test_lora_bias_merges_like_peft_and_round_trips(dtype, qwen2_base, tmp_path)
     assert json.loads((back / "adapter_config.json").read_text())["lora_bias"] is True
     if dtype == torch.float32:
         torch.testing.assert_close(peft_logits(base, back), peft_logits(base, tmp_path / "peft"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ia3", "oft", "fourierft"])
+def test_no_exact_lora_form_converts_lossy_with_rank_and_reports_the_error(kind, llama_base, tmp_path):
+    """IA³ / OFT (multiplicative) and FourierFT (full rank) have no exact LoRA: without --rank the conversion
+    is refused by name; with --rank it is the truncated SVD of ΔW, reported lossy with the measured error,
+    and the LoRA's ΔW is compared here with the method's ΔW from real PEFT (merged − base)."""
+    import adapterfmt
+    from adapterfmt.errors import AdapterFmtError
+    from tests.helpers import peft_merged_state
+    from tests.tuner_helpers import make_tuner_adapter
+    peft_dir = make_tuner_adapter(llama_base, tmp_path / "peft", kind)
+    native = tmp_path / "a.safetensors"
+    adapterfmt.convert(peft_dir, native, base=llama_base)
+    with pytest.raises(AdapterFmtError):
+        adapterfmt.convert(native, tmp_path / "refused.safetensors", method="lora", base=llama_base)
+    full = 64  # every module of the tiny Llama has min(out, in) <= 64: rank 64 keeps all of ΔW
+    report = adapterfmt.convert(native, tmp_path / "lora.safetensors", method="lora", base=llama_base,
+                                resize={"rank": full})
+    assert report.worst == "lossy" and all(m.rel_error is not None for m in report.modules)
+    assert max(m.rel_error for m in report.modules) < 1e-5  # full rank: only fp32 rounding
+    small = adapterfmt.convert(native, tmp_path / "lora2.safetensors", method="lora", base=llama_base,
+                               resize={"rank": 2})
+    assert max(m.rel_error for m in small.modules) > 1e-3  # the measured loss is reported, not hidden
+    merged = peft_merged_state(llama_base, peft_dir)
+    from safetensors.torch import load_file
+    base = load_file(str(llama_base / "model.safetensors"))
+    lora = adapterfmt.read_adapter(tmp_path / "lora.safetensors")
+    for target, entry in lora.manifest.modules.items():
+        t = lora.module_tensors(target)
+        ours = (t["lora_B"].double() @ t["lora_A"].double()) * entry.params["scale"]
+        peft_delta = merged[entry.base_weight].double() - base[entry.base_weight].double()
+        assert float((ours - peft_delta).abs().max()) <= 1e-4 * max(float(peft_delta.abs().max()), 1e-6), target
