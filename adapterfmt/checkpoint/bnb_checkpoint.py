@@ -76,17 +76,22 @@ class PackedSpan(TensorSpan):
         yield dequantize(self)
 
 
-def _bnb_functional():
+def bnb_functional(why: str = "the base is bitsandbytes-quantized; reading it needs bitsandbytes",
+                   hint: str = "pip install bitsandbytes"):
+    """bitsandbytes.functional, imported quietly; ``why``/``hint`` make the one-line error when it is missing.
+
+    Example:
+        >>> bnb_functional().dequantize_4bit  # doctest: +SKIP
+    """
     logger = logging.getLogger("bitsandbytes")
     level = logger.level
     logger.setLevel(logging.ERROR)  # its CPU backend logs about optional kernels on import
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # its own deprecation warnings are not the user's business
             import bitsandbytes.functional as functional
     except ImportError:
-        raise UsageError("the base is bitsandbytes-quantized; reading it needs bitsandbytes",
-                         hint="pip install bitsandbytes") from None
+        raise UsageError(why, hint=hint) from None
     finally:
         logger.setLevel(level)
     return functional
@@ -103,7 +108,7 @@ def dequantize(span: PackedSpan) -> torch.Tensor:
     Example:
         >>> dequantize(checkpoint.spans["model.layers.0.self_attn.q_proj.weight"])  # doctest: +SKIP
     """
-    functional = _bnb_functional()
+    functional = bnb_functional()
     codes = _read(span.codes)
     parts = {key: _read(part) for key, part in span.parts.items()}
     if span.scheme == "int8":

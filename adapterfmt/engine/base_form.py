@@ -6,13 +6,11 @@ exclusion of the output embedding and tied weights), asked of the model built on
 """
 from __future__ import annotations
 
-import logging
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint.bnb_checkpoint import BnbCheckpoint
+from ..checkpoint.bnb_checkpoint import BnbCheckpoint, bnb_functional
 from ..errors import UsageError
 from ..format.dtypes import DTYPE_FROM_NAME
 from ..format.manifest import BaseQuantization
@@ -85,20 +83,8 @@ def form_from_quantization_config(config: dict) -> BaseQuantization | None:
 
 
 def _bnb():
-    """bitsandbytes.functional, imported quietly (its CPU backend logs about optional kernels)."""
-    logger = logging.getLogger("bitsandbytes")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # its own deprecation warnings are not the user's business
-            import bitsandbytes.functional as functional
-    except ImportError:
-        raise UsageError("merging against a bitsandbytes-quantized base form needs bitsandbytes",
-                         hint="pip install bitsandbytes, or merge with --base-form original") from None
-    finally:
-        logger.setLevel(level)
-    return functional
+    return bnb_functional("merging against a bitsandbytes-quantized base form needs bitsandbytes",
+                          "pip install bitsandbytes, or merge with --base-form original")
 
 
 def _bnb_version() -> str | None:

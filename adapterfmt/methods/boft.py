@@ -86,11 +86,6 @@ class BOFT(Method):
         matrix = boft_matrix(tensors["rotations"])
         return torch.mm(matrix, base.t()).t() * tensors["scale"].float().view(-1, 1)
 
-    def delta(self, entry, tensors, base=None, rows=None):
-        if base is None:
-            raise UsageError("BOFT's ΔW depends on the base weight", hint="pass the base model (--base)")
-        return self.merged(entry, tensors, base, rows) - base
-
     unmerges_without_base = True
 
     def unmerged(self, entry, tensors, merged, target=""):

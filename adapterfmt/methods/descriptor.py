@@ -98,8 +98,13 @@ class Method:
         """ΔW in canonical (out, in) orientation, fp32; ``base`` is the canonical fp32 base weight.
 
         With ``rows`` (only when ``row_separable``) just those rows, and ``base`` holds just those rows.
+        The default, for methods defined by their merged weight (``needs_base``), is merged − base.
         """
-        raise NotImplementedError
+        if not self.needs_base:
+            raise NotImplementedError
+        if base is None:
+            raise UsageError(f"{self.name}'s ΔW depends on the base weight", hint="pass the base model (--base)")
+        return self.merged(entry, tensors, base, rows) - base
 
     def merged(self, entry: ModuleEntry, tensors: dict[str, torch.Tensor], base: torch.Tensor,
                rows: slice | None = None) -> torch.Tensor:

@@ -5,7 +5,6 @@ from typing import Literal
 
 import torch
 
-from ..errors import UsageError
 from .descriptor import Method, Role, take_rows
 from .lora import LoRA, LoraParams
 
@@ -29,10 +28,8 @@ class DoRA(LoRA):
         norm = torch.linalg.norm(combined, dim=1)
         return (take_rows(tensors["magnitude"], rows).float() / norm).view(-1, 1) * combined
 
-    def delta(self, entry, tensors, base=None, rows=None):
-        if base is None:
-            raise UsageError("DoRA's ΔW depends on the base weight", hint="pass the base model (--base)")
-        return self.merged(entry, tensors, base, rows) - base
+    # ΔW = merged − base (the descriptor's default for base-dependent methods), not LoRA's s·B·A.
+    delta = Method.delta
 
 
 DORA = DoRA()

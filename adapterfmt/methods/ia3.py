@@ -52,11 +52,6 @@ class IA3(Method):
             return base * take_rows(scale, rows).view(-1, 1)
         return base * scale.view(1, -1)
 
-    def delta(self, entry, tensors, base=None, rows=None):
-        if base is None:
-            raise UsageError("IA³'s ΔW depends on the base weight", hint="pass the base model (--base)")
-        return self.merged(entry, tensors, base, rows) - base
-
     unmerges_without_base = True
 
     def unmerged(self, entry, tensors, merged, target=""):

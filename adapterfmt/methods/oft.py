@@ -13,7 +13,6 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..errors import UsageError
 from .descriptor import Method, Params, Role
 
 
@@ -105,11 +104,6 @@ class OFT(Method):
             rot = rot.expand(count, -1, -1)
         dense = torch.block_diag(*rot)
         return torch.mm(dense, base.t()).t()
-
-    def delta(self, entry, tensors, base=None, rows=None):
-        if base is None:
-            raise UsageError("OFT's ΔW depends on the base weight", hint="pass the base model (--base)")
-        return self.merged(entry, tensors, base, rows) - base
 
     unmerges_without_base = True
 

@@ -10,7 +10,7 @@ import torch
 
 from ...conversion_report import EXACT_MATH, LOSSLESS
 from ...errors import ForeignFormatError, InputIOError, UsageError
-from ...format import Adapter, BaseWeight, Manifest, ModuleEntry, Payload, TensorRef
+from ...format import Adapter, BaseWeight, Manifest, ModuleEntry, TensorRef
 from ...format.dtypes import dtype_name
 from ...methods.lora import lora_params
 from .._files import load_pickled_tensors, load_safetensors
@@ -21,6 +21,7 @@ from .config import (KEY_RE, MODULE_NAME_RE, PICKLE_FILE, PREFIX, ROLE_OF, WEIGH
 from .params import is_param_module, read_target_params, write_target_params
 from .restore import restore_original
 from .selection import saved_by, selects
+from .shared import keep_payload, one_fan_in_fan_out
 
 
 def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -103,13 +104,7 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
         manifest.base.weights[base_weight] = BaseWeight(shape=stored)
         report.add(module, LOSSLESS)
     for key, tensor in sorted(payload_keys.items()):
-        kind = payload_kind(key, config, path)
-        target = key.replace(".base_layer.", ".")
-        name = f"payload.{target}"
-        tensors[name] = tensor
-        manifest.payloads[target] = Payload(kind=kind, target=target,
-                                            tensor=TensorRef(name, dtype_name(tensor.dtype), list(tensor.shape)))
-        report.notes.append(f"kept {kind} tensor {target} as a payload")
+        keep_payload(manifest, tensors, key, payload_kind(key, config, path), tensor, report)
     if not manifest.modules:
         raise ForeignFormatError("no LoRA tensors found", path=path, hint="the adapter is empty or not LoRA")
     add_bias_deltas(config, lora_biases, manifest, tensors, path, report)
@@ -209,10 +204,7 @@ def adapter_to_peft(adapter: Adapter, report, base=None) -> tuple[dict[str, Any]
     params = sorted(t for t, e in entries.items() if is_param_module(t, e))
     modules = sorted(set(entries) - set(params))
     # A targeted parameter's fan_in_fan_out is its owner's is_transposed, not PEFT's flag.
-    fifo = {entries[t].fan_in_fan_out for t in modules if entries[t].layer != "embedding"}
-    if len(fifo) > 1:
-        raise UsageError("PEFT has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",
-                         hint="export the two groups as separate adapters")
+    fifo = one_fan_in_fan_out([entries[t] for t in modules if entries[t].layer != "embedding"])
     use_rslora = most_common([bool(e.params["use_rslora"]) for e in entries.values()])
     ranks, alphas = {}, {}
     for target, e in entries.items():
@@ -226,7 +218,7 @@ def adapter_to_peft(adapter: Adapter, report, base=None) -> tuple[dict[str, Any]
                               if p.kind == "modules_to_save"}) or None
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
-        "use_dora": methods == {"dora"}, "fan_in_fan_out": bool(fifo and fifo.pop()),
+        "use_dora": methods == {"dora"}, "fan_in_fan_out": fifo,
         "target_modules": modules, "target_parameters": params or None,
         "rank_pattern": {t: v for t, v in ranks.items() if v != r},
         "alpha_pattern": {t: v for t, v in alphas.items() if v != lora_alpha},

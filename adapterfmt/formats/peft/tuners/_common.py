@@ -12,6 +12,7 @@ from ....errors import ForeignFormatError, UsageError
 from ....format import Adapter, BaseWeight, Manifest, ModuleEntry, Payload, TensorRef
 from ....format.dtypes import dtype_name
 from ..config import MODULE_NAME_RE, PREFIX
+from ..shared import keep_payload
 
 #: Fields of every PEFT config that only steer training, module selection or bookkeeping.
 COMMON_TRAINING_ONLY = frozenset({"task_type", "auto_mapping", "peft_version", "inference_mode", "exclude_modules",
@@ -121,12 +122,7 @@ def build_adapter(tuner: Tuner, config: dict[str, Any], state: dict[str, torch.T
             report.notes.append(f"{target}: PEFT also scales this bias; kept as a bias delta against the given base")
     for key, tensor in sorted(others.items()):
         kind = "full_weight" if ".base_layer." in key else "modules_to_save"
-        target = key.replace(".base_layer.", ".")
-        name = f"payload.{target}"
-        tensors[name] = tensor
-        manifest.payloads[target] = Payload(kind=kind, target=target,
-                                            tensor=TensorRef(name, dtype_name(tensor.dtype), list(tensor.shape)))
-        report.notes.append(f"kept {kind} tensor {target} as a payload")
+        keep_payload(manifest, tensors, key, kind, tensor, report)
     if not manifest.modules:
         raise ForeignFormatError(f"no {tuner.peft_type} tensors found", path=path, hint="the adapter is empty")
     manifest.base.name_or_path = config.get("base_model_name_or_path")

@@ -7,10 +7,10 @@ from collections import Counter
 import torch
 
 from ....conversion_report import LOSSLESS, SCALE_FOLDED
-from ....errors import UsageError
 from ....methods.adalora import adalora_params
 from ..config import PREFIX
 from ._common import Tuner, common_export_fields, payload_state, require
+from ..shared import one_fan_in_fan_out
 
 TRAINING = frozenset({"r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
                       "total_step", "lora_dropout", "bias", "init_lora_weights", "use_rslora", "loftq_config",
@@ -43,10 +43,7 @@ def build(config, module, parts, path, base):
 
 def export(adapter, report):
     entries = adapter.manifest.modules
-    fans = {e.fan_in_fan_out for e in entries.values()}
-    if len(fans) > 1:
-        raise UsageError("PEFT has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",
-                         hint="export the two groups as separate adapters")
+    fan = one_fan_in_fan_out(list(entries.values()))
     # One init_r (= every module's ranknum) and one lora_alpha: the most common, at least every rank.
     init_r = max(int(math.ceil(max(e.params["ranknum"] for e in entries.values()))),
                  max(int(e.params["rank"]) for e in entries.values()))
@@ -55,7 +52,7 @@ def export(adapter, report):
     config = {"peft_type": "ADALORA", **common_export_fields(adapter), "init_r": init_r, "r": 8,
               "target_r": min(e.params["rank"] for e in entries.values()),
               "lora_alpha": int(scaling) if float(scaling).is_integer() else scaling,
-              "fan_in_fan_out": fans.pop(), "total_step": 1, "tinit": 0, "tfinal": 0, "init_lora_weights": True,
+              "fan_in_fan_out": fan, "total_step": 1, "tinit": 0, "tfinal": 0, "init_lora_weights": True,
               "rank_pattern": {f"{t}.lora_E": [True] * int(e.params["rank"]) + [False] * (init_r - int(e.params["rank"]))
                                for t, e in entries.items()}}
     state = payload_state(adapter)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ....errors import UsageError
 from ....methods.ia3 import ia3_params
 from ..config import PREFIX
 from ._common import Tuner, base_shape, common_export_fields, payload_state, require
+from ..shared import one_fan_in_fan_out
 
 
 def is_feedforward(config: dict[str, Any], module: str) -> bool:
@@ -52,11 +52,8 @@ def bias_deltas(module, params, roles, base):
 
 def export(adapter, report):
     entries = adapter.manifest.modules
-    fans = {e.fan_in_fan_out for e in entries.values()}
-    if len(fans) > 1:
-        raise UsageError("PEFT has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",
-                         hint="export the two groups as separate adapters")
-    config = {"peft_type": "IA3", **common_export_fields(adapter), "fan_in_fan_out": fans.pop(),
+    fan = one_fan_in_fan_out(list(entries.values()))
+    config = {"peft_type": "IA3", **common_export_fields(adapter), "fan_in_fan_out": fan,
               "feedforward_modules": sorted(t for t, e in entries.items() if e.params["axis"] == "in"),
               "init_ia3_weights": True}
     implied = frozenset(f"{t}.bias" for t, e in entries.items() if e.params["axis"] == "out")

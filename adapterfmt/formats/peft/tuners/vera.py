@@ -15,6 +15,7 @@ from ....errors import UsageError
 from ....methods.torch_cpu_rng_peft import vera_variant
 from ....methods.vera import shared_projections, vera_params
 from ._common import Tuner, base_shape, common_export_fields, payload_state, require
+from ..shared import one_fan_in_fan_out
 
 #: State-dict keys of the shared projections (outside ``base_model.model.``).
 SHARED_KEYS = ("base_model.vera_A", "base_model.vera_B")
@@ -101,13 +102,10 @@ def shared_for_export(adapter) -> tuple[torch.Tensor, torch.Tensor]:
 
 def export(adapter, report):
     entries = adapter.manifest.modules
-    fans = {e.fan_in_fan_out for e in entries.values()}
-    if len(fans) > 1:
-        raise UsageError("PEFT has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",
-                         hint="export the two groups as separate adapters")
+    fan = one_fan_in_fan_out(list(entries.values()))
     proj_a, proj_b = shared_for_export(adapter)
     p = next(iter(entries.values())).params
-    config = {"peft_type": "VERA", **common_export_fields(adapter), "fan_in_fan_out": fans.pop(), "r": p["rank"],
+    config = {"peft_type": "VERA", **common_export_fields(adapter), "fan_in_fan_out": fan, "r": p["rank"],
               "projection_prng_key": int(p["seed"]), "save_projection": True, "vera_dropout": 0.0,
               "d_initial": 0.1, "init_weights": True, "bias": "none"}
     state = payload_state(adapter)
