@@ -14,6 +14,7 @@ import torch
 from ..errors import LossyConversionError, UsageError
 from ..format import Adapter, BaseWeight, Manifest, ModuleEntry, TensorRef
 from ..format.dtypes import dtype_name
+from ..format.fingerprint import tensor_fingerprint
 from ..conversion_report import EXACT_MATH, LOSSLESS, LOSSY, SCALE_FOLDED, ConversionReport
 
 #: Base-config fields a converter may need later (head counts for RoPE permutation, layer count).
@@ -222,22 +223,40 @@ def _join(*parts: str) -> str:
 
 
 def require_linear(adapter: Adapter, fmt: str, report: ConversionReport, base: Any = None,
-                   allowed: tuple[str, ...] = ("linear",)) -> None:
+                   allowed: tuple[str, ...] = ("linear",), payloads: bool = True) -> None:
     """Refuse modules whose layer kind the format cannot express, and payloads it cannot hold.
 
     ``full_weight`` payloads (PEFT's saved copy of a targeted base embedding) are dropped with a
-    note, as llama.cpp's converter does, unless ``base`` shows they differ from the base weight.
+    note, as llama.cpp's converter does, unless ``base`` (or else the fingerprint the manifest recorded)
+    shows they differ from the base weight; with neither, the note says the copy was not checked.
     """
     for target, entry in adapter.manifest.modules.items():
         if entry.layer not in allowed:
             raise UsageError(f"module {target!r} is {'an' if entry.layer[0] in 'aeiou' else 'a'} {entry.layer} layer, which {fmt} cannot hold",
                              hint=f"{fmt} supports {', '.join(allowed)} targets; drop that module first")
+    if payloads:
+        drop_base_copies(adapter, fmt, report, base)
+
+
+def drop_base_copies(adapter: Adapter, fmt: str, report: ConversionReport, base: Any = None) -> None:
+    """Refuse payloads ``fmt`` cannot hold; drop the ``full_weight`` copies shown equal to the base.
+
+    Example:
+        >>> drop_base_copies(adapter, "GGUF", report, base)  # doctest: +SKIP
+    """
     for payload in adapter.manifest.payloads.values():
         tensor = adapter.tensors[payload.tensor.name]
-        same = payload.kind == "full_weight" and (
-            base is None or (payload.target in base and torch.equal(base.get(payload.target), tensor)))
-        if not same:
+        recorded = adapter.manifest.base.weights.get(payload.target)
+        if payload.kind != "full_weight":
+            same = False
+        elif base is not None:
+            same = payload.target in base and torch.equal(base.get(payload.target), tensor)
+        elif recorded is not None and recorded.fingerprint:
+            same = recorded.fingerprint == tensor_fingerprint(tensor)
+        else:
+            same = None  # nothing to compare with: dropped, and the note says it was not checked
+        if same is False:
             raise UsageError(f"{fmt} has no place for payload {payload.target!r} ({payload.kind})",
                              hint="export to peft or adapterfmt to keep modules_to_save / changed full weights")
         report.notes.append(f"dropped payload {payload.target} (a copy of the base weight"
-                            f"{'' if base is not None else ', not checked: no --base'})")
+                            f"{', not checked: no --base or recorded fingerprint' if same is None else ''})")

@@ -24,7 +24,7 @@ from ..methods.lora import lora_params
 from ..conversion_report import LOSSLESS
 from .gguf_arch import (ARCHITECTURES, default_hf_arch, gguf_arch_name, load_gguf, name_table, row_layout,
                         row_permutation)
-from ._lowrank import add_lowrank_module, fold_to_global, known_base_config, most_common, require_linear
+from ._lowrank import add_lowrank_module, drop_base_copies, fold_to_global, known_base_config, most_common, require_linear
 from pydantic import Field
 
 from .base import AdapterFormat, FormatOptions
@@ -166,7 +166,7 @@ class GgufLoraFormat(AdapterFormat):
     # ---------------------------------------------------------------- writing
     def write(self, adapter: Adapter, path: Path, report, options) -> Path:
         gguf = load_gguf()
-        require_linear(adapter, "GGUF", report, options.base, ("linear", "embedding"))
+        require_linear(adapter, "GGUF", report, options.base, ("linear", "embedding"), payloads=False)
         config = known_base_config(adapter, options.base)
         hf_arch = adapter.manifest.base.architecture or (config.get("architectures") or [None])[0]
         if hf_arch not in ARCHITECTURES:
@@ -174,6 +174,7 @@ class GgufLoraFormat(AdapterFormat):
             raise UsageError(f"GGUF export does not cover architecture {hf_arch!r}{how}",
                              hint=f"covered: {', '.join(ARCHITECTURES)}")
         check_tied_embeddings(adapter, config)
+        drop_base_copies(adapter, "GGUF", report, options.base)  # after: a tied head's copy is not the problem
         blocks = int(config.get("num_hidden_layers") or 0) or None
         names = {t: hf_to_gguf(t, hf_arch, blocks) for t in adapter.manifest.modules}
         dtype = _write_dtype(options.format.dtype)

@@ -31,7 +31,7 @@ from ..format.dtypes import dtype_name
 from ..conversion_report import LOSSLESS
 from ._mlx_architectures import (CONV1D, EMBEDDING, LINEAR, MLX_ARCHITECTURES, MlxArchitecture, MlxPlace,
                                  find_architecture, hf_module_of, layer_count, place_in_mlx)
-from ._lowrank import (add_lowrank_module, cast_exactly, fold_to_global, known_base_config, lora_params_exact,
+from ._lowrank import (add_lowrank_module, drop_base_copies, cast_exactly, fold_to_global, known_base_config, lora_params_exact,
                       most_common, require_linear, store_dtype)
 from pydantic import Field
 
@@ -111,13 +111,14 @@ class MlxFormat(AdapterFormat):
             >>> MlxFormat().write(adapter, Path("mlx-adapter"), report, WriteOptions())  # doctest: +SKIP
         """
         settings = _settings(options)
-        require_linear(adapter, "MLX-LM", report, settings.base, (LINEAR, CONV1D, EMBEDDING))
+        require_linear(adapter, "MLX-LM", report, settings.base, (LINEAR, CONV1D, EMBEDDING), payloads=False)
         methods = set(adapter.manifest.methods())
         if len(methods) != 1:
             raise UsageError(f"MLX-LM has one fine_tune_type, but the adapter mixes {sorted(methods)}",
                              hint="export LoRA and DoRA modules as separate adapters")
         config = known_base_config(adapter, settings.base)
         places, num_layers = mlx_layout(adapter, settings.base)
+        drop_base_copies(adapter, "MLX-LM", report, settings.base)  # after the tie checks, which explain more
         scale = most_common([float(e.params["scale"]) for e in adapter.manifest.modules.values()])
         factors = fold_to_global(adapter, report, lambda e: scale,
                                  lambda e: "rsLoRA expressed as an absolute scale" if e.params["use_rslora"] else "",
