@@ -228,7 +228,7 @@ def require_linear(adapter: Adapter, fmt: str, report: ConversionReport, base: A
 
     ``full_weight`` payloads (PEFT's saved copy of a targeted base embedding) are dropped with a
     note, as llama.cpp's converter does, unless ``base`` (or else the fingerprint the manifest recorded)
-    shows they differ from the base weight; with neither, the note says the copy was not checked.
+    shows they differ from the base weight; with neither, the copy cannot be checked and is refused.
     """
     for target, entry in adapter.manifest.modules.items():
         if entry.layer not in allowed:
@@ -254,9 +254,12 @@ def drop_base_copies(adapter: Adapter, fmt: str, report: ConversionReport, base:
         elif recorded is not None and recorded.fingerprint:
             same = recorded.fingerprint == tensor_fingerprint(tensor)
         else:
-            same = None  # nothing to compare with: dropped, and the note says it was not checked
+            # Nothing to compare with. PEFT saves the copy when the vocabulary was resized, so it may
+            # differ from the base the consumer loads: dropping it unchecked could be silently wrong.
+            raise UsageError(f"{fmt} has no place for payload {payload.target!r} (a saved full weight) and there is "
+                             "nothing to check it against", hint="pass --base so the copy can be checked against the "
+                             "base weight (it is dropped when equal), or export to peft or adapterfmt to keep it")
         if same is False:
             raise UsageError(f"{fmt} has no place for payload {payload.target!r} ({payload.kind})",
                              hint="export to peft or adapterfmt to keep modules_to_save / changed full weights")
-        report.notes.append(f"dropped payload {payload.target} (a copy of the base weight"
-                            f"{', not checked: no --base or recorded fingerprint' if same is None else ''})")
+        report.notes.append(f"dropped payload {payload.target} (checked: a copy of the base weight)")

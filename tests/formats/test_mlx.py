@@ -257,8 +257,12 @@ def tied_peft(workdir):
 
 
 def _with_base(path, out, architecture, tie, drop=()):
-    """The adapter with a recorded base (architecture, layer count, tie) and without the ``drop`` modules."""
+    """The adapter with a recorded base (architecture, layer count, tie), without the ``drop`` modules and
+    without PEFT's saved embedding copies (unverifiable here: no base was given at import)."""
     adapter = read_adapter(path)
+    for payload in adapter.manifest.payloads.values():
+        adapter.tensors.pop(payload.tensor.name)
+    adapter.manifest.payloads.clear()
     for target in drop:
         for ref in adapter.manifest.modules.pop(target).tensors.values():
             adapter.tensors.pop(ref.name)
@@ -279,6 +283,23 @@ def test_mlx_tied_embedding_or_head_refused(architecture, tie, target, tied_peft
                                          "(computes the logits with this embedding|has no separate output)"):
         convert(native, workdir / "tied-mlx", to="mlx")
     assert not (workdir / "tied-mlx").exists()
+
+
+@pytest.mark.parametrize("to", ["mlx", "gguf"])
+def test_unchecked_full_weight_copy_refused(tied_peft, workdir, to):
+    """PEFT's saved copy of a targeted embedding cannot be dropped unchecked (it differs after a vocabulary
+    resize): without --base or a recorded fingerprint the export is refused, naming the way out."""
+    adapter = read_adapter(tied_peft)
+    assert adapter.manifest.payloads, "the fixture's PEFT file has a saved embedding copy"
+    adapter.manifest.base.architecture = "LlamaForCausalLM"
+    adapter.manifest.source["base_config"] = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 3,
+                                              "tie_word_embeddings": False}
+    source = write_adapter(adapter, workdir / f"unchecked-{to}.safetensors", overwrite=True)
+    out = workdir / f"unchecked-{to}"
+    with pytest.raises(UsageError, match="saved full weight.*nothing to check it against") as caught:
+        convert(source, out, to=to)
+    assert "--base" in caught.value.hint
+    assert not out.exists()
 
 
 def test_mlx_unknown_tie_needs_base(tied_peft, workdir):
