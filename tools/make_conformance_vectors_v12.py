@@ -127,7 +127,8 @@ def vec_vera_unfused_stored():
 
 
 def vec_fourierft():
-    """FourierFT: seeds 777 and 2^32 + 777 (same positions as 777 only for the same shape), a Conv1D module."""
+    """FourierFT: seed 777; seed 2^32 + 777 (only the low 32 bits seed the engine) on a Conv1D; seed 5 with
+    n = out·in (every position)."""
     b = Builder12()
     fourierft_module(b, "model.q_proj", "model.q_proj.weight", (8, 6), seed=777, n=10, scaling=150.0)
     fourierft_module(b, "model.c_attn", "model.c_attn.weight", (12, 6), seed=2**32 + 777, n=20, scaling=0.5,
@@ -398,6 +399,8 @@ INVALID = {
     "vera_exceeds_max_in": (params_edit(vera_q, "model.q_proj", "1.2", max_in=5), "ManifestError",
                             f"{TUNERS} §5: in ≤ max_in"),
     "vera_one_projection": (vera_one_projection, "ManifestError", f"{TUNERS} §5: proj_A and proj_B together"),
+    "vera_unknown_generator_version": (params_edit(vera_q, "model.q_proj", "1.2", generator_version=2),
+                                       "ManifestError", f"{TUNERS} §5: generator keys are schema constants"),
     "vera_unknown_float_affine": (params_edit(vera_q, "model.q_proj", "1.2", float_affine="fma"),
                                   "ManifestError", "schema: float_affine is fused or unfused"),
     "fourierft_missing_seed": (params_edit(fourier_q, "model.q_proj", "1.2", seed=None), "ManifestError",
