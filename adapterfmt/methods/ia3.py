@@ -49,7 +49,8 @@ class IA3(Method):
         params = super().check_entry(target, entry, path, lenient=lenient)
         if params.bias_scaled != (params.axis == "out"):  # spec methods-tuners.md §2
             raise ManifestError(f"module {target!r} (ia3): bias_scaled must be {params.axis == 'out'} on axis "
-                                f"{params.axis!r}", path=path, hint="the manifest is inconsistent; re-export the adapter")
+                                f"{params.axis!r}", path=path,
+                                hint="the manifest is inconsistent; re-export the adapter")
         return params
 
     def merged(self, entry, tensors, base, rows=None):

@@ -98,7 +98,8 @@ class OFT(Method):
         params = super().check_entry(target, entry, path, lenient=lenient)
         if entry.shape[1] % params.block_size:  # spec methods-tuners.md §2: the blocks tile the input axis
             raise ManifestError(f"module {target!r} (oft): block_size {params.block_size} does not divide in = "
-                                f"{entry.shape[1]}", path=path, hint="the manifest is inconsistent; re-export the adapter")
+                                f"{entry.shape[1]}", path=path,
+                                hint="the manifest is inconsistent; re-export the adapter")
         return params
 
     def merged(self, entry, tensors, base, rows=None):

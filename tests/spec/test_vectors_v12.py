@@ -88,8 +88,8 @@ def test_independent_torch_rng_meets_the_spec_known_answers():
     assert "`randperm(10)`, seed 5: `1 4 9 6 3 5 0 2 8 7`" in text
     assert rng.randperm_prefix(rng.Mt19937(5), 10, 10) == [1, 4, 9, 6, 3, 5, 0, 2, 8, 7]
     for seed, out, inn, n in ((777, 4, 5, 3), (777, 4096, 4096, 8)):
-        found = re.search(rf"seed {seed}, {out} ?[x×] ?{inn}[^:]*n_frequency = {n}: rows `([0-9 ]+)`, cols\s+`([0-9 ]+)`",
-                          text.replace("out = 4, in = 5", "4 x 5"))
+        pattern = rf"seed {seed}, {out} ?[x×] ?{inn}[^:]*n_frequency = {n}: rows `([0-9 ]+)`, cols\s+`([0-9 ]+)`"
+        found = re.search(pattern, text.replace("out = 4, in = 5", "4 x 5"))
         rows, cols = rng.fourierft_positions(seed, out, inn, n)
         assert found and found[1].split() == [str(v) for v in rows] and found[2].split() == [str(v) for v in cols]
 
@@ -120,7 +120,8 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def expected_values(entry: dict) -> dict[str, np.ndarray]:
-    return {name: ir.to_array64(*t) for name, t in ir.parse_container((V12 / entry["expected"]).read_bytes())[1].items()}
+    tensors = ir.parse_container((V12 / entry["expected"]).read_bytes())[1]
+    return {name: ir.to_array64(*t) for name, t in tensors.items()}
 
 
 @pytest.mark.parametrize("name", sorted(POSITIVE))
@@ -229,3 +230,39 @@ def test_cli_refuses_v12_invalid_vectors_in_one_line(name):
     errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
     assert "Traceback" not in result.output and len(errors) == 1, result.stderr
     assert Path(name).name in errors[0]
+
+
+class CpuBlockDiag:
+    """Stand-in for PEFT's BOFT CUDA extension (fbd_cuda): (N, D, H, H) blocks -> (N, D·H, D·H) block diagonals."""
+
+    @staticmethod
+    def forward(blocks):
+        import torch
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+
+def test_boft_vector_matches_peft_with_butterfly_factors(monkeypatch):
+    """PEFT itself, with only its CUDA block-diagonal primitive emulated on CPU (without it PEFT silently
+    builds one factor), merges the boft vector's modules (3, 2 and 1 factors) to the expected weights."""
+    import torch
+    import peft.tuners.boft.layer as boft_layer
+    from peft import BOFTConfig, get_peft_model
+    monkeypatch.setattr(boft_layer, "_FBD_CUDA", CpuBlockDiag())
+    entry = POSITIVE["boft.safetensors"]
+    adapter, expected = read_adapter(V12 / "boft.safetensors"), expected_values(entry)
+    base = load_file(str(V12 / "base.safetensors"))
+    for target, module in adapter.manifest.modules.items():
+        layer = torch.nn.Linear(module.shape[1], module.shape[0], bias=False)
+        layer.weight.data = base[module.base_weight].clone()
+        config = BOFTConfig(boft_block_size=module.params["block_size"], target_modules=["proj"],
+                            boft_n_butterfly_factor=module.params["butterfly_factors"])
+        wrapper = torch.nn.Module()
+        wrapper.proj = layer
+        model = get_peft_model(wrapper, config)
+        boft = model.base_model.model.proj
+        assert boft.boft_R["default"].shape[0] == module.params["butterfly_factors"]
+        tensors = adapter.module_tensors(target)
+        boft.boft_R["default"].data = tensors["rotations"].clone()
+        boft.boft_s["default"].data = tensors["scale"].clone().view(-1, 1)
+        merged = model.merge_and_unload().proj.weight.detach().double().numpy()
+        assert relative_error(merged, expected[target]) <= entry["rtol"], target
