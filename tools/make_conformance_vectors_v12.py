@@ -67,11 +67,12 @@ def vec_lokr():
 
 
 def vec_adalora():
-    """AdaLoRA: pruned below init_r (ranknum stays init_r); lora_alpha ≤ 0 (scaling = init_r) on a Conv1D.
-
-    A module pruned to rank 0 is absent from the file (ΔW = 0): see invalid/adalora_rank_zero."""
+    """AdaLoRA: pruned below init_r (ranknum stays init_r); lora_alpha ≤ 0 (scaling = init_r) on a Conv1D;
+    init_r = 2, where the divisor's + 1e-5 (relative 5e-6) exceeds this vector's rtol. A module pruned to
+    rank 0 is absent from the file (ΔW = 0): see invalid/adalora_rank_zero."""
     b = Builder12()
     adalora_module(b, "model.q_proj", "model.q_proj.weight", (8, 6), 3, 8, 4)
+    adalora_module(b, "model.v_proj", "model.v_proj.weight", (4, 6), 1, 16, 2)
     adalora_module(b, "model.c_attn", "model.c_attn.weight", (12, 6), 1, 0, 6, fifo=True, layer="conv1d")
     return b
 
@@ -153,6 +154,8 @@ def vec_lora_bias():
     return b
 
 
+#: Per-vector tolerances tighter than RTOL, where a common mistake is smaller than 1e-5.
+RTOL_OF = {"adalora": 2e-6}
 # name -> (builder, declared version, expected kind)
 POSITIVE = {
     "ia3": (vec_ia3, "1.1", "merged"),
@@ -433,7 +436,7 @@ def main(out: Path = OUT) -> None:
         about = " ".join(build.__doc__.split()) + (PAYLOAD_NOTE if b.manifest["payloads"] else "")
         index["positive"].append({"file": f"{name}.safetensors", "expected": f"{name}.expected.safetensors",
                                   "base": "base.safetensors", "version": version, "expected_dtype": "F64",
-                                  "expected_kind": kind, "rtol": RTOL, "order": ORDER[kind], "about": about})
+                                  "expected_kind": kind, "rtol": RTOL_OF.get(name, RTOL), "order": ORDER[kind], "about": about})
     for name, (build, refusal, rule) in INVALID.items():
         (out / "invalid" / f"{name}.safetensors").write_bytes(build())
         index["invalid"].append({"file": f"invalid/{name}.safetensors", "refusal": refusal, "rule": rule})
