@@ -130,6 +130,9 @@ def check_manifest_rules(manifest: Manifest, path: str | None = None) -> None:
                 raise TensorError(f"module {target!r}: role {role} is {ref.dtype}; factors are "
                                   f"{', '.join(FACTOR_DTYPES)}", path=path,
                                   hint="the file was written by a broken tool; re-export it")
+        if entry.layer == "conv2d" and entry.fan_in_fan_out:
+            raise ManifestError(f"module {target!r}: a conv2d layer never has fan_in_fan_out (spec §4)", path=path,
+                                hint="the manifest contradicts itself; re-export the file")
         listed = manifest.expected_weight(entry)
         want = entry.stored_shape()
         if listed is not None and list(listed.shape) != want:
@@ -140,6 +143,10 @@ def check_manifest_rules(manifest: Manifest, path: str | None = None) -> None:
         if payload.target != key:
             raise ManifestError(f"payload {key!r} has target {payload.target!r}", path=path,
                                 hint="a payload is keyed by its target; re-export the file")
+        if payload.kind == "bias_delta" and payload.tensor.dtype not in FACTOR_DTYPES:
+            raise TensorError(f"payload {key!r}: a bias_delta is {', '.join(FACTOR_DTYPES)}, not "
+                              f"{payload.tensor.dtype} (spec §8)", path=path,
+                              hint="the file was written by a broken tool; re-export it")
 
 
 def read_adapter(path: Path | str) -> Adapter:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..errors import UsageError
+from ..errors import ManifestError, UsageError
 from .descriptor import Method, Params, Role
 
 
@@ -80,6 +80,17 @@ class BOFT(Method):
         dims["f"], dims["h"] = params.butterfly_factors, params.block_size
         dims["d"] = dims["in"] // params.block_size
         return dims
+
+    def check_entry(self, target, entry, path=None, *, lenient=False):
+        params = super().check_entry(target, entry, path, lenient=lenient)
+        size, factors, inputs = params.block_size, params.butterfly_factors, entry.shape[1]
+        # spec methods-tuners.md §2 (PEFT's own constraints): H divides in; with N > 1, H is even and
+        # D = in/H is a multiple of 2^(N−1), so that every butterfly permutation is defined.
+        if inputs % size or (factors > 1 and (size % 2 or (inputs // size) % 2 ** (factors - 1))):
+            raise ManifestError(f"module {target!r} (boft): block_size {size} with {factors} butterfly factor(s) "
+                                f"does not tile in = {inputs}", path=path,
+                                hint="the manifest is inconsistent; re-export the adapter")
+        return params
 
     def merged(self, entry, tensors, base, rows=None):
         # PEFT: mm(M, Wᵀ)ᵀ * s in fp32, rounded once by the engine.

@@ -70,6 +70,9 @@ class FourierFT(Method):
 
     def check_entry(self, target, entry, path=None, *, lenient=False):
         params = super().check_entry(target, entry, path, lenient=lenient)
+        if int(params.seed) >= 2**64:  # spec torch-cpu-generator.md §1: the stored seed is a u64
+            raise ManifestError(f"module {target!r}: seed {params.seed} is not below 2^64", path=path,
+                                hint="the manifest is damaged; re-export the adapter")
         if params.n_frequency > entry.shape[0] * entry.shape[1] or not math.isfinite(params.scaling):
             raise ManifestError(f"module {target!r}: n_frequency {params.n_frequency} exceeds out·in of "
                                 f"{entry.shape}, or scaling is not finite", path=path,

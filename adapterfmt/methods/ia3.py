@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 
-from ..errors import UsageError
+from ..errors import ManifestError, UsageError
 from .descriptor import Method, Params, Role, take_rows
 
 
@@ -44,6 +44,14 @@ class IA3(Method):
         dims = super().dims(entry, params)
         dims["n"] = dims["out"] if params.axis == "out" else dims["in"]
         return dims
+
+    def check_entry(self, target, entry, path=None, *, lenient=False):
+        params = super().check_entry(target, entry, path, lenient=lenient)
+        if params.bias_scaled != (params.axis == "out"):  # spec methods-tuners.md §2
+            raise ManifestError(f"module {target!r} (ia3): bias_scaled must be {params.axis == 'out'} on axis "
+                                f"{params.axis!r}", path=path,
+                                hint="the manifest is inconsistent; re-export the adapter")
+        return params
 
     def merged(self, entry, tensors, base, rows=None):
         # fp32(W) * l, rounded once by the engine: PEFT's torch.mul(W, l).to(dtype).

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..errors import ManifestError
 from .descriptor import Method, Params, Role
 
 
@@ -92,6 +93,14 @@ class OFT(Method):
         dims["e"] = b * (b - 1) // 2
         dims["n"] = 1 if params.block_share else dims["in"] // b
         return dims
+
+    def check_entry(self, target, entry, path=None, *, lenient=False):
+        params = super().check_entry(target, entry, path, lenient=lenient)
+        if entry.shape[1] % params.block_size:  # spec methods-tuners.md §2: the blocks tile the input axis
+            raise ManifestError(f"module {target!r} (oft): block_size {params.block_size} does not divide in = "
+                                f"{entry.shape[1]}", path=path,
+                                hint="the manifest is inconsistent; re-export the adapter")
+        return params
 
     def merged(self, entry, tensors, base, rows=None):
         # PEFT's own product, mm(R_bd, Wᵀ)ᵀ with the dense in×in block diagonal: the same fp32

@@ -96,6 +96,9 @@ class Vera(Method):
             raise ManifestError(f"module {target!r}: shape {entry.shape} exceeds the shared projections "
                                 f"(max_out {params.max_out}, max_in {params.max_in})", path=path,
                                 hint="the manifest is inconsistent; re-export the adapter")
+        if int(params.seed) >= 2**64:  # spec torch-cpu-generator.md §1: the stored seed is a u64
+            raise ManifestError(f"module {target!r}: seed {params.seed} is not below 2^64", path=path,
+                                hint="the manifest is damaged; re-export the adapter")
         if ("proj_A" in entry.tensors) != ("proj_B" in entry.tensors):
             raise ManifestError(f"module {target!r}: proj_A and proj_B must be stored together", path=path,
                                 hint="the manifest is damaged; re-export the adapter")

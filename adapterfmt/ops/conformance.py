@@ -4,6 +4,7 @@ Usage: ``python -m adapterfmt.ops.conformance spec/vectors`` (exit 0 when every 
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -18,19 +19,33 @@ BASE_FILE = "base.safetensors"
 REL_TOL = 1e-5
 
 
+def expected_kind(path: Path) -> str:
+    """``delta`` or ``merged`` (spec §11: v1.2 INDEX.json says which; older vectors hold ΔW)."""
+    index = path.parent / "INDEX.json"
+    entries = json.loads(index.read_text()).get("positive", []) if index.is_file() else []
+    return next((e.get("expected_kind", "delta") for e in entries if e["file"] == path.name), "delta")
+
+
 def check_vector(path: Path) -> list[str]:
     """Problems found for one vector file (empty when it conforms)."""
     expected = load_file(str(path.with_name(path.name[: -len(".safetensors")] + EXPECTED_SUFFIX)))
     base_path = path.parent / BASE_FILE
     base = load_file(str(base_path)) if base_path.is_file() else {}
     adapter = read_checked_adapter(path)
+    merged = expected_kind(path) == "merged"
     problems = []
+    values = {}
     for target, entry in adapter.manifest.modules.items():
         weight = base.get(entry.base_weight)
         canon = None
         if weight is not None:
             canon = entry.canonical(weight.float())
-        delta = get_method(entry.method).delta(entry, adapter.module_tensors(target), canon)
+        method, tensors = get_method(entry.method), adapter.module_tensors(target)
+        values[target] = method.merged(entry, tensors, canon) if merged else method.delta(entry, tensors, canon)
+    for key, payload in adapter.manifest.payloads.items():
+        if payload.kind == "bias_delta" and key in base:  # spec §11: payload.<target> = base + delta
+            values[f"payload.{key}"] = base[key].double() + adapter.tensors[payload.tensor.name].double()
+    for target, delta in values.items():
         want = expected.get(target)
         if want is None:
             problems.append(f"{path.name}: no expected ΔW for {target}")

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+import independent_tuners as tuners
 from independent_reader import DTYPE_BYTES, FACTOR_DTYPES, Adapter, to_array, to_array64
 from spec_philox import basis_fingerprint, philox_basis
 
@@ -25,10 +26,29 @@ def fl32(x: float) -> np.float32:
 def delta(adapter: Adapter, module: str, base: np.ndarray | None = None) -> np.ndarray:
     """ΔW of one module, fp32, canonical (out, in), in the spec's reference operation order.
 
-    ``base`` is the canonical fp32 base weight (needed by DoRA only).
+    ``base`` is the canonical fp32 base weight (needed by DoRA and the multiplicative methods only).
     """
     entry = adapter.manifest["modules"][module]
+    if entry["method"] in tuners.MERGED:
+        return merged(adapter, module, base) - base
+    if entry["method"] in tuners.DELTAS:
+        return tuners.DELTAS[entry["method"]](adapter, module, entry)
+    if entry["layer"] == "conv2d":
+        return tuners.lora_conv2d(adapter, module, entry)
     return METHODS_KNOWN[entry["method"]](adapter, module, entry, base)
+
+
+def merged(adapter: Adapter, module: str, base: np.ndarray) -> np.ndarray:
+    """The merged weight W' (fp32, canonical, before the merge's rounding to the base dtype).
+
+    Multiplicative methods define W' directly (methods-tuners.md); every other method gives base + ΔW.
+    """
+    entry = adapter.manifest["modules"][module]
+    if entry["method"] in tuners.MERGED:
+        if base is None:
+            raise ValueError(f"{entry['method']} needs the base weight")
+        return tuners.MERGED[entry["method"]](adapter, module, entry, base)
+    return base + delta(adapter, module, base)
 
 
 def _lora(adapter, module, entry, base):

@@ -1,9 +1,10 @@
-"""A second adapterfmt 1.1 reader, written from spec/ alone (numpy, json, struct, math, re).
+"""A second adapterfmt 1.2 reader, written from spec/ alone (numpy, json, struct, math, re).
 
 It imports nothing from adapterfmt, torch or safetensors: if it and the package disagree on a file,
 either the spec is ambiguous or one of them is wrong. This module parses the container and checks every
 rule of spec/README.md §9; independent_delta.py computes ΔW, spec_schema.py checks the JSON Schema,
-spec_philox.py regenerates NOLA bases.
+spec_philox.py regenerates NOLA bases, spec_torch_rng.py VeRA projections and FourierFT positions;
+method_rules.py holds the per-method rules of spec/methods-tuners.md.
 
 Example:
     >>> adapter = read("spec/vectors/v1.1/lora_patterns.safetensors")  # doctest: +SKIP
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from method_rules import TUNER_METHODS, layer_rules, tuner_role_shapes, tuner_rules
 from spec_schema import Schema, load_schema
 
-READER_VERSION = (1, 1)
+READER_VERSION = (1, 2)
 MAX_HEADER = 100_000_000
 MAX_MANIFEST_CHARS = 67_108_864
 MAX_INT = 2**53 - 1
@@ -30,7 +32,7 @@ VERSION_RE = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
 INIT_RE = {"olora": re.compile(r"olora"), "pissa": re.compile(r"pissa|pissa_niter_[0-9]+")}
 NAME_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 SEED_RE = re.compile(r"0|[1-9][0-9]{0,19}")
-KNOWN_METHODS = ("lora", "dora", "olora", "pissa", "sorsa", "nola")
+KNOWN_METHODS = ("lora", "dora", "olora", "pissa", "sorsa", "nola") + TUNER_METHODS
 #: README §3: methods added by a later minor do not exist in a file declaring an older one.
 METHOD_SINCE = {"vera": (1, 2), "fourierft": (1, 2)}
 
@@ -222,6 +224,9 @@ def read(path) -> Adapter:
             raise ManifestError(f"payload {key!r} has target {payload['target']!r}")
     for module, entry in manifest["modules"].items():
         check_roles(module, entry, named)
+    for key, payload in manifest["payloads"].items():
+        if payload["kind"] == "bias_delta" and payload["tensor"]["dtype"] not in FACTOR_DTYPES:
+            raise TensorError(f"payload {key!r}: a bias_delta is not {payload['tensor']['dtype']} (README §8)")
     return Adapter(version, manifest, tensors)
 
 
@@ -263,6 +268,8 @@ def lora_scale_rule(params: dict, module: str) -> None:
 def check_module_rules(manifest: dict, module: str, entry: dict) -> None:
     """README §9 step 8: scale, rows, params that must agree, base.weights shapes."""
     params, method = entry["params"], entry["method"]
+    layer_rules(module, entry, ManifestError)
+    tuner_rules(module, entry, ManifestError)
     if method in ("lora", "dora", "olora", "pissa"):
         lora_scale_rule(params, module)
     if method in INIT_RE and not INIT_RE[method].fullmatch(params["init"]):
@@ -275,8 +282,8 @@ def check_module_rules(manifest: dict, module: str, entry: dict) -> None:
         _nola_rules(module, entry)
     listed = manifest["base"]["weights"].get(entry["base_weight"])
     if listed is not None:
-        out, inn = entry["shape"]
-        want = [inn, out] if entry["fan_in_fan_out"] else [out, inn]
+        shape = list(entry["shape"])
+        want = shape[:-2] + [shape[-1], shape[-2]] if entry["fan_in_fan_out"] else shape
         if listed["shape"] != want:
             raise ManifestError(f"{module}: base.weights shape {listed['shape']} contradicts {want}")
 
@@ -296,8 +303,20 @@ def _nola_rules(module: str, entry: dict) -> None:
 
 def role_shapes(entry: dict) -> dict[str, list[int]]:
     """The shape each known role must have, from ``shape`` and the params (README §6, method files)."""
-    out, inn = entry["shape"]
+    shapes = _matrix_role_shapes(entry)
+    if entry["layer"] == "experts":  # README §6: every role gains a leading experts dimension
+        return {role: [entry["shape"][0]] + shape for role, shape in shapes.items()}
+    return shapes
+
+
+def _matrix_role_shapes(entry: dict) -> dict[str, list[int]]:
     p, method = entry["params"], entry["method"]
+    if method in TUNER_METHODS:
+        return tuner_role_shapes(entry)
+    if entry["layer"] == "conv2d":
+        out, inn, kh, kw = entry["shape"]
+        return {"lora_A": [p["rank"], inn, kh, kw], "lora_B": [out, p["rank"], 1, 1]}
+    out, inn = entry["shape"][-2:]
     r = p["rank"]
     if method in ("lora", "dora", "olora", "pissa"):
         shapes = {"lora_A": [r, inn], "lora_B": [out, r]}

@@ -46,7 +46,7 @@ class Schema:
             self.check(value, target, where)
         for key in ("type", "enum", "const", "pattern", "minLength", "maxLength", "minimum",
                     "exclusiveMinimum", "items", "minItems", "maxItems", "required", "properties",
-                    "additionalProperties", "propertyNames", "allOf", "oneOf"):
+                    "additionalProperties", "propertyNames", "allOf", "oneOf", "anyOf"):
             if key in node:
                 getattr(self, "_" + key)(value, node[key], node, where)
 
@@ -142,6 +142,10 @@ class Schema:
     def _oneOf(self, v, subs, node, where):
         if sum(self._valid(v, s) for s in subs) != 1:
             self.fail(where, "matches not exactly one alternative")
+
+    def _anyOf(self, v, subs, node, where):
+        if not any(self._valid(v, s) for s in subs):
+            self.fail(where, "matches no alternative")
 
     def _valid(self, v, sub) -> bool:
         try:

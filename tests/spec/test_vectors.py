@@ -210,14 +210,15 @@ def test_cli_process_prints_one_line_and_exits_1():
 
 
 def test_independent_reader_imports_nothing_of_ours():
-    """Its independence is the point: only the standard library's json/struct/hashlib/math/re and numpy."""
+    """Its independence is the point: only the standard library's json/struct/hashlib/math/re/fractions and numpy."""
     import ast
-    ours = {"independent_reader", "independent_delta", "spec_schema", "spec_philox"}
+    ours = {"independent_reader", "independent_delta", "spec_schema", "spec_philox", "spec_torch_rng",
+            "method_rules", "independent_tuners"}
     imported = set()
     for name in ours:
         tree = ast.parse(Path(__file__).with_name(f"{name}.py").read_text())
         imported |= {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                      for alias in node.names}
         imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    allowed = {"__future__", "hashlib", "json", "math", "re", "struct", "pathlib", "numpy"}
+    allowed = {"__future__", "fractions", "hashlib", "json", "math", "re", "struct", "pathlib", "numpy"}
     assert imported <= allowed | ours, imported - allowed - ours
