@@ -31,7 +31,8 @@ FACTORIES = {
 def fp64_merged(entry, tensors, canon: torch.Tensor) -> torch.Tensor:
     """W + ΔW in float64, canonical orientation, from the spec's formula (tests/matrix/reference.py),
     never from the method's own code or its conversions."""
-    merged = reference_merged(entry.method, entry.params, entry.shape, tensors, canon.double().numpy())
+    merged = reference_merged(entry.method, entry.params, entry.shape, tensors, canon.double().numpy(),
+                              fan_in_fan_out=entry.fan_in_fan_out)
     return torch.from_numpy(merged)
 
 
