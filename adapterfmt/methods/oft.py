@@ -17,9 +17,10 @@ from .descriptor import Finding, Method, Params, Role
 
 
 #: Largest max |R·Rᵀ − I| validate accepts (spec/methods-tuners.md §6). PEFT's default 5-term Neumann
-#: series measures ~5e-4 on trained adapters (2e-3 at entries of 0.05); above 1e-2 the applied matrix
-#: changes lengths by about 1 % or more: the series is far outside the range where it approximates a rotation.
-ORTHOGONALITY_LIMIT = 1e-2
+#: series measures ~5e-4 on trained adapters and 9e-3 for blocks of 8 with entries N(0, 0.05) (the test
+#: suite's); above 5e-2 the applied matrix changes lengths by several percent: the series is far outside the
+#: range where it approximates a rotation.
+ORTHOGONALITY_LIMIT = 5e-2
 
 
 class OftParams(Params):
