@@ -252,8 +252,8 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
     stats = StreamStats(device=str(torch_device))
     plan_base_form(jobs, base, loaded, base_form, ctx, stats)
     plan = shard_jobs(jobs, shard_size, base.weights_stem)
-    untied = untied_aliases(base, {job.out.name for job in plan.jobs
-                                   if job.replacement or job.updates and touches_one_use(base, job.out.name, job.updates)})
+    untied = untied_aliases(base, {job.out.name for job in plan.jobs if job.replacement
+                                   or job.updates and touches_one_use(base, job.out.name, job.updates)})
     ctx.reserve(plan.jobs)
     for alias in untied:
         stats.notes.append(f"untied {alias} from {base.tied_weights[alias]}: the adapter changes only one of the "

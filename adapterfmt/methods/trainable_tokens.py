@@ -48,9 +48,10 @@ def token_axes(entry) -> tuple[int, int]:
 
 def check_indices(target: str, indices: torch.Tensor, tokens: int) -> None:
     """Indices are distinct and in [0, tokens): else a TensorError naming the module (spec: replaced rows)."""
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= tokens):
-        raise TensorError(f"module {target!r}: token index {int(indices.min()) if int(indices.min()) < 0 else int(indices.max())} "
-                          f"is outside the weight's {tokens} rows", hint="the adapter belongs to another base; re-export it")
+    outside = indices[(indices < 0) | (indices >= tokens)]
+    if outside.numel():
+        raise TensorError(f"module {target!r}: token index {int(outside[0])} is outside the weight's {tokens} rows",
+                          hint="the adapter belongs to another base; re-export it")
     if torch.unique(indices).numel() != indices.numel():
         raise TensorError(f"module {target!r}: a token index is listed twice (the replacement would be ambiguous)",
                           hint="the file is damaged; re-export the adapter")
