@@ -119,3 +119,13 @@ def test_cli_prints_warnings_and_json_findings(tmp_path):
     data = json.loads(runner.invoke(main, ["validate", str(path), "--json"]).output)
     assert data["valid"] and {"module": FIRST, "severity": "warning", "code": "ia3_zero_scale"}.items() <= \
         next(f for f in data["findings"] if f["code"] == "ia3_zero_scale").items()
+
+
+@pytest.mark.parametrize("kind", ["ia3", "adalora", "boft", "trainable_tokens"])
+def test_real_peft_adapters_raise_no_warning_or_error(kind, llama_base, tmp_path):
+    peft_dir = make_tuner_adapter(llama_base, tmp_path / "peft", kind)
+    native = tmp_path / "a.safetensors"
+    adapterfmt.convert(peft_dir, native, base=llama_base)
+    result = adapterfmt.validate(native)
+    assert result.valid and not result.warnings
+    assert {f["severity"] for f in result.findings} <= {"info"}
