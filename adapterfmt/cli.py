@@ -97,13 +97,10 @@ def validate(file: Path, base: Path | None, as_json: bool):
     result = run_validate(file, base)
     if as_json:
         _emit_json(result.to_dict())
-    elif result.valid:
-        click.echo(f"{file}: valid ({result.checked_modules} module(s)"
-                   f"{', base checked' if result.base_checked else ''})")
     else:
-        prefix = "invalid" if result.exit_code == 1 else "error"  # 2: the input could not be read
-        for problem in result.problems:
-            click.echo(f"{prefix}: {problem}", err=True)
+        from .ops.validate import format_validation
+        for line, to_stderr in format_validation(result):
+            click.echo(line, err=to_stderr)
     sys.exit(result.exit_code)
 
 

@@ -8,6 +8,8 @@ import torch
 from tests.helpers import load_model
 
 TUNER_METHODS = ("ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft")
+#: Every PEFT tuner ``make_tuner_adapter`` builds (trainable tokens: tests/formats/test_peft_trainable_tokens.py).
+PEFT_TUNERS = TUNER_METHODS + ("trainable_tokens",)
 
 
 def _perturb(model, std: float) -> None:
@@ -33,7 +35,7 @@ def _train_adalora(model) -> None:
 def tuner_config(method: str):
     """(PEFT config, how to move the weights off their init) for ``method`` on Llama-like models."""
     from peft import (AdaLoraConfig, BOFTConfig, FourierFTConfig, IA3Config, LoHaConfig, LoKrConfig, OFTConfig,
-                      VeraConfig)
+                      TrainableTokensConfig, VeraConfig)
     return {
         "ia3": (IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), 0.3),
         "loha": (LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "down_proj"], init_weights=False,
@@ -50,6 +52,7 @@ def tuner_config(method: str):
         "fourierft": (FourierFTConfig(n_frequency=40, scaling=150.0, random_loc_seed=4321,
                                       target_modules=["q_proj", "v_proj", "down_proj"],
                                       n_frequency_pattern={"down_proj": 24}), 0.3),
+        "trainable_tokens": (TrainableTokensConfig(token_indices=[0, 5, 77, 127]), 0.3),
     }[method]
 
 

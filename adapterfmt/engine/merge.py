@@ -25,7 +25,7 @@ from .base_form import FormReport, plan_base_form, trained_weight
 from .devices import exact_math, resolve_device
 from .base import component_view
 from .plan import (OUT_DTYPES, TensorJob, Update, check_adapters, make_jobs, open_streaming, shard_jobs,
-                   untied_aliases)
+                   touches_one_use, untied_aliases)
 from .stream import BufferPool, StreamStats, execute, peak_rss_bytes
 from ..format.dtypes import DTYPE_FROM_NAME
 
@@ -252,7 +252,8 @@ def merge(base_dir: Path | str, adapters: list[tuple[Path | str | Adapter, float
     stats = StreamStats(device=str(torch_device))
     plan_base_form(jobs, base, loaded, base_form, ctx, stats)
     plan = shard_jobs(jobs, shard_size, base.weights_stem)
-    untied = untied_aliases(base, {job.out.name for job in plan.jobs if job.updates or job.replacement})
+    untied = untied_aliases(base, {job.out.name for job in plan.jobs if job.replacement
+                                   or job.updates and touches_one_use(base, job.out.name, job.updates)})
     ctx.reserve(plan.jobs)
     for alias in untied:
         stats.notes.append(f"untied {alias} from {base.tied_weights[alias]}: the adapter changes only one of the "

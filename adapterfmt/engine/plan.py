@@ -193,7 +193,8 @@ def make_jobs(base: StreamingCheckpoint, adapters: list[tuple[Adapter, float]], 
                                  hint="merge this adapter with weight 1")
             replacements[base.stored_key(payload.target)] = Replacement(adapter, float(weight), payload)
     aliases: dict[str, list[str]] = {}
-    for alias in untied_aliases(base, set(updates) | set(replacements)):
+    touched = {name for name, ups in updates.items() if touches_one_use(base, name, ups)}
+    for alias in untied_aliases(base, touched | set(replacements)):
         aliases.setdefault(base.tied_weights[alias], []).append(alias)
     jobs = []
     for span in base.ordered():
@@ -209,6 +210,20 @@ def _job(span: TensorSpan, name: str, updates: list[Update], rep: Replacement | 
         raise UsageError(f"{name!r} gets both a bias delta and a module update", hint="merge these adapters one at a time")
     shape = tuple(rep.payload.tensor.shape) if rep and rep.payload.kind != "bias_delta" else span.shape
     return TensorJob(span, OutTensor(name, output_dtype(span, dtype), shape), updates, rep)
+
+
+def touches_one_use(base: BaseCheckpoint, name: str, updates: list[Update]) -> bool:
+    """Whether these updates of ``name`` change one use of a tied weight only (so it must be untied).
+
+    Methods that change the stored parameter itself (``changes_tied_uses``: trainable tokens, as PEFT
+    ties them to the output head) change every use when they target the stored source.
+
+    Example:
+        >>> touches_one_use(base, "model.embed_tokens.weight", updates)  # doctest: +SKIP
+        False
+    """
+    from ..methods import get_method
+    return name in base.tied_weights or not all(get_method(u.entry.method).changes_tied_uses for u in updates)
 
 
 def untied_aliases(base: BaseCheckpoint, touched: set[str]) -> list[str]:

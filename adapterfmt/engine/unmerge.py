@@ -115,14 +115,17 @@ def unmerge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext, base:
             restored = own.unmerged(first.entry, ctx.module_tensors(first), ctx.canonical32(stored, fan),
                                     first.target)
             return ctx.to_output(restored, job.out.dtype, fan)
-        if any(get_method(u.entry.method).needs_base for u in job.updates):
-            names = sorted({u.entry.method for u in job.updates if get_method(u.entry.method).needs_base})
-            with _base_tensor(base, job, f"{', '.join(names)} is not invertible from the merged weight") as orig:
-                total = delta_sum(job.updates, ctx.on_device(orig), ctx, fan)
+        if base is not None and len(job.updates) == 1 and first.weight == 1.0 and own.restores_from_base:
+            # Replaced rows come back from the original base itself (trainable tokens): bit-exact.
+            with _base_tensor(base, job, "") as orig:
+                original = ctx.on_device(orig).float()
+                restored = own.unmerged_with_base(first.entry, ctx.module_tensors(first), ctx.canonical32(stored, fan),
+                                                  original.transpose(-2, -1) if fan else original)
+            result = ctx.to_output(restored, job.out.dtype, fan)
         else:
-            total = delta_sum(job.updates, stored, ctx, fan)
-        # fp32(W') − Δ in the reused fp32 buffer; one rounding in to_output.
-        result = ctx.to_output(ctx.canonical32(stored, fan).sub_(total), job.out.dtype, fan)
+            # Δ first (a base-dependent ΔW uses the fp32 buffer), then fp32(W') − Δ in it; one rounding.
+            total = _total_delta(job, stored, ctx, base, fan)
+            result = ctx.to_output(ctx.canonical32(stored, fan).sub_(total), job.out.dtype, fan)
     if check is not None and base is not None and job.changed:
         with mapped_tensor(base.spans[job.span.name]) as original:
             if original.shape == result.shape:
@@ -130,6 +133,16 @@ def unmerge_tensor(job: TensorJob, stored: torch.Tensor, ctx: MathContext, base:
                 # unmerge into that dtype can restore.
                 check.add(result, original.to(result.dtype), stored if job.replacement is None else None)
     return result
+
+
+def _total_delta(job: TensorJob, stored: torch.Tensor, ctx: MathContext, base: StreamingCheckpoint | None,
+                 fan: bool) -> torch.Tensor:
+    """Σ wᵢ·ΔWᵢ of a job: against the original base when a method's ΔW depends on it (then required)."""
+    if any(get_method(u.entry.method).needs_base for u in job.updates):
+        names = sorted({u.entry.method for u in job.updates if get_method(u.entry.method).needs_base})
+        with _base_tensor(base, job, f"{', '.join(names)} is not invertible from the merged weight") as orig:
+            return delta_sum(job.updates, ctx.on_device(orig), ctx, fan)
+    return delta_sum(job.updates, stored, ctx, fan)
 
 
 def unmerge(merged_dir: Path | str, adapters, out_dir: Path | str, *, base: Path | str | None = None,

@@ -120,15 +120,18 @@ def check_tensors_against_manifest(manifest: Manifest, info: dict[str, tuple[str
 
 #: Allowed dtypes of every method role (spec/README.md §6); descriptors may narrow them per role.
 FACTOR_DTYPES = ("F32", "F16", "BF16", "F64")
+#: The integer roles of spec/README.md §6 (1.3): (method, role) -> allowed dtypes.
+INTEGER_ROLES = {("trainable_tokens", "indices"): ("I64",)}
 
 
 def check_manifest_rules(manifest: Manifest, path: str | None = None) -> None:
     """Method-independent rules of spec/README.md §6–§8: role dtypes, base.weights shapes, payload keys."""
     for target, entry in manifest.modules.items():
         for role, ref in entry.tensors.items():
-            if ref.dtype not in FACTOR_DTYPES:
-                raise TensorError(f"module {target!r}: role {role} is {ref.dtype}; factors are "
-                                  f"{', '.join(FACTOR_DTYPES)}", path=path,
+            allowed = INTEGER_ROLES.get((entry.method, role), FACTOR_DTYPES)
+            if ref.dtype not in allowed:
+                raise TensorError(f"module {target!r}: role {role} is {ref.dtype}; allowed: "
+                                  f"{', '.join(allowed)}", path=path,
                                   hint="the file was written by a broken tool; re-export it")
         if entry.layer == "conv2d" and entry.fan_in_fan_out:
             raise ManifestError(f"module {target!r}: a conv2d layer never has fan_in_fan_out (spec §4)", path=path,

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 
 from ..conversion_report import EXACT_MATH
-from .descriptor import Method, Params, Role, refuse_conversion, take_rows, tensor_refs
+from .descriptor import Finding, Method, Params, Role, refuse_conversion, take_rows, tensor_refs
 from .lora import lora_params
 
 
@@ -64,6 +64,26 @@ class AdaLoRA(Method):
         a_e = tensors["lora_A"].float() * tensors["lora_E"].float().view(-1, 1)
         product = take_rows(tensors["lora_B"], rows).float() @ a_e
         return product.mul_(float(entry.params["scaling"])).div_(ranknum_denominator(entry.params["ranknum"]))
+
+    def invariants(self, entry, tensors):
+        """E and ranknum consistent: rank ≤ ranknum (error), ranknum an integer, no zero singular value stored."""
+        rank, ranknum = int(entry.params["rank"]), float(entry.params["ranknum"])
+        zeros = int((tensors["lora_E"] == 0).sum())
+        measured = {"rank": float(rank), "ranknum": ranknum, "zero_singular_values": float(zeros)}
+        findings = [Finding("info", "adalora_rank", f"rank {rank} of ranknum (initial rank) {ranknum:g}", measured)]
+        if rank > ranknum:
+            findings.append(Finding("error", "adalora_rank_above_ranknum",
+                                    f"rank {rank} (length of E) exceeds ranknum {ranknum:g}, the initial rank "
+                                    "AdaLoRA prunes from", measured))
+        if not ranknum.is_integer():
+            findings.append(Finding("warning", "adalora_ranknum_fraction",
+                                    f"ranknum {ranknum!r} is not an integer; PEFT's ranknum is the initial rank init_r",
+                                    measured))
+        if zeros:
+            findings.append(Finding("warning", "adalora_zero_singular_value",
+                                    f"{zeros} of {rank} entries of E are zero: pruned triplets still stored "
+                                    f"(ΔW is exact at rank {rank - zeros})", measured))
+        return findings
 
     converts_to = ("lora",)
 

@@ -10,7 +10,8 @@ import torch
 from pydantic import Field
 
 from ..errors import ManifestError, UsageError
-from .descriptor import Method, Params, Role
+from .descriptor import Finding, Method, Params, Role
+from .oft import orthogonality_finding
 
 
 class BoftParams(Params):
@@ -108,12 +109,16 @@ class BOFT(Method):
         unscaled = merged / scale.view(-1, 1)
         return torch.mm(torch.linalg.inv(boft_matrix(tensors["rotations"])), unscaled.t()).t()
 
-    def validate_module(self, target, entry, tensors, base):
+    def invariants(self, entry, tensors):
+        """max |M·Mᵀ − I| of the butterfly product (an error above the OFT limit) and zero scales (warning)."""
         matrix = boft_matrix(tensors["rotations"])
-        err = float((matrix @ matrix.t() - torch.eye(matrix.shape[0])).abs().max())
+        findings = [orthogonality_finding(matrix @ matrix.t() - torch.eye(matrix.shape[0]))]
         zeros = int((tensors["scale"] == 0).sum())
-        problems = [f"{zeros} zero scale(s): the merge cannot be undone"] if zeros else []
-        return problems, {"orthogonality_error": err}
+        if zeros:
+            findings.append(Finding("warning", "boft_zero_scale",
+                                    f"{zeros} zero scale(s): unmerge cannot divide them out and refuses this module "
+                                    "unless --base is given", {"zero_scales": float(zeros)}))
+        return findings
 
 
 BOFT_METHOD = BOFT()

@@ -11,7 +11,7 @@ fp32; orientation, rounding, devices and streaming are the engine's job.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +31,24 @@ STACKED_LAYER = "experts"
 CONV2D_LAYER = "conv2d"
 #: Number of axes of a module's ``shape`` per layer kind; every other layer is (out, in).
 LAYER_SHAPES = {STACKED_LAYER: ("experts, out, in", 3), CONV2D_LAYER: ("out, in, kh, kw", 4)}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One result of a method's own invariant check (``Method.invariants``), reported by ``validate``.
+
+    ``severity`` is ``error`` (the file is invalid), ``warning`` (valid, but an operation will refuse or
+    the values are suspicious) or ``info`` (a measurement only); ``measured`` holds the numbers.
+
+    Example:
+        >>> Finding("warning", "ia3_zero_scale", "2 zero scale(s)", {"zero_scales": 2.0}).severity
+        'warning'
+    """
+
+    severity: str
+    code: str
+    message: str
+    measured: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -120,10 +138,32 @@ class Method:
         """The base weight recovered from the merged one (fp32, canonical), for ``unmerges_without_base``."""
         raise NotImplementedError
 
+    #: The method changes the stored parameter itself, so every tied use of it sees the change (PEFT ties
+    #: trainable tokens of the input embedding to the output head); the merge then keeps the tie.
+    changes_tied_uses: ClassVar[bool] = False
+
+    #: A method that needs the base to merge and whose merge the base restores exactly (replaced rows)
+    #: implements ``unmerged_with_base``; the unmerge engine uses it when ``--base`` is given.
+    restores_from_base: ClassVar[bool] = False
+
+    def unmerged_with_base(self, entry: ModuleEntry, tensors: dict[str, torch.Tensor], merged: torch.Tensor,
+                           base: torch.Tensor) -> torch.Tensor:
+        """The base weight recovered from the merged one and the original (fp32, canonical)."""
+        raise NotImplementedError
+
     def validate_module(self, target: str, entry: ModuleEntry, tensors: dict[str, torch.Tensor],
                         base: torch.Tensor | None) -> tuple[list[str], dict[str, float]]:
-        """Method-specific checks on the values: (problems, measurements). Default: none."""
+        """Method-specific checks against the base: (problems, measurements). Default: none."""
         return [], {}
+
+    def invariants(self, entry: ModuleEntry, tensors: dict[str, torch.Tensor]) -> list[Finding]:
+        """The method's own invariants on the stored values (no base needed), as findings for ``validate``.
+
+        Example:
+            >>> IA3_METHOD.invariants(entry, {"scale": torch.zeros(4)})[0].code  # doctest: +SKIP
+            'ia3_zero_scale'
+        """
+        return []
 
     #: Typed options of the conversions into this method (the CLI generates their flags), or None.
     convert_options: ClassVar[type[Params] | None] = None

@@ -9,7 +9,7 @@ from typing import Literal
 
 
 from ..errors import ManifestError, UsageError
-from .descriptor import Method, Params, Role, take_rows
+from .descriptor import Finding, Method, Params, Role, take_rows
 
 
 class IA3Params(Params):
@@ -71,11 +71,18 @@ class IA3(Method):
                              "the merge cannot be undone by division", hint="pass --base BASE instead")
         return merged / (scale.view(-1, 1) if entry.params["axis"] == "out" else scale.view(1, -1))
 
-    def validate_module(self, target, entry, tensors, base):
+    def invariants(self, entry, tensors):
+        """Zero scales (warning: unmerge without --base refuses them) and the range of |l| (info)."""
         scale = tensors["scale"].float()
         zeros = int((scale == 0).sum())
-        problems = [f"{zeros} zero scale(s): the merge cannot be undone by division"] if zeros else []
-        return problems, {"min_abs_scale": float(scale.abs().min()), "max_abs_scale": float(scale.abs().max())}
+        measured = {"min_abs_scale": float(scale.abs().min()), "max_abs_scale": float(scale.abs().max())}
+        findings = [Finding("info", "ia3_scale_range", f"|scale| in [{measured['min_abs_scale']:.3g}, "
+                            f"{measured['max_abs_scale']:.3g}]", measured)]
+        if zeros:
+            findings.append(Finding("warning", "ia3_zero_scale",
+                                    f"{zeros} zero scale(s): unmerge cannot divide them out and refuses this module "
+                                    "unless --base is given", {"zero_scales": float(zeros)}))
+        return findings
 
 
 IA3_METHOD = IA3()

@@ -102,7 +102,11 @@ def spec_method_table() -> str:
         rows.append(f"| `{method.name}` | {', '.join(_role_text(r) for r in method.roles)} | {_params_text(method)} "
                     f"| {method.formula} | {'yes' if method.needs_base else 'no'} | {', '.join(method.layers)} "
                     f"| {method.spec_file} |")
-    dtypes = sorted({d for m in METHODS for r in m.roles for d in r.dtypes})
+    from ..format.dtypes import FLOAT_DTYPES
+    dtypes = sorted({d for m in METHODS for r in m.roles for d in r.dtypes if d in FLOAT_DTYPES})
+    integer = sorted(f"`{m.name}.{r.name}` ({', '.join(r.dtypes)})" for m in METHODS for r in m.roles
+                     if not set(r.dtypes) & set(FLOAT_DTYPES))
     rows.append("")
-    rows.append(f"Every role may be stored as {', '.join(dtypes)}; values are converted to fp32 exactly before use.")
+    rows.append(f"Every floating role may be stored as {', '.join(dtypes)}; values are converted to fp32 exactly "
+                f"before use." + (f" Integer roles: {', '.join(integer)}." if integer else ""))
     return "\n".join(rows)

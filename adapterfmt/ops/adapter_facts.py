@@ -18,6 +18,11 @@ BLOCK_RE = re.compile(r"^(?P<stack>.*?layers)\.(?P<index>\d+)\.(?P<path>.+)$")
 LORA_FAMILY = ("lora", "dora")
 
 
+def _known_methods():
+    from ..methods import METHODS
+    return METHODS
+
+
 @dataclass
 class PeftConfigView:
     """The one global ``r`` / ``lora_alpha`` / ``use_rslora`` a PEFT export writes (patterns aside)."""
@@ -60,7 +65,16 @@ class AdapterFacts:
 
     @property
     def non_lora_methods(self) -> list[str]:
-        return [m for m in self.methods if m not in LORA_FAMILY]
+        """Methods other than LoRA/DoRA that convert exactly to LoRA."""
+        return [m for m in self.methods if m not in LORA_FAMILY and m not in self.no_lora_form_methods]
+
+    @property
+    def no_lora_form_methods(self) -> list[str]:
+        """Methods without an exact LoRA form (ΔW depends on the base or is full rank; replaced rows)."""
+        from ..methods import get_method
+        lora = get_method("lora")
+        return [m for m in self.methods if m not in LORA_FAMILY and m in {x.name for x in _known_methods()}
+                and "lora" not in get_method(m).converts_to and m not in lora.converts_from]
 
     @property
     def tied_embeddings(self) -> bool:

@@ -93,6 +93,13 @@ def non_lora_rule(target: str, fix: str) -> Rule:
                 source="adapterfmt conversion (convert_methods)")
 
 
+def no_lora_form_rule(target: str) -> Rule:
+    return Rule("no_lora_form", REFUSE, lambda f: bool(f.no_lora_form_methods),
+                lambda f: f"methods {', '.join(f.no_lora_form_methods)} have no exact LoRA form (ΔW depends on the "
+                          f"base, is full rank, or replaces rows): no {target} adapter file computes them",
+                MERGE_FIX, exact_fix=False, source="adapterfmt method descriptors (converts_to)")
+
+
 def fused_rule(target: str) -> Rule:
     return Rule("fused_block", REFUSE, lambda f: bool(f.fused),
                 lambda f: f"{some(f.fused)} adapt a block of a fused weight; {target} keys LoRA by module name",
@@ -156,7 +163,7 @@ VLLM_RULES = (
     Rule("dtype", OK, lambda f: True,
          lambda f: "vLLM casts lora_A/lora_B to the model dtype and multiplies the scale into lora_B in that "
                    "dtype", VLLM_FIX, source="vllm/lora/lora_model.py from_lora_tensors; lora_weights.py optimize"),
-    non_lora_rule("vllm", VLLM_FIX), fused_rule("vLLM"), bias_rule("vLLM"),
+    non_lora_rule("vllm", VLLM_FIX), no_lora_form_rule("vllm"), fused_rule("vLLM"), bias_rule("vLLM"),
 )
 
 # ------------------------------------------------------------------ SGLang
@@ -183,7 +190,7 @@ SGLANG_RULES = (
          lambda f: f"modules_to_save ({some(f.payload_kinds['modules_to_save'])}): only lora_A/lora_B of target "
                    "modules are copied into SGLang's LoRA memory pool; full weights are not applied",
          MERGE_FIX, exact_fix=False, source=f"{SGL}lora.py LoRAAdapter.initialize_weights; mem_pool.py"),
-    non_lora_rule("sglang", SGLANG_FIX), fused_rule("SGLang"), bias_rule("SGLang"),
+    non_lora_rule("sglang", SGLANG_FIX), no_lora_form_rule("sglang"), fused_rule("SGLang"), bias_rule("SGLang"),
 )
 
 # ------------------------------------------------------------------ TGI
@@ -245,7 +252,7 @@ TGI_RULES = (
     Rule("rslora", OK, lambda f: bool(f.rslora_modules),
          lambda f: "use_rslora is honoured (lora_alpha/sqrt(r)) with the global r", TGI_FIX,
          source=f"{TGI}adapters/lora.py get_scaling_factor"),
-    non_lora_rule("tgi", TGI_FIX), fused_rule("TGI"), bias_rule("TGI"),
+    non_lora_rule("tgi", TGI_FIX), no_lora_form_rule("tgi"), fused_rule("TGI"), bias_rule("TGI"),
 )
 
 # ------------------------------------------------------------------ llama.cpp
@@ -274,7 +281,7 @@ LLAMACPP_RULES = (
          lambda f: "adapterfmt's GGUF writer maps names per architecture and folds per-module scales into B "
                    "under one global alpha (fold error reported)", GGUF_FIX,
          source="adapterfmt formats/gguf_lora.py"),
-    non_lora_rule("llama.cpp", GGUF_FIX), fused_rule("llama.cpp"), bias_rule("llama.cpp"),
+    non_lora_rule("llama.cpp", GGUF_FIX), no_lora_form_rule("llama.cpp"), fused_rule("llama.cpp"), bias_rule("llama.cpp"),
 )
 
 # ------------------------------------------------------------------ MLX-LM (mlx_lm 0.32.2, installed)
@@ -296,7 +303,7 @@ MLX_RULES = (
          source=MLX + "load_adapters; tuner/dora.py DoRALinear"),
     Rule("rslora", OK, lambda f: bool(f.rslora_modules),
          lambda f: "rsLoRA needs no flag: mlx-lm stores the absolute scale", MLX_FIX, source=MLX + "linear_to_lora_layers"),
-    non_lora_rule("mlx", MLX_FIX), fused_rule("mlx-lm"), bias_rule("mlx-lm"),
+    non_lora_rule("mlx", MLX_FIX), no_lora_form_rule("mlx"), fused_rule("mlx-lm"), bias_rule("mlx-lm"),
 )
 
 # ------------------------------------------------------------------ diffusion loaders
@@ -339,7 +346,7 @@ DIFFUSERS_RULES = (
          lambda f: "one alpha for every module: diffusers reads it exactly (a file without alphas is read with "
                    "alpha = rank, scale 1)", "adapterfmt convert {file} {out} --to diffusers",
          source=DIFFUSERS + "utils/peft_utils.py get_peft_kwargs"),
-    non_lora_rule("diffusers", "adapterfmt convert {file} {out} --to diffusers"),
+    non_lora_rule("diffusers", "adapterfmt convert {file} {out} --to diffusers"), no_lora_form_rule("diffusers"),
 )
 
 COMFY = "ComfyUI comfy/weight_adapter/"
@@ -359,7 +366,7 @@ COMFYUI_RULES = (
          lambda f: "scale = .alpha / rank per module (1.0 without .alpha), patched in fp32; rsLoRA and "
                    "per-module alpha survive as alpha = scale*rank", KOHYA_FOR + "comfyui",
          source=COMFY + "lora.py LoRAAdapter.load/calculate_weight (@6fd406f)"),
-    non_lora_rule("comfyui", KOHYA_FOR + "comfyui"),
+    non_lora_rule("comfyui", KOHYA_FOR + "comfyui"), no_lora_form_rule("comfyui"),
 )
 
 RULES: dict[str, tuple[Rule, ...]] = {

@@ -1,8 +1,6 @@
 """``inspect``: what an adapter is, for people (text) and programs (--json)."""
 from __future__ import annotations
 
-import math
-
 import os
 from collections import Counter
 from pathlib import Path
@@ -27,17 +25,24 @@ def inspect_adapter(path: Path | str) -> dict[str, Any]:
     manifest = adapter.manifest
     modules = []
     total_params = rank1_params = 0
+    by_method: dict[str, dict[str, Any]] = {}
     for target, entry in manifest.modules.items():
         count = get_method(entry.method).parameter_count(entry)
-        # (experts, out, in) for stacked experts: one rank-1 pair per expert.
-        rank1 = math.prod(entry.shape[:-2]) * (entry.shape[-2] + entry.shape[-1])
+        rank1 = rank1_lora_parameters(entry.layer, entry.shape)
         total_params += count
         rank1_params += rank1
+        group = by_method.setdefault(entry.method, {"modules": 0, "parameter_count": 0,
+                                                    "rank1_lora_parameter_count": 0})
+        group["modules"] += 1
+        group["parameter_count"] += count
+        group["rank1_lora_parameter_count"] += rank1
         modules.append({"name": target, "method": entry.method, "shape": entry.shape,
                         "rank": entry.params.get("rank"), "layer": entry.layer,
                         "fan_in_fan_out": entry.fan_in_fan_out, "scale": entry.params.get("scale"),
-                        "parameter_count": count,
+                        "parameter_count": count, "rank1_lora_parameter_count": rank1,
                         "params": {k: v for k, v in entry.params.items() if k not in ("rank", "scale")}})
+    for group in by_method.values():
+        group["compression_vs_rank1_lora"] = _ratio(group["rank1_lora_parameter_count"], group["parameter_count"])
     payload_params = sum(t.numel() for n, t in adapter.tensors.items() if n.startswith("payload."))
     ranks = Counter(m["rank"] for m in modules if m["rank"] is not None)
     info = {
@@ -59,7 +64,8 @@ def inspect_adapter(path: Path | str) -> dict[str, Any]:
         "bytes_on_disk": _size_on_disk(path),
         "tensor_bytes": sum(t.numel() * t.element_size() for t in adapter.tensors.values()),
         "rank1_lora_parameter_count": rank1_params,
-        "compression_vs_rank1_lora": (rank1_params / total_params) if total_params else None,
+        "compression_vs_rank1_lora": _ratio(rank1_params, total_params),
+        "by_method": by_method,
         "payloads": [{"target": p.target, "kind": p.kind, "shape": p.tensor.shape}
                      for p in manifest.payloads.values()],
         "source_format": manifest.source.get("format"),
@@ -69,6 +75,27 @@ def inspect_adapter(path: Path | str) -> dict[str, Any]:
     if manifest.base.quantization is not None:  # the base form it was trained against (QLoRA)
         info["base"]["quantization"] = {k: v for k, v in vars(manifest.base.quantization).items() if v is not None}
     return info
+
+
+#: Parameters of a rank-1 LoRA on one module, per layer kind (shape as the manifest stores it):
+#: stacked experts (E, out, in) get one pair per expert; a Conv2d (out, in, kh, kw) LoRA has
+#: A (1, in, kh, kw) and B (out, 1, 1, 1); every other layer A (1, in) and B (out, 1).
+RANK1_LORA = {"experts": lambda s: s[0] * (s[1] + s[2]), "conv2d": lambda s: s[0] + s[1] * s[2] * s[3]}
+
+
+def rank1_lora_parameters(layer: str, shape: list[int]) -> int:
+    """Parameters a rank-1 LoRA on a module of this layer kind and shape has.
+
+    Example:
+        >>> rank1_lora_parameters("linear", [64, 32]), rank1_lora_parameters("conv2d", [16, 8, 3, 3])
+        (96, 88)
+    """
+    return RANK1_LORA.get(layer, lambda s: s[-2] + s[-1])(shape)
+
+
+def _ratio(rank1: int, params: int) -> float | None:
+    """rank-1 LoRA parameters per parameter (> 1: smaller than a rank-1 LoRA); None for no parameters."""
+    return rank1 / params if params else None
 
 
 def _size_on_disk(path: Path) -> int:
@@ -97,6 +124,11 @@ def format_inspection(info: dict[str, Any], limit: int = 20) -> list[str]:
     if info["compression_vs_rank1_lora"] is not None:
         lines.append(f"  vs rank-1 LoRA on the same modules ({info['rank1_lora_parameter_count']:,} params): "
                      f"{info['compression_vs_rank1_lora']:.3g}x")
+    for method, group in info.get("by_method", {}).items():
+        ratio = group["compression_vs_rank1_lora"]
+        lines.append(f"    {method}: {group['modules']} module(s), {group['parameter_count']:,} params; rank-1 LoRA "
+                     f"{group['rank1_lora_parameter_count']:,}"
+                     + (f" ({ratio:.3g}x)" if ratio is not None else ""))
     for p in info["payloads"]:
         lines.append(f"  payload {p['target']} ({p['kind']}) {p['shape']}")
     for m in info["modules"][:limit]:

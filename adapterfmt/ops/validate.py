@@ -24,6 +24,10 @@ class ValidationResult:
     base_checked: bool = False
     measurements: dict[str, dict[str, float]] = field(default_factory=dict)
     exit_code: int = 0
+    #: Findings that do not make the file invalid (e.g. IA³ zero scales: unmerge without --base will refuse).
+    warnings: list[str] = field(default_factory=list)
+    #: Every method invariant finding: {module, severity, code, message, measured}.
+    findings: list[dict] = field(default_factory=list)
 
     @property
     def valid(self) -> bool:
@@ -32,7 +36,18 @@ class ValidationResult:
     def to_dict(self) -> dict:
         return {"path": self.path, "valid": self.valid, "problems": self.problems,
                 "checked_modules": self.checked_modules, "base_checked": self.base_checked,
-                "measurements": self.measurements}
+                "measurements": self.measurements, "warnings": self.warnings, "findings": self.findings}
+
+    def add_findings(self, path, target: str, findings) -> bool:
+        """Record a module's invariant findings; True when one of them is an error."""
+        for finding in findings:
+            line = f"{path}: module {target!r}: {finding.message}"
+            {"error": self.problems, "warning": self.warnings}.get(finding.severity, []).append(line)
+            if finding.measured:
+                self.measurements.setdefault(target, {}).update(finding.measured)
+            self.findings.append({"module": target, "severity": finding.severity, "code": finding.code,
+                                  "message": finding.message, "measured": finding.measured})
+        return any(f.severity == "error" for f in findings)
 
 
 def validate(path: Path | str, base: Path | str | BaseCheckpoint | None = None) -> ValidationResult:
@@ -62,6 +77,9 @@ def validate(path: Path | str, base: Path | str | BaseCheckpoint | None = None) 
     for target, entry in manifest.modules.items():
         method = get_method(entry.method)
         tensors = adapter.module_tensors(target)
+        if result.add_findings(path, target, method.invariants(entry, tensors)):
+            result.checked_modules += 1
+            continue  # the invariant error is the cause; computing ΔW would only repeat it
         weight = None
         if checkpoint is not None:
             weight = canonical_base(entry, checkpoint.get(stored_name(entry, checkpoint)))
@@ -91,3 +109,23 @@ def validate(path: Path | str, base: Path | str | BaseCheckpoint | None = None) 
     if result.problems:
         result.exit_code = 1
     return result
+
+
+def format_validation(result: ValidationResult) -> list[tuple[str, bool]]:
+    """(line, to stderr) pairs for people: the verdict or the problems, then warnings and measured invariants.
+
+    Example:
+        >>> format_validation(ValidationResult("a.safetensors", checked_modules=2))
+        [('a.safetensors: valid (2 module(s))', False)]
+    """
+    if result.valid:
+        lines = [(f"{result.path}: valid ({result.checked_modules} module(s)"
+                  f"{', base checked' if result.base_checked else ''})", False)]
+    else:
+        prefix = "invalid" if result.exit_code == 1 else "error"  # 2: the input could not be read
+        lines = [(f"{prefix}: {problem}", True) for problem in result.problems]
+    lines += [(f"warning: {w}", True) for w in result.warnings]
+    for finding in result.findings:
+        if finding["severity"] == "info":
+            lines.append((f"  {finding['module']}: {finding['message']}", False))
+    return lines

@@ -18,7 +18,7 @@ from adapterfmt.methods import METHOD_BY_NAME
 from tests.engine.common import LLAMA_LINEAR, load_dir, peft_to_native, reference_merge
 from tests.helpers import load_model, logits, peft_merged_state, tiny_gpt2, tiny_llama
 from tests.matrix.reference import reference_merged
-from tests.tuner_helpers import TUNER_METHODS, make_tuner_adapter
+from tests.tuner_helpers import PEFT_TUNERS, make_tuner_adapter
 
 # How to make a real adapter of each method for the generic checks; methods added later
 # register a factory here (kwargs for tests.helpers.make_peft_adapter).
@@ -31,7 +31,8 @@ FACTORIES = {
 def fp64_merged(entry, tensors, canon: torch.Tensor) -> torch.Tensor:
     """W + ΔW in float64, canonical orientation, from the spec's formula (tests/matrix/reference.py),
     never from the method's own code or its conversions."""
-    merged = reference_merged(entry.method, entry.params, entry.shape, tensors, canon.double().numpy())
+    merged = reference_merged(entry.method, entry.params, entry.shape, tensors, canon.double().numpy(),
+                              fan_in_fan_out=entry.fan_in_fan_out)
     return torch.from_numpy(merged)
 
 
@@ -107,7 +108,7 @@ def adapter_of(method: str, base, tmp_path):
     """(PEFT dir or None, adapterfmt file) of ``method`` for ``base``: real PEFT where PEFT has it."""
     if method in FACTORIES:
         return peft_to_native(base, tmp_path, method, **FACTORIES[method])
-    if method in TUNER_METHODS:
+    if method in PEFT_TUNERS:
         from adapterfmt.ops.convert import convert
         peft_dir = make_tuner_adapter(base, tmp_path / f"{method}-peft", method)
         convert(peft_dir, tmp_path / f"{method}.safetensors", base=base)

@@ -28,6 +28,7 @@ from adapterfmt.methods.fourierft import fourierft_params
 from adapterfmt.methods.loha import loha_params
 from adapterfmt.methods.lokr import lokr_scale
 from adapterfmt.methods.sorsa import sorsa_params
+from adapterfmt.methods.trainable_tokens import trainable_tokens_params
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ def _fourierft(rank, alpha, rows, shape):
     return fourierft_params(4321, min(5 * rank, shape[0] * shape[1]), 150.0)
 
 
+def _trainable_tokens(rank, alpha, rows, shape):
+    # One index list per adapter (PEFT's TrainableTokens rule, see build_adapter); never more rows than the weight has.
+    return trainable_tokens_params(min(3, *shape[:2]))
+
+
 def _adalora(rank, alpha, rows):
     return adalora_params(rank, alpha, rank + 2)  # pruned: ranknum (init_r) above the rank
 
@@ -115,7 +121,7 @@ def _boft(rank, alpha, rows, shape):
 
 
 #: Methods whose params depend on the target's shape (their builder also takes it).
-SHAPED = {"oft", "boft", "fourierft"}
+SHAPED = {"oft", "boft", "fourierft", "trainable_tokens"}
 #: variant -> (method name, params(rank, alpha, rows)); NOLA is built by nola_module (fingerprints),
 #: LoKr by _lokr (its layout depends on the shape).
 VARIANTS = {"lora": ("lora", _lora), "rslora": ("lora", _rslora), "dora": ("dora", _dora),
@@ -123,7 +129,8 @@ VARIANTS = {"lora": ("lora", _lora), "rslora": ("lora", _rslora), "dora": ("dora
             "sorsa": ("sorsa", _sorsa), "nola": ("nola", None), "ia3": ("ia3", _ia3), "loha": ("loha", _loha),
             "lokr": ("lokr", None), "adalora": ("adalora", _adalora), "oft": ("oft", _oft("neumann", False, False)),
             "oft_exact": ("oft", _oft("exact", True, True)), "boft": ("boft", _boft),
-            "vera": ("vera", _vera), "fourierft": ("fourierft", _fourierft)}
+            "vera": ("vera", _vera), "fourierft": ("fourierft", _fourierft),
+            "trainable_tokens": ("trainable_tokens", _trainable_tokens)}
 #: Methods whose optional roles stay absent (VeRA: stored projections only for unreproducible imports).
 REQUIRED_ROLES_ONLY = {"vera"}
 
@@ -142,8 +149,10 @@ def role_tensors(entry: ModuleEntry, gen: torch.Generator, dtype: torch.dtype, o
         if optional and role.name not in tensors:
             shape = [dims[d] if isinstance(d, str) else d for d in role.shape]
             tensors[role.name] = torch.randn(shape, generator=gen).to(dtype)
-    # A value that rounds to zero in F16/BF16 would make "non-zero" false; keep every entry non-zero.
-    return {role: torch.where(t == 0, torch.ones((), dtype=dtype), t) for role, t in tensors.items()}
+    # A value that rounds to zero in F16/BF16 would make "non-zero" false; keep every entry non-zero
+    # (integer roles, token indices, are left alone).
+    return {role: torch.where(t == 0, torch.ones((), dtype=dtype), t) if t.is_floating_point() else t
+            for role, t in tensors.items()}
 
 
 def _nola(target: Target, rank: int, scale: float, rows, gen, dtype, seeds) -> tuple[ModuleEntry, dict]:
@@ -205,6 +214,10 @@ def build_adapter(variant: str, targets: list[Target], gen: torch.Generator, dty
         out = target.shape[0]
         rows = [out // 4, out - out // 4] if nola_rows and i == 0 and out >= 4 else None
         entry, module_tensors = build_module(variant, target, rank, alpha, gen, dtype, rows=rows)
+        if entry.method == "trainable_tokens":
+            # PEFT's rule: one token_indices list for every module of an adapter.
+            shared_indices = module_tensors["indices"] if i == 0 else shared_indices
+            module_tensors["indices"] = shared_indices.clone()
         manifest.modules[target.name] = entry
         manifest.base.weights[target.weight] = BaseWeight(shape=target.stored_shape)
         tensors.update({entry.tensors[role].name: t for role, t in module_tensors.items()})

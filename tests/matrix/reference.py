@@ -1,7 +1,7 @@
 """Independent float64 ΔW of every method, written from the spec, never from the package's maths.
 
 Sources: ``spec/README.md`` §6 (lora, rsLoRA, dora), ``spec/methods-principal.md`` §1 (olora, pissa,
-sorsa), ``spec/methods-tuners.md`` (ia3, loha, lokr, adalora, oft, boft, vera, fourierft), ``spec/nola.md`` §§2-3 and ``spec/nola-generator.md`` (nola). Only numpy; the one thing
+sorsa), ``spec/methods-tuners.md`` (ia3, loha, lokr, adalora, oft, boft, vera, fourierft, trainable_tokens), ``spec/nola.md`` §§2-3 and ``spec/nola-generator.md`` (nola). Only numpy; the one thing
 taken from the package is the NOLA basis of ``adapterfmt.methods.nola.reference_numpy``, the
 numpy oracle of the generator (itself pinned to the spec's known-answer vectors), because a
 basis is a bit pattern, not a formula.
@@ -30,6 +30,7 @@ are exact in fp32, the reference in float64). |X| is the elementwise absolute va
 | adalora | each ΔW_ij | ``(r + 5)·u·|scaling/ranknum|·(|B|·(|A| ⊙ |E|))_ij`` |
 | vera | each ΔW_ij | ``(r + 4)·u·((|λ_b|·|B_m|)·(|λ_d|·|A_m|))_ij`` (two scalings, an r-term dot product) |
 | fourierft | each ΔW_ij | ``(4·log2(out·in) + 8)·u·|scaling|·Σ|spectrum|/(out·in) + u_s·|ΔW64_ij|`` (fp32 FFT, the scaling, then PEFT's cast to the spectrum's dtype; u_s: that dtype's unit roundoff, inferred as the coarsest of bf16/fp16 holding every value exactly, else 0) |
+| trainable_tokens | each ΔW_ij | ``u·|ΔW64_ij|`` (the replaced rows: v − W, one rounded subtraction; elsewhere 0) |
 | oft, boft | max |ΔW − ΔW64| | ``8·(in + 16·(terms + factors)·b)·u·(max|W'| + max|W|)`` (series or solve, dense product) |
 """
 from __future__ import annotations
@@ -238,22 +239,37 @@ def fourierft_delta(params, shape, t, base=None):
 
 
 #: method name -> ΔW(params, shape, tensors64, base64 or None), canonical orientation, float64.
+def trainable_tokens_delta(params, shape, t, base, fan_in_fan_out):
+    """W' − W where W' is W with the stored rows ``indices`` replaced by ``values`` (canonical columns when the
+    base is stored transposed, ``fan_in_fan_out``)."""
+    stored = (base.T if fan_in_fan_out else base).copy()
+    stored[t["indices"].astype(np.int64)] = t["values"]
+    merged = stored.T if fan_in_fan_out else stored
+    return merged - base
+
+
+#: Methods whose ΔW depends on the stored orientation (take ``fan_in_fan_out``).
+ORIENTED = {"trainable_tokens": trainable_tokens_delta}
 DELTA = {"lora": lora_delta, "dora": dora_delta, "olora": init_relative_delta, "pissa": init_relative_delta,
          "sorsa": sorsa_delta, "nola": nola_delta, "ia3": ia3_delta, "loha": loha_delta, "lokr": lokr_delta,
          "adalora": adalora_delta, "oft": oft_delta, "boft": boft_delta,
          "vera": vera_delta, "fourierft": fourierft_delta}
 #: Methods whose ΔW depends on the base weight.
-NEEDS_BASE = {"dora", "ia3", "oft", "boft"}
+NEEDS_BASE = {"dora", "ia3", "oft", "boft", "trainable_tokens"}
 
 
 def as_float64(tensors) -> dict[str, np.ndarray]:
-    """Stored tensors (torch of any float dtype, or numpy) as float64 numpy arrays (an exact conversion)."""
-    return {role: t if isinstance(t, np.ndarray) and t.dtype == np.float64 else
-            (t.astype(np.float64) if isinstance(t, np.ndarray) else t.double().numpy())
-            for role, t in tensors.items()}
+    """Stored tensors (torch of any float dtype, or numpy) as float64 numpy arrays (an exact conversion);
+    integer roles (token indices) as int64."""
+    def convert(t):
+        if isinstance(t, np.ndarray):
+            return t if t.dtype in (np.float64, np.int64) else t.astype(np.float64)
+        return t.numpy() if not t.is_floating_point() else t.double().numpy()
+    return {role: convert(t) for role, t in tensors.items()}
 
 
-def reference_delta(method: str, params: dict, shape, tensors, base: np.ndarray | None = None) -> np.ndarray:
+def reference_delta(method: str, params: dict, shape, tensors, base: np.ndarray | None = None,
+                    fan_in_fan_out: bool = False) -> np.ndarray:
     """ΔW of one module in canonical orientation, float64; ``base`` is the canonical float64 W.
 
     Example:
@@ -263,12 +279,15 @@ def reference_delta(method: str, params: dict, shape, tensors, base: np.ndarray 
     """
     if method in NEEDS_BASE and base is None:
         raise ValueError(f"{method} needs the base weight")
+    if method in ORIENTED:
+        return ORIENTED[method](params, list(shape), as_float64(tensors), base, fan_in_fan_out)
     return DELTA[method](params, list(shape), as_float64(tensors), base)
 
 
-def reference_merged(method: str, params: dict, shape, tensors, base: np.ndarray, weight: float = 1.0) -> np.ndarray:
+def reference_merged(method: str, params: dict, shape, tensors, base: np.ndarray, weight: float = 1.0,
+                     fan_in_fan_out: bool = False) -> np.ndarray:
     """W + weight·ΔW in float64, canonical orientation (DoRA at weight 1 is exactly its W')."""
-    return base + weight * reference_delta(method, params, shape, tensors, base)
+    return base + weight * reference_delta(method, params, shape, tensors, base, fan_in_fan_out)
 
 
 def applied(canonical: np.ndarray, fan_in_fan_out: bool) -> np.ndarray:
@@ -323,6 +342,8 @@ def delta_bound(method: str, params: dict, tensors64: dict, reference: np.ndarra
         size = reference.shape[0] * reference.shape[1]
         fft = (4 * math.log2(size) + 8) * U32 * abs(params["scaling"]) * float(absb["spectrum"].sum()) / size
         return fft + storage_roundoff(tensors64["spectrum"]) * np.abs(reference)
+    if method == "trainable_tokens":
+        return U32 * np.abs(reference)
     if method in ("oft", "boft"):
         inp = reference.shape[1]
         depth = inp + 16 * (params.get("neumann_terms", 1) + params.get("butterfly_factors", 1)) * \

@@ -76,7 +76,7 @@ def test_delta_matches_spec_formula(case):
         entry, tensors, base = module
         ours = get_method(entry.method).delta(entry, tensors, base.clone()).double().numpy()
         t64, base64 = as_float64(tensors), base.double().numpy()
-        want = reference_delta(entry.method, entry.params, entry.shape, t64, base64)
+        want = reference_delta(entry.method, entry.params, entry.shape, t64, base64, entry.fan_in_fan_out)
         assert ours.shape == want.shape
         ok, excess = within(ours, want, delta_bound(entry.method, entry.params, t64, want, base64))
         assert ok, f"{entry.method}: ΔW exceeds the tolerance table by {excess:.3g}"
@@ -107,7 +107,7 @@ def test_engine_merge_matches_spec_formula_in_stored_orientation(case):
         entry, tensors, base = module
         got = merge_one(entry, tensors, base, weight, WORK)
         t64, base64 = as_float64(tensors), base.double().numpy()
-        delta = reference_delta(entry.method, entry.params, entry.shape, t64, base64)
+        delta = reference_delta(entry.method, entry.params, entry.shape, t64, base64, entry.fan_in_fan_out)
         want = base64 + weight * delta
         bound = abs(weight) * delta_bound(entry.method, entry.params, t64, delta, base64) \
             + 2 * U32 * (np.abs(weight * delta) + np.abs(want))

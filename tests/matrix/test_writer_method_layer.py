@@ -70,6 +70,8 @@ LAYERS = {
 BASE_DEPENDENT = {"ia3", "oft", "boft"}
 #: fourierft: ΔW is generically full rank (seeded random frequencies), so no exact LoRA form either.
 BASE_DEPENDENT |= {"fourierft"}
+#: trainable_tokens: replaced rows of an embedding/head (PEFT trainable tokens); no LoRA form, held by adapterfmt/peft only.
+BASE_DEPENDENT |= {"trainable_tokens"}
 CANNOT_HOLD = {"adapterfmt": set(), "peft": set(), "gguf": {"conv1d", "conv2d", "dora"} | BASE_DEPENDENT,
                # kohya: no consumer maps an LLM module name (diffusers/ComfyUI apply nothing), so it refuses.
                "kohya": {"linear", "conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT,
@@ -115,7 +117,8 @@ def module_delta(adapter, target, base):
     entry = adapter.manifest.modules[target]
     stored = base[entry.base_weight]
     canonical = stored.T if entry.fan_in_fan_out else stored
-    return reference_delta(entry.method, entry.params, entry.shape, adapter.module_tensors(target), canonical)
+    return reference_delta(entry.method, entry.params, entry.shape, adapter.module_tensors(target), canonical,
+                           entry.fan_in_fan_out)
 
 
 def assert_bit_identical(before, after, target):

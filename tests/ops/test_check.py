@@ -106,13 +106,17 @@ def tied(a):
     a.manifest.source.setdefault("base_config", {})["tie_word_embeddings"] = True
 
 
+def tokens(a):
+    a.manifest.modules[_first(a)].method = "trainable_tokens"
+
+
 def mixed_rank_in_type(a):
     a.manifest.modules["model.layers.0.self_attn.q_proj"].params["rank"] = 2
 
 
 VARIANTS = {"mixed_methods": ("full", mixed_methods), "mixed_fifo": ("plain", mixed_fan_in_fan_out),
             "fused": ("plain", fused), "bias": ("plain", bias_delta), "nola": ("plain", nola),
-            "tied": ("embed", tied), "mixed_rank": ("plain", mixed_rank_in_type)}
+            "tied": ("embed", tied), "mixed_rank": ("plain", mixed_rank_in_type), "tokens": ("plain", tokens)}
 
 # (adapter or variant, target, rule, severity): each rule of every target, firing where the source says.
 EXPECTED = [
@@ -160,7 +164,8 @@ EXPECTED = [
     ("embed", "comfyui", "payloads", "refuse"),
     ("plain", "comfyui", "alphas", OK),
 ] + [(v, t, r, s) for t in TARGETS for v, r, s in
-     (("nola", "non_lora_method", OK), ("fused", "fused_block", "refuse"), ("bias", "bias_delta", "refuse"))
+     (("nola", "non_lora_method", OK), ("fused", "fused_block", "refuse"), ("bias", "bias_delta", "refuse"),
+      ("tokens", "no_lora_form", "refuse"))
      if any(rule.id == r for rule in RULES[t])]
 
 

@@ -29,7 +29,8 @@ class PeftFormat(AdapterFormat):
     name = "peft"
     summary = "Hugging Face PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)"
     priority = 20
-    writes_methods = ("lora", "dora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft")
+    writes_methods = ("lora", "dora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft",
+                      "trainable_tokens")
     read_options = PeftReadOptions
 
     def detect(self, path: Path) -> bool:

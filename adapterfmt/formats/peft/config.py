@@ -20,14 +20,14 @@ PREFIX = "base_model.model."
 # Fields whose value we read and honour.
 HANDLED = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
            "modules_to_save", "use_dora", "init_lora_weights", "base_model_name_or_path", "revision",
-           "target_modules", "target_parameters", "lora_bias"}
+           "target_modules", "target_parameters", "lora_bias", "trainable_token_indices"}
 # Fields that only steer training or module selection; a saved adapter is the same without them.
 TRAINING_ONLY = {"task_type", "auto_mapping", "peft_version", "inference_mode", "exclude_modules",
                  "lora_dropout", "bias", "layers_to_transform", "layers_pattern", "megatron_config",
                  "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
                  "runtime_config", "qalora_group_size", "ensure_weight_tying"}
 # Fields that change what the saved tensors mean; allowed only at their neutral value.
-NEUTRAL = {"trainable_token_indices": (None, {}, []), "alora_invocation_tokens": (None,), "use_qalora": (False,),
+NEUTRAL = {"alora_invocation_tokens": (None,), "use_qalora": (False,),
            "use_bdlora": (None, False),
            "arrow_config": (None,), "kasa_config": (None,), "velora_config": (None,),
            "monteclora_config": (None,),
@@ -43,6 +43,7 @@ FIELD_TYPES = {"r": ((int, float), "a number"), "lora_alpha": ((int, float), "a 
                "rank_pattern": ((dict, type(None)), "an object or null"),
                "alpha_pattern": ((dict, type(None)), "an object or null"),
                "base_model_name_or_path": ((str, type(None)), "a string or null"),
+               "trainable_token_indices": ((list, dict, type(None)), "a list, an object or null"),
                "revision": ((str, type(None)), "a string or null")}
 BIAS_MODES = ("none", "all", "lora_only")
 # A module name must be a dotted parameter path (what the manifest schema allows, no '/' or '..').

@@ -21,7 +21,7 @@ from .selection import SELECTION_FIELDS, saved_by, selects_exactly
 
 #: Fields the writer computes itself from the modules (never copied).
 COMPUTED = {"peft_type", "use_dora", "fan_in_fan_out", "modules_to_save", "base_model_name_or_path", "revision",
-            "target_parameters"}
+            "target_parameters", "trainable_token_indices"}
 #: Architecture class suffix -> PEFT task_type, for adapters that did not come from PEFT.
 TASK_BY_ARCHITECTURE_SUFFIX = {"ForCausalLM": "CAUSAL_LM"}
 #: The rank/alpha rule, restored together when it gives every module its rank and scale.

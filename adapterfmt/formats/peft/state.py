@@ -22,6 +22,7 @@ from .params import is_param_module, read_target_params, write_target_params
 from .restore import restore_original
 from .selection import saved_by, selects
 from .shared import keep_payload, one_fan_in_fan_out
+from .tokens import LORA_LEAF, METHOD as TOKENS, add_token_modules, lora_token_indices, split_token_rows, token_state
 
 
 def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -42,6 +43,7 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
         state = dict(state)  # the targeted parameters' factors are taken out of it
         read_target_params(config, state, path, options.base, manifest, tensors, report)
     state, lora_biases = split_lora_biases(state, PREFIX)
+    state, token_rows = split_token_rows(state, LORA_LEAF)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     payload_keys: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -105,6 +107,8 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
         report.add(module, LOSSLESS)
     for key, tensor in sorted(payload_keys.items()):
         keep_payload(manifest, tensors, key, payload_kind(key, config, path), tensor, report)
+    add_token_modules(manifest, tensors, token_rows, lora_token_indices(config, sorted(token_rows), path),
+                      options.base, path, report)
     if not manifest.modules:
         raise ForeignFormatError("no LoRA tensors found", path=path, hint="the adapter is empty or not LoRA")
     add_bias_deltas(config, lora_biases, manifest, tensors, path, report)
@@ -112,7 +116,8 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
     manifest.base.name_or_path = config.get("base_model_name_or_path")
     manifest.base.revision = config.get("revision")
     # The modules PEFT's selection picked: the writer restores the original selection only for this set.
-    manifest.source.update({"format": "peft", "config": config, "modules": sorted(manifest.modules)})
+    lora_modules = sorted(t for t, e in manifest.modules.items() if e.method != TOKENS)
+    manifest.source.update({"format": "peft", "config": config, "modules": lora_modules})
     adapter = Adapter(manifest=manifest, tensors=tensors)
     return adapter
 
@@ -190,11 +195,12 @@ def adapter_to_peft(adapter: Adapter, report, base=None) -> tuple[dict[str, Any]
     adapter does not record it.
     """
     manifest = adapter.manifest
-    methods = set(manifest.methods())
+    methods = set(manifest.methods()) - {TOKENS}
     if not methods <= {"lora", "dora"} or len(methods) != 1:
-        raise UsageError(f"PEFT export needs all modules to be LoRA or all DoRA, got {sorted(methods)}",
+        raise UsageError(f"PEFT export needs all modules to be LoRA or all DoRA (plus trainable tokens), got "
+                         f"{sorted(manifest.methods())}",
                          hint="convert other methods to LoRA first (adapterfmt convert ... --method lora)")
-    entries = manifest.modules
+    entries = {t: e for t, e in manifest.modules.items() if e.method != TOKENS}
     for target, e in entries.items():
         if e.base_weight != f"{target}.weight" and not is_param_module(target, e):
             # e.g. NOLA GPT-2 imports: q and v blocks of the fused c_attn are separate modules.
@@ -264,6 +270,13 @@ def adapter_to_peft(adapter: Adapter, report, base=None) -> tuple[dict[str, Any]
         if payload.target in replaced:
             continue
         tensors[f"{PREFIX}{payload_key(payload, manifest)}"] = adapter.tensors[payload.tensor.name]
+    token_indices, token_tensors = token_state(adapter, LORA_LEAF)
+    if token_indices:
+        # The dict form, keyed by full module names (PEFT matches keys as name suffixes).
+        config["trainable_token_indices"] = token_indices
+        tensors.update(token_tensors)
+        for target in token_indices:
+            report.add(target, LOSSLESS)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     return config, tensors
 
