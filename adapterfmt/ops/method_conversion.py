@@ -35,7 +35,7 @@ def dense_to_lora(target: str, entry, tensors, base, rank: int | None, energy: f
     a, b, sigma = truncated_svd(delta, min(delta.shape))
     keep = max(1, min(rank if rank is not None else energy_rank(sigma, energy), a.shape[0]))
     new = {"lora_A": a[:keep].contiguous(), "lora_B": b[:, :keep].contiguous()}
-    new_entry = entry.replace(method="lora", params=lora_params(a.shape[0], float(a.shape[0]), False),
+    new_entry = entry.replace(method="lora", params=lora_params(keep, float(keep), False),
                               tensors=tensor_refs(target, new))
     return new_entry, new, delta
 

@@ -261,6 +261,9 @@ def test_no_exact_lora_form_converts_lossy_with_rank_and_reports_the_error(kind,
     small = adapterfmt.convert(native, tmp_path / "lora2.safetensors", method="lora", base=llama_base,
                                resize={"rank": 2})
     assert max(m.rel_error for m in small.modules) > 1e-3  # the measured loss is reported, not hidden
+    small_file = adapterfmt.read_adapter(tmp_path / "lora2.safetensors")  # the file says the rank it holds
+    assert {(e.params["rank"], e.params["scale"]) for e in small_file.manifest.modules.values()} == {(2, 1.0)}
+    assert all("at rank 2" in m.note for m in small.modules)
     merged = peft_merged_state(llama_base, peft_dir)
     from safetensors.torch import load_file
     base = load_file(str(llama_base / "model.safetensors"))
