@@ -331,10 +331,12 @@ _SHARD = click.option("--shard-size", "shard_size", type=ByteSize(), default=Non
 
 
 @main.command()
-@click.option("--base", required=True, type=click.Path(path_type=Path), help="Base model directory.")
+@click.option("--base", required=True, type=click.Path(path_type=Path),
+              help="Base model directory, or a single-file SD 1.x/2.x/SDXL checkpoint (.safetensors, LDM/SGM layout).")
 @click.option("--adapter", "adapters", required=True, multiple=True, type=AdapterWeight(),
               help="FILE[:WEIGHT], repeatable.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model directory.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output model directory (a .safetensors file for a single-file --base, same layout).")
 @_DEVICE
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True)
 @_SHARD

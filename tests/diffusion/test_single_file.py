@@ -63,13 +63,24 @@ def test_layouts_diffusers_cannot_map_one_to_one_are_refused(tmp_path):
         load_base(path)
 
 
-def test_merge_into_a_single_file_is_refused_clearly(sd15, single, tmp_path):
-    from adapterfmt.errors import UsageError
+def test_cli_merges_into_a_single_file_and_refuses_flux(sd15, single, tmp_path):
+    from click.testing import CliRunner
+
+    from adapterfmt.cli import main
     src = tmp_path / "lora.safetensors"
     sd_scripts_lora("sd15", sd15[1], src)
     adapterfmt.convert(src, tmp_path / "a.safetensors", base=single)
-    with pytest.raises(UsageError, match="single-file .* not supported yet"):
-        adapterfmt.merge(single, [tmp_path / "a.safetensors"], tmp_path / "merged")
+    out = tmp_path / "merged.safetensors"
+    result = CliRunner().invoke(main, ["merge", "--base", str(single), "--adapter", f"{tmp_path / 'a.safetensors'}:0.5",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "byte for byte" in result.output and out.is_file()
+    assert list(load_file(str(out))) == list(load_file(str(single)))
+    flux = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(flux))
+    result = CliRunner().invoke(main, ["merge", "--base", str(flux), "--adapter", str(tmp_path / "a.safetensors"),
+                                       "--out", str(tmp_path / "f.safetensors")])
+    assert result.exit_code != 0 and "Flux (BFL layout, fused qkv) are not supported" in result.output
 
 
 def test_sdxl_single_file_binds_all_three_components_like_the_pipeline(sdxl, tmp_path):
