@@ -228,7 +228,9 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
               help="Consumer to check against, repeatable: peft, vllm, sglang, tgi, llama.cpp, mlx, diffusers, "
                    "comfyui (default: all).")
 @click.option("--out", default="OUT", show_default=True, help="Output path shown in the suggested commands.")
-@click.option("--base", default="BASE", show_default=True, help="Base model path shown in the suggested commands.")
+@click.option("--base", default="BASE", show_default=True,
+              help="Base model path shown in the suggested commands; when it exists, diffusion LoRA files "
+                   "are also checked against it (module names, SDXL's UNet config).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def check(file, targets, out, base, as_json):
     """Say where an adapter will work: per consumer, will it load, what it ignores or mis-scales, and the

@@ -149,7 +149,7 @@ def key_view(adapter_or_path, base: str):
     from .hub import resolve_path
     path = resolve_path(adapter_or_path)
     keys = read_diffusion_keys(path, base if base and Path(base).exists() else None)
-    if keys is None:
+    if keys is None or keys.kind == "flux":  # the key rules model the SD 1.x / SDXL loaders only
         return None
     try:
         if detect_format(Path(path)).name == "adapterfmt":
@@ -165,14 +165,14 @@ def _adapter_for_check(adapter_or_path, keys, names: list[str]) -> Adapter:
     if not isinstance(adapter_or_path, (str, Path)):
         return adapter_or_path
     try:
-        return load_for_check(adapter_or_path)
+        return load_for_check(adapter_or_path, keys.keys.base if keys is not None else None)
     except AdapterFmtError:
         if keys is None or not set(names) <= set(KEY_RULES):
             raise
         return UNREADABLE
 
 
-def load_for_check(path: str | Path) -> Adapter:
+def load_for_check(path: str | Path, base: str | None = None) -> Adapter:
     """The adapter to check: an adapterfmt file's manifest only (no tensor data), or any foreign format
     adapterfmt reads (a PEFT directory, GGUF, MLX, kohya), read as ``convert`` would.
 
@@ -189,4 +189,7 @@ def load_for_check(path: str | Path) -> Adapter:
         metadata, _ = read_header(path)
         manifest, version = parse_manifest(metadata, str(path))
         return Adapter(manifest=manifest, tensors={}, version=version)
-    return fmt.read(Path(path), ReadOptions(), ConversionReport())
+    # A base (an existing path given to check --base) lets kohya SDXL names on SGM blocks be read.
+    from .load import load_base
+    options = ReadOptions(base=load_base(Path(base))) if base else ReadOptions()
+    return fmt.read(Path(path), options, ConversionReport())

@@ -68,9 +68,10 @@ def unet_name_mapped(module: str) -> str | None:
 def mapped(module: str, kind: str) -> str | None:
     """None when ComfyUI's key map for an SD 1.x / SDXL model has this module name, else why not."""
     if module.startswith(("lora_te", "text_encoder", "text_encoders.")):
-        if any(p.match(module) and (len(p.groups) < 2 or int(p.match(module)[2]) < CLIP_LAYERS)
-               for p in _clip_names(kind)):
-            return None
+        for pattern in _clip_names(kind):
+            match = pattern.match(module)
+            if match and (pattern.groups < 2 or int(match[2]) < CLIP_LAYERS):
+                return None
         if re.match(r"^(lora_te\d?_|text_encoder(_2)?\.)encoder", module):
             return "text-encoder names without 'text_model' (transformers 5 spelling) are not in ComfyUI's key map"
         return "ComfyUI maps only the CLIP q/k/v/out_proj and fc1/fc2 of text_model.encoder.layers.N"
