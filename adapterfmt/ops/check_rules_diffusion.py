@@ -7,13 +7,14 @@ and every ComfyUI message says so.
 """
 from __future__ import annotations
 
+import math
 from functools import cached_property
 
-from .check_model import IGNORED, OK, REFUSE, Rule
+from .check_model import IGNORED, MISSCALED, OK, REFUSE, Rule
 from .check_rules import KOHYA_FOR, MERGE_FIX, some
 from .comfy_keys import COMFY_SOURCE, ComfyOutcome, run_comfy
 from .diffusers_keys import DIFFUSERS_VERSION_TESTED, DiffusersOutcome, run_diffusers
-from .diffusion_keys import DiffusionKeys
+from .diffusion_keys import DiffusionKeys, peft_scales
 
 DIFFUSERS_RUN = f"diffusers {DIFFUSERS_VERSION_TESTED} loaders/lora_pipeline.py lora_state_dict + utils/state_dict_utils.py (run on the keys)"
 TE_COMPONENTS = ("text_encoder.", "text_encoder_2.")
@@ -49,6 +50,12 @@ class KeyView:
         for key, why in sorted(keys.items()):
             first.setdefault(why, key)
         return "; ".join(f"{why} (e.g. {key})" for why, key in first.items())
+
+
+def _comfy_misscaled(v: KeyView) -> dict[str, float]:
+    """PEFT-format modules ComfyUI applies at scale 1 (no .alpha key) whose diffusers scale is not 1."""
+    applied = set(v.comfy.applied)
+    return {m: s for m, s in peft_scales(v.keys).items() if m in applied and not math.isclose(s, 1.0, rel_tol=1e-9)}
 
 
 def _names_unmapped(v: KeyView) -> dict[str, str]:
@@ -96,6 +103,11 @@ COMFYUI_KEY_RULES = (
          lambda v: f"{len(_keys_unread(v))} key(s) of mapped modules are read by no ComfyUI weight adapter "
                    f"('lora key not loaded'), {COMFY_NOTE}: {v.reasons(_keys_unread(v))}", MERGE_FIX,
          exact_fix=False, source=COMFY_SOURCE),
+    Rule("peft_alpha_ignored", MISSCALED, lambda v: bool(_comfy_misscaled(v)),
+         lambda v: f"{len(_comfy_misscaled(v))} PEFT-format module(s) have no .alpha key, so ComfyUI scales them "
+                   f"by 1 where the file's lora_adapter_metadata gives e.g. {sorted(_comfy_misscaled(v).items())[0][1]:.6g} "
+                   f"({sorted(_comfy_misscaled(v))[0]}), {COMFY_NOTE}", KOHYA_FOR + "comfyui",
+         source=COMFY_SOURCE + " (LoRAAdapter.calculate_weight: alpha None -> 1.0)"),
     Rule("nothing_applied", IGNORED, lambda v: bool(v.comfy.nothing_applied),
          lambda v: f"{some(v.comfy.nothing_applied)}: only scalars (.alpha/.dora_scale), no weights; ComfyUI "
                    f"patches nothing there, {COMFY_NOTE}", None, exact_fix=False, source=COMFY_SOURCE),

@@ -7,6 +7,8 @@ diffusers_keys.py (diffusers, run for real) and comfy_keys.py (ComfyUI, reimplem
 """
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -51,6 +53,7 @@ class DiffusionKeys:
     alphas: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     base: str | None = None  # a base path the loaders' names are checked against, when given
+    shapes: dict[str, list[int]] = field(default_factory=dict)
 
     @cached_property
     def modules(self) -> dict[str, dict[str, str]]:
@@ -98,6 +101,40 @@ def read_diffusion_keys(path: Path | str, base: str | None = None) -> DiffusionK
                 return None
             alphas = {split_key(k)[0]: float(handle.get_tensor(k).float().reshape(-1)[0])
                       for k in keys if k.endswith(".alpha")}
+            shapes = {k: list(handle.get_slice(k).get_shape()) for k in keys}
     except (SafetensorError, OSError, ValueError):
         return None
-    return DiffusionKeys(str(path), keys, alphas, metadata, base)
+    return DiffusionKeys(str(path), keys, alphas, metadata, base, shapes)
+
+
+def peft_scales(facts: DiffusionKeys) -> dict[str, float]:
+    """{module: the scale diffusers gives it} for PEFT-format modules (``.lora_A.weight``, no ``.alpha``),
+    from the file's ``lora_adapter_metadata`` (per component ``r``, ``lora_alpha``, patterns, rsLoRA) as
+    PEFT applies it; empty without that metadata (diffusers then uses alpha = rank, scale 1).
+
+    Example:
+        >>> peft_scales(read_diffusion_keys("diffusers_lora.safetensors"))  # doctest: +SKIP
+        {'unet.down_blocks.0.attentions.0.proj_in': 2.0}
+    """
+    import math
+
+    from peft.utils.other import get_pattern_key
+    try:
+        config = json.loads(facts.metadata.get("lora_adapter_metadata") or "{}")
+    except ValueError:
+        return {}
+    out = {}
+    for module, keys in facts.modules.items():
+        if ".lora_A.weight" not in keys or ".alpha" in keys:
+            continue
+        component, _, inner = module.partition(".")
+        rank = facts.shapes[keys[".lora_A.weight"]][0]
+        alpha = config.get(f"{component}.lora_alpha")
+        if alpha is None:
+            continue
+        patterns = config.get(f"{component}.alpha_pattern") or {}
+        if patterns:
+            alpha = patterns.get(get_pattern_key(list(patterns), inner), alpha)
+        root = math.sqrt(rank) if config.get(f"{component}.use_rslora") else rank
+        out[module] = float(alpha) / root
+    return out

@@ -7,6 +7,8 @@ test_check_consumers.py checks the diffusers counts against diffusers actually l
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -44,9 +46,18 @@ FILES = {
 }
 
 
+#: diffusers' lora_adapter_metadata (per component r / lora_alpha), as save_lora_weights writes it.
+METADATA = {"peft_alpha": {"unet.r": 2, "unet.lora_alpha": 4, "text_encoder.r": 2, "text_encoder.lora_alpha": 2},
+            "peft_alpha_one": {"unet.r": 2, "unet.lora_alpha": 2}}
+
+
 def write(tmp_path, case: str):
     path = tmp_path / f"{case}.safetensors"
-    save_file({k: torch.ones(()) if k.endswith(".alpha") else torch.ones(2, 2) for k in FILES[case]}, str(path))
+    keys = FILES[case.removesuffix("_alpha").removesuffix("_alpha_one")] if case.startswith("peft_alpha") else FILES[case]
+    metadata = {"format": "pt"}
+    if case in METADATA:
+        metadata["lora_adapter_metadata"] = json.dumps(METADATA[case])
+    save_file({k: torch.ones(()) if k.endswith(".alpha") else torch.ones(2, 2) for k in keys}, str(path), metadata)
     return path
 
 
@@ -73,6 +84,7 @@ FIRES = [
     ("peft", "comfyui", "names_not_mapped", "ignored", "processor spelling", False),
     ("peft_te_dora", "comfyui", "keys_not_read", "ignored", ".lora_magnitude_vector", False),
     ("alpha_only", "comfyui", "nothing_applied", "ignored", TE, False),
+    ("peft_alpha", "comfyui", "peft_alpha_ignored", "mis-scaled", "e.g. 2 (unet.down_blocks.0.attentions.0.proj_in)", False),
     ("peft", "comfyui", "keys_applied", OK, "applies 2 of the file's 3 modules", False),
 ]
 #: The file that leaves each rule silent.
@@ -81,7 +93,7 @@ SILENT = [
     ("peft_unet_dora", "diffusers", "te_dora_magnitude", False), ("plain", "diffusers", "not_in_base", True),
     ("sgm", "diffusers", "sgm_names_assumed", True), ("loha", "diffusers", "keys_applied", False),
     ("plain", "comfyui", "names_not_mapped", False), ("plain", "comfyui", "keys_not_read", False),
-    ("plain", "comfyui", "nothing_applied", False),
+    ("plain", "comfyui", "nothing_applied", False), ("peft_alpha_one", "comfyui", "peft_alpha_ignored", False),
 ]
 
 
