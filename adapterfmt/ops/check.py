@@ -121,7 +121,8 @@ def check_adapter(adapter_or_path: Adapter | str | Path, targets: Iterable[str],
     for name in names:
         fields = {"file": path, "out": out, "base": base, "max_rank": facts.max_rank}
         findings = [Finding(name, r.id, r.severity, r.message(facts), r.fix.format(**fields) if r.fix else None,
-                            r.exact_fix, r.source) for r in RULES[name] if readable and r.applies(facts)]
+                            r.exact_fix, r.source) for r in RULES[name] if readable and r.applies(facts)
+                    and (keys is None or r.id not in keys.decided_by_keys(name))]
         if keys is not None:
             # The file as the diffusion loaders see it: which of its keys they apply, ignore or refuse.
             findings += [Finding(name, r.id, r.severity,

@@ -39,6 +39,18 @@ class KeyView:
     def module_count(self) -> int:
         return len(self.keys.modules)
 
+    @property
+    def has_alpha_keys(self) -> bool:
+        return any(".alpha" in keys for keys in self.keys.modules.values())
+
+    def decided_by_keys(self, target: str) -> set[str]:
+        """Manifest rules the file's own keys decide instead: a PEFT-format file (no ``.alpha`` keys) is not
+        mis-scaled by diffusers (its lora_adapter_metadata is read), and ComfyUI's scale for it is
+        judged by ``peft_alpha_ignored``."""
+        if self.has_alpha_keys:
+            return set()
+        return {"diffusers": {"per_module_alphas"}, "comfyui": {"alphas"}}.get(target, set())
+
     def te_magnitudes(self) -> list[str]:
         """Text-encoder modules of a diffusers-format file that carry DoRA magnitudes."""
         return [m for m, keys in self.keys.modules.items() if m.startswith(TE_COMPONENTS)

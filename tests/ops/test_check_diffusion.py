@@ -133,3 +133,17 @@ def test_check_of_an_unreadable_diffusion_file_refuses_non_diffusion_targets(tmp
     assert check_adapter(path, ["diffusers", "comfyui"]).targets
     with pytest.raises(AdapterFmtError):
         check_adapter(path, ["vllm"])
+
+
+def test_a_diffusers_format_file_is_not_called_mis_scaled_by_diffusers(tmp_path):
+    """Per-module alphas in lora_adapter_metadata are read by diffusers: only kohya files (.alpha keys) are
+    mis-scaled there (tests/diffusion/test_check_consumers.py shows that one with diffusers itself)."""
+    import adapterfmt
+    src = tmp_path / "varied.safetensors"
+    save_file({k: torch.tensor(2.0 if k.startswith(Q) else 1.0) if k.endswith(".alpha") else torch.ones(2, 2)
+               for k in FILES["plain"]}, str(src))
+    assert findings(src, "diffusers")["per_module_alphas"].severity == "mis-scaled"  # the kohya file is
+    adapterfmt.convert(src, tmp_path / "d.safetensors", to="diffusers")
+    assert "per_module_alphas" not in findings(tmp_path / "d.safetensors", "diffusers")
+    comfy = findings(tmp_path / "d.safetensors", "comfyui")
+    assert "alphas" not in comfy and "keys_applied" in comfy
