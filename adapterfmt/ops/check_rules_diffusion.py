@@ -51,6 +51,13 @@ class KeyView:
             return set()
         return {"diffusers": {"per_module_alphas"}, "comfyui": {"alphas"}}.get(target, set())
 
+    def not_applied_by_diffusers(self) -> list[str]:
+        return [m for m in self.keys.modules if m not in self.diffusers.applied]
+
+    def not_applied_by_comfy(self) -> list[str]:
+        applied = set(self.comfy.applied)
+        return [m for m in self.keys.modules if m not in applied]
+
     def te_magnitudes(self) -> list[str]:
         """Text-encoder modules of a diffusers-format file that carry DoRA magnitudes."""
         return [m for m, keys in self.keys.modules.items() if m.startswith(TE_COMPONENTS)
@@ -103,7 +110,8 @@ DIFFUSERS_KEY_RULES = (
          source=DIFFUSERS_RUN + " (_maybe_map_sgm_blocks_to_diffusers)"),
     Rule("keys_applied", OK, lambda v: v.diffusers.refused is None,
          lambda v: f"diffusers applies {len(v.diffusers.applied)} of the file's {v.module_count} modules "
-                   f"(diffusers {DIFFUSERS_VERSION_TESTED}'s own key conversion run on this file's keys)",
+                   f"(diffusers {DIFFUSERS_VERSION_TESTED}'s own key conversion run on this file's keys)"
+                   + (f"; not applied: {some(v.not_applied_by_diffusers(), 3)}" if v.not_applied_by_diffusers() else ""),
          "adapterfmt convert {file} {out} --to diffusers", source=DIFFUSERS_RUN),
 )
 
@@ -124,7 +132,8 @@ COMFYUI_KEY_RULES = (
          lambda v: f"{some(v.comfy.nothing_applied)}: only scalars (.alpha/.dora_scale), no weights; ComfyUI "
                    f"patches nothing there, {COMFY_NOTE}", None, exact_fix=False, source=COMFY_SOURCE),
     Rule("keys_applied", OK, lambda v: True,
-         lambda v: f"ComfyUI applies {len(v.comfy.applied)} of the file's {v.module_count} modules, {COMFY_NOTE}",
+         lambda v: f"ComfyUI applies {len(v.comfy.applied)} of the file's {v.module_count} modules, {COMFY_NOTE}"
+                   + (f"; not applied: {some(v.not_applied_by_comfy(), 3)}" if v.not_applied_by_comfy() else ""),
          KOHYA_FOR + "comfyui", source=COMFY_SOURCE),
 )
 
