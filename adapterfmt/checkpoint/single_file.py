@@ -156,9 +156,10 @@ def _open_clip_map(probe: Probe, keys: list[str], prefix: str) -> ProbeMap:
     """diffusers' OpenCLIP conversion run one residual block at a time: its q/k/v slices are copies
     (``.clone()``), so one block's probes at once keep the memory small."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    # Without text_projection diffusers falls back to the model config; a config without hidden_size
-    # makes it use its own default, as for a file it loads without a config.
-    model = SimpleNamespace(config=SimpleNamespace())
+    # Without text_projection (SD 2.x: diffusers ignores it) diffusers splits in_proj by the model
+    # config's hidden_size, which is the token embedding's width.
+    token = probe.shapes.get(f"{prefix}token_embedding.weight")
+    model = SimpleNamespace(config=SimpleNamespace(**({"hidden_size": token[1]} if token else {})))
     shared = [k for k in keys if not _LAYER.search(k)]
     layers: dict[str, list[str]] = {}
     for key in keys:

@@ -71,10 +71,13 @@ OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embeddin
 
 
 def open_clip_state(model) -> dict:
-    """open_clip's names for a CLIPTextModelWithProjection (written from open_clip's layout)."""
-    sd = model.state_dict()
+    """open_clip's names for a CLIP text model (written from open_clip's layout); a CLIPTextModelWithProjection's
+    projection becomes ``text_projection`` (transposed), a plain CLIPTextModel (SD 2.x) has none."""
+    sd = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
+          for k, v in model.state_dict().items()}
     state = {old: sd[new] for new, old in OPEN_CLIP_TOP.items()}
-    state["text_projection"] = sd["text_projection.weight"].T.contiguous()
+    if "text_projection.weight" in sd:
+        state["text_projection"] = sd["text_projection.weight"].T.contiguous()
     layers = {int(m[1]) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
     for i in sorted(layers):
         inner, outer = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."

@@ -192,3 +192,30 @@ def test_options_the_single_file_merge_cannot_honour_are_refused(sd15, tmp_path)
     _, specs = _loras("sd15", models, tmp_path, single, [(0, 1.0)])
     with pytest.raises(UsageError, match="--dtype does not apply to a single-file checkpoint base"):
         adapterfmt.merge(single, [specs[0][1]], tmp_path / "m.safetensors", dtype="bf16")
+
+
+def test_sd2_style_open_clip_text_encoder_merges_like_fuse_lora(sd15, tmp_path):
+    """An SD 2.x-style file: the text encoder in open_clip's layout (fused in_proj, no text_projection)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    from .ldm_files import open_clip_state
+    models = sd15[1]
+    state = load_file(str(save_sd15_single_file(models, tmp_path / "sd15.safetensors")))
+    state = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}
+    state.update({"cond_stage_model.model." + k: v for k, v in open_clip_state(models["text_encoder"]).items()})
+    single = tmp_path / "sd2.safetensors"
+    save_file(state, str(single), metadata=METADATA)
+    loras, specs = _loras("sd15", models, tmp_path, single, [(0, 1.0)])
+    fused = tiny_pipeline("sd15", models)
+    fused.load_lora_weights(str(specs[0][0]))
+    fused.fuse_lora(components=["text_encoder"])
+    out = tmp_path / "merged.safetensors"
+    adapterfmt.merge(single, [specs[0][1]], out)
+    te = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(
+        models["text_encoder"], load_file(str(out)), prefix="cond_stage_model.model.").items()}
+    base_te = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(
+        models["text_encoder"], state, prefix="cond_stage_model.model.").items()}
+    theirs = _fused_states(fused, {"text_encoder": None})["text_encoder"]
+    assert set(te) == set(theirs)
+    _compare({"text_encoder": te}, {"text_encoder": theirs}, {"text_encoder": base_te}, loras, "sd2")
+    assert any(not torch.equal(te[k], base_te[k]) for k in te if "q_proj" in k)
