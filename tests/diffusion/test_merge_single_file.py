@@ -219,3 +219,26 @@ def test_sd2_style_open_clip_text_encoder_merges_like_fuse_lora(sd15, tmp_path):
     assert set(te) == set(theirs)
     _compare({"text_encoder": te}, {"text_encoder": theirs}, {"text_encoder": base_te}, loras, "sd2")
     assert any(not torch.equal(te[k], base_te[k]) for k in te if "q_proj" in k)
+
+
+def test_a_single_component_adapter_finds_its_component_by_architecture(sd15, tmp_path):
+    """A PEFT adapter of the UNet alone (no components) merges into the UNet of the single file, as PEFT's
+    merge_and_unload does on the UNet."""
+    import copy
+
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from peft import LoraConfig, get_peft_model
+    pipe_dir, models = sd15
+    single = _single("sd15", models, tmp_path)
+    torch.manual_seed(3)
+    unet = get_peft_model(copy.deepcopy(models["unet"]), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                                    target_modules=["to_q", "to_v"]))
+    unet.save_pretrained(tmp_path / "peft")
+    adapterfmt.convert(tmp_path / "peft", tmp_path / "a.safetensors", base=pipe_dir / "unet")
+    assert not adapterfmt.read_adapter(tmp_path / "a.safetensors").manifest.components
+    stats = adapterfmt.merge(single, [tmp_path / "a.safetensors"], tmp_path / "merged.safetensors")
+    merged = convert_ldm_unet_checkpoint(load_file(str(tmp_path / "merged.safetensors")), {"layers_per_block": 1})
+    theirs = unet.merge_and_unload().state_dict()
+    assert stats.tensors_changed == sum(k.endswith(("to_q.weight", "to_v.weight")) for k in theirs) > 0
+    for key, value in merged.items():
+        assert bool(((value - theirs[key]).abs() <= _ulp(theirs[key])).all()), key
