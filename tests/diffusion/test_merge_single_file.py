@@ -242,3 +242,28 @@ def test_a_single_component_adapter_finds_its_component_by_architecture(sd15, tm
     assert stats.tensors_changed == sum(k.endswith(("to_q.weight", "to_v.weight")) for k in theirs) > 0
     for key, value in merged.items():
         assert bool(((value - theirs[key]).abs() <= _ulp(theirs[key])).all()), key
+
+
+def test_only_adapted_tensors_are_decoded_one_at_a_time(sd15, tmp_path, monkeypatch):
+    """Streaming: untouched tensors are copied as bytes (never decoded), touched ones mapped one at a time."""
+    import contextlib
+
+    from adapterfmt.engine import merge_single_file as engine
+    models = sd15[1]
+    single = _single("sd15", models, tmp_path)
+    _, specs = _loras("sd15", models, tmp_path, single, [(0, 1.0)])
+    opened, open_now = [], [0]
+    real = engine.mapped_tensor
+
+    @contextlib.contextmanager
+    def counting(span, *args, **kwargs):
+        opened.append(span.name)
+        open_now[0] += 1
+        assert open_now[0] == 1, "two stored tensors decoded at once"
+        with real(span, *args, **kwargs) as tensor:
+            yield tensor
+        open_now[0] -= 1
+
+    monkeypatch.setattr(engine, "mapped_tensor", counting)
+    stats = adapterfmt.merge(single, [specs[0][1]], tmp_path / "merged.safetensors")
+    assert len(opened) == len(set(opened)) == stats.tensors_changed < stats.tensors_total
