@@ -106,7 +106,7 @@ DIFFUSERS_KEY_RULES = (
                    f"{some(list(v.diffusers.missing_in_base.values()), 1)}); PEFT finds no layer for them",
          "adapterfmt convert {file} {out} --to diffusers --base {base}", source=DIFFUSERS_RUN),
     Rule("sgm_names_assumed", OK, lambda v: v.diffusers.refused is None and v.diffusers.assumed is not None,
-         lambda v: v.diffusers.assumed, "adapterfmt check {file} --target diffusers --base {base}",
+         lambda v: v.diffusers.assumed, None,
          source=DIFFUSERS_RUN + " (_maybe_map_sgm_blocks_to_diffusers)"),
     Rule("keys_applied", OK, lambda v: v.diffusers.refused is None,
          lambda v: f"diffusers applies {len(v.diffusers.applied)} of the file's {v.module_count} modules "
