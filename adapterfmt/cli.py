@@ -225,7 +225,9 @@ def convert(src, dst, to, source_format, base, method, allow_pickle, overwrite, 
               help="Consumer to check against, repeatable: peft, vllm, sglang, tgi, llama.cpp, mlx, diffusers, "
                    "comfyui (default: all).")
 @click.option("--out", default="OUT", show_default=True, help="Output path shown in the suggested commands.")
-@click.option("--base", default="BASE", show_default=True, help="Base model path shown in the suggested commands.")
+@click.option("--base", default="BASE", show_default=True,
+              help="Base model path shown in the suggested commands; when it exists, diffusion LoRA files "
+                   "are also checked against it (module names, SDXL's UNet config).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def check(file, targets, out, base, as_json):
     """Say where an adapter will work: per consumer, will it load, what it ignores or mis-scales, and the
@@ -328,10 +330,12 @@ _SHARD = click.option("--shard-size", "shard_size", type=ByteSize(), default=Non
 
 
 @main.command()
-@click.option("--base", required=True, type=click.Path(path_type=Path), help="Base model directory.")
+@click.option("--base", required=True, type=click.Path(path_type=Path),
+              help="Base model directory, or a single-file SD 1.x/2.x/SDXL checkpoint (.safetensors, LDM/SGM layout).")
 @click.option("--adapter", "adapters", required=True, multiple=True, type=AdapterWeight(),
               help="FILE[:WEIGHT], repeatable.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model directory.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output model directory (a .safetensors file for a single-file --base, same layout).")
 @_DEVICE
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True)
 @_SHARD

@@ -1,37 +1,35 @@
-"""Single-file SD 1.x / SDXL checkpoints (original LDM/SGM key layout) read as a pipeline with diffusers' names.
+"""Single-file SD 1.x / SD 2.x / SDXL checkpoints (original LDM/SGM key layout) read as a pipeline with
+diffusers' names.
 
 The mapping is diffusers' own (``diffusers.loaders.single_file_utils``: ``convert_ldm_unet_checkpoint``,
-``convert_ldm_clip_checkpoint``), run on placeholders instead of tensors: each placeholder carries its
-stored name, so where diffusers puts it says which stored tensor a diffusers name is. Only names
-diffusers maps one to one are addressable: SDXL's OpenCLIP encoder (fused qkv) is left out and refused
-by name when an adapter needs it; Flux files (BFL, fused qkv) are refused: their diffusers weights are
-slices of stored tensors.
+``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``), run on probes (single_file_map.py):
+what diffusers does with each probe says which stored rows each diffusers weight is, including the
+q/k/v row slices of OpenCLIP's fused ``in_proj_weight`` (SDXL ``text_encoder_2``, SD 2.x text encoder).
+Weights diffusers computes or transposes (OpenCLIP's ``text_projection``) are not placed and are refused
+by name when an adapter needs them. Flux files (BFL layout) are refused: diffusers' converter hard-codes
+the full-size model's dimensions, so it cannot be probed on an arbitrary file.
 """
 from __future__ import annotations
 
 import re
 from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from ..errors import BaseMismatchError, InputIOError
+from ..format.fingerprint import tensor_fingerprint
 from .diffusers_checkpoint import DiffusersPipeline
 from .safetensors_checkpoint import BaseCheckpoint
+from .single_file_map import Probe, ProbeMap, Source
 
 UNET_PREFIX = "model.diffusion_model."
-#: Layouts whose diffusers weights are not stored tensors one to one (the whole file is refused).
-NOT_ONE_TO_ONE = {"double_blocks.": "Flux (BFL layout, fused qkv)"}
-#: Components left out of an otherwise readable file: stored prefix -> (component, why).
-LEFT_OUT = {"conditioner.embedders.1.model.": ("text_encoder_2", "SDXL's OpenCLIP text encoder stores q/k/v fused "
-                                                                 "(in_proj_weight), not one to one")}
-
-
-class _Stored:
-    """A placeholder for one stored tensor: diffusers' conversion moves it, we read where it went."""
-
-    def __init__(self, name: str):
-        self.name = name
+#: Layouts we do not map (the whole file is refused as a base).
+NOT_MAPPED = {"double_blocks.": "Flux (BFL layout, fused qkv)"}
+#: OpenCLIP text encoders: stored prefix -> the pipeline component diffusers loads it as.
+OPEN_CLIP = {"conditioner.embedders.1.model.": "text_encoder_2", "cond_stage_model.model.": "text_encoder"}
+_LAYER = re.compile(r"\.resblocks\.(\d+)\.")
 
 
 class SingleFileComponent(BaseCheckpoint):
@@ -43,9 +41,10 @@ class SingleFileComponent(BaseCheckpoint):
         [320, 4, 3, 3]
     """
 
-    def __init__(self, stored: BaseCheckpoint, names: dict[str, str], architecture: str, config: dict):
+    def __init__(self, stored: BaseCheckpoint, probe_map: ProbeMap, architecture: str, config: dict):
         self.path, self.root, self._stored = stored.path, stored.root, stored
-        self._names, self._architecture, self._config = names, architecture, config
+        self.sources, self.unplaced = probe_map.placed, probe_map.unplaced
+        self._architecture, self._config = architecture, config
         self.shard_files = stored.shard_files
 
     @property
@@ -61,39 +60,53 @@ class SingleFileComponent(BaseCheckpoint):
         return {}
 
     def names(self) -> list[str]:
-        return list(self._names)
+        return list(self.sources)
+
+    def _key(self, name: str) -> str | None:
+        # transformers 5's CLIPTextModel has no 'text_model.' prefix: both spellings name the same weight.
+        return next((c for c in (name, f"text_model.{name}") if c in self.sources), None)
+
+    def source(self, name: str) -> Source:
+        """Where ``name`` is stored (a :class:`BaseMismatchError` naming it when nowhere exactly)."""
+        key = self._key(name)
+        if key is None:
+            why = self.unplaced.get(name) or self.unplaced.get(f"text_model.{name}")
+            raise BaseMismatchError(f"the single-file base has no stored tensor for {name!r}"
+                                    + (f": {why}" if why else ""), path=self.path,
+                                    hint="the adapter was made for a different model, or pass the diffusers "
+                                         "pipeline directory as --base")
+        return self.sources[key]
 
     def resolve(self, name: str) -> str:
-        # transformers 5's CLIPTextModel has no 'text_model.' prefix: both spellings name the same weight.
-        for candidate in (name, f"text_model.{name}"):
-            if candidate in self._names:
-                return self._names[candidate]
-        return name
+        key = self._key(name)
+        return self.sources[key].stored if key else name
 
     def __contains__(self, name: str) -> bool:
-        return name in self._names or f"text_model.{name}" in self._names
+        return self._key(name) is not None
 
     def _require(self, name: str):
-        if name not in self:
-            raise BaseMismatchError(f"base model has no parameter {name!r}", path=self.path,
-                                    hint="the adapter was made for a different model; check --base")
-        return self._stored._info[self.resolve(name)]
+        source = self.source(name)
+        return self._stored._info[source.stored][0], list(source.shape)
 
     def get(self, name: str) -> torch.Tensor:
-        self._require(name)
-        return self._stored.get(self.resolve(name))
+        source = self.source(name)
+        return source.take(self._stored.get(source.stored)).clone()
 
     def fingerprint(self, name: str) -> str:
-        self._require(name)
-        return self._stored.fingerprint(self.resolve(name))
+        source = self.source(name)
+        if source.whole and list(source.shape) == self._stored.shape(source.stored):
+            return self._stored.fingerprint(source.stored)  # samples pages only
+        return tensor_fingerprint(self.get(name))
 
     @cached_property
     def spans(self):
-        return {name: self._stored.spans[stored] for name, stored in self._names.items()}
+        return {name: self._stored.spans[s.stored] for name, s in self.sources.items()
+                if s.whole and list(s.shape) == self._stored.shape(s.stored)}
 
 
 class SingleFilePipeline(DiffusersPipeline):
-    """A single-file SD 1.x checkpoint as a pipeline: ``unet`` and ``text_encoder`` with diffusers' names.
+    """A single-file checkpoint as a pipeline: ``unet``, ``text_encoder`` (and SDXL's ``text_encoder_2``)
+    with diffusers' names.
 
     Example:
         >>> pipe = SingleFilePipeline("v1-5-pruned-emaonly.safetensors")  # doctest: +SKIP
@@ -103,44 +116,61 @@ class SingleFilePipeline(DiffusersPipeline):
 
     def __init__(self, path: Path | str, stored: BaseCheckpoint | None = None):
         stored = stored or BaseCheckpoint(path)
-        self.path, self.root = stored.path, stored.root
+        self.path, self.root, self.stored = stored.path, stored.root, stored
         names = stored.names()
-        for prefix, what in NOT_ONE_TO_ONE.items():
+        for prefix, what in NOT_MAPPED.items():
             if any(n.startswith(prefix) for n in names):
                 raise InputIOError(f"single-file checkpoints with {what} are not supported as a base yet",
                                    path=self.path, hint="load it with diffusers' from_single_file(...) and "
                                                         "save_pretrained() it, then pass that directory as --base")
-        self.left_out = {component: why for prefix, (component, why) in LEFT_OUT.items()
-                         if any(n.startswith(prefix) for n in names)}
         self.index = {"_class_name": "single-file checkpoint (LDM/SGM layout)"}
-        placeholders = {n: _Stored(n) for n in names}
-        self.components = {}
-        unet_config = _unet_config(names)
-        if unet_config:
-            from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-            self.components["unet"] = SingleFileComponent(
-                stored, _moved(convert_ldm_unet_checkpoint(placeholders, unet_config)), "UNet2DConditionModel",
-                unet_config)
-        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-        text = _moved(convert_ldm_clip_checkpoint(placeholders))
-        if text:
-            self.components["text_encoder"] = SingleFileComponent(stored, text, "CLIPTextModel", {})
+        probe = Probe({n: tuple(stored.shape(n)) for n in names})
+        self.components = {name: SingleFileComponent(stored, probe_map, architecture, config)
+                           for name, (probe_map, architecture, config) in _component_maps(probe, names).items()}
         if not self.components:
             raise InputIOError("no UNet or CLIP text encoder found in the single-file checkpoint", path=self.path,
                                hint="pass a diffusers pipeline directory as --base")
         self.shard_files = stored.shard_files
 
-    def component(self, name: str):
-        if name in self.left_out:
-            raise BaseMismatchError(f"the single-file base's {name} cannot be used: {self.left_out[name]}",
-                                    path=self.path, hint="pass the diffusers pipeline directory as --base "
-                                                         "(from_single_file(...).save_pretrained() makes one)")
-        return super().component(name)
+
+def _component_maps(probe: Probe, names: list[str]) -> dict[str, tuple[ProbeMap, str, dict]]:
+    """{component: (probe map, architecture, config)} for every component diffusers finds in the file."""
+    from diffusers.loaders import single_file_utils as sfu
+    maps = {}
+    unet_config = _unet_config(names)
+    if unet_config:
+        maps["unet"] = (probe.run(lambda sd: sfu.convert_ldm_unet_checkpoint(sd, unet_config)),
+                        "UNet2DConditionModel", unet_config)
+    text = probe.run(sfu.convert_ldm_clip_checkpoint)
+    if text.placed:
+        maps["text_encoder"] = (text, "CLIPTextModel", {})
+    for prefix, component in OPEN_CLIP.items():
+        keys = [n for n in names if n.startswith(prefix)]
+        if keys:
+            maps[component] = (_open_clip_map(probe, keys, prefix), "CLIPTextModelWithProjection"
+                               if component == "text_encoder_2" else "CLIPTextModel", {})
+    return maps
 
 
-def _moved(converted: dict) -> dict[str, str]:
-    """{diffusers name: stored name} for the entries diffusers moved unchanged."""
-    return {new: old.name for new, old in converted.items() if isinstance(old, _Stored)}
+def _open_clip_map(probe: Probe, keys: list[str], prefix: str) -> ProbeMap:
+    """diffusers' OpenCLIP conversion run one residual block at a time: its q/k/v slices are copies
+    (``.clone()``), so one block's probes at once keep the memory small."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    # Without text_projection (SD 2.x: diffusers ignores it) diffusers splits in_proj by the model
+    # config's hidden_size, which is the token embedding's width.
+    token = probe.shapes.get(f"{prefix}token_embedding.weight")
+    model = SimpleNamespace(config=SimpleNamespace(**({"hidden_size": token[1]} if token else {})))
+    shared = [k for k in keys if not _LAYER.search(k)]
+    layers: dict[str, list[str]] = {}
+    for key in keys:
+        if (match := _LAYER.search(key)):
+            layers.setdefault(match[1], []).append(key)
+    result = ProbeMap({}, {})
+    for group in [[]] + list(layers.values()):
+        part = probe.run(lambda sd: convert_open_clip_checkpoint(model, sd, prefix=prefix), shared + group)
+        result.placed.update(part.placed)
+        result.unplaced.update(part.unplaced)
+    return result
 
 
 def _unet_config(names: list[str]) -> dict | None:

@@ -70,9 +70,9 @@ def open_streaming(path: Path | str) -> StreamingCheckpoint:
     if is_bnb_quantized(checkpoint.config):
         return BnbStreamingCheckpoint(path)
     if path.is_file() and single_file_layout(checkpoint):
-        raise UsageError(f"merging into a single-file {single_file_layout(checkpoint)} checkpoint is not supported yet",
-                         path=path, hint="merge into a diffusers component directory (from_single_file(...)."
-                                         "save_pretrained() makes one)")
+        raise UsageError(f"a single-file {single_file_layout(checkpoint)} checkpoint is not a model directory",
+                         path=path, hint="adapterfmt merge / unmerge write it in its own layout "
+                                         "(engine/merge_single_file.py)")
     return checkpoint
 
 

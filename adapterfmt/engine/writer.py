@@ -44,7 +44,9 @@ def build_header(tensors: list[OutTensor], metadata: dict[str, str] | None = Non
         >>> build_header([OutTensor("w", "F32", (2,))])[:8]
         b'H\\x00\\x00\\x00\\x00\\x00\\x00\\x00'
     """
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    # None: safetensors' default metadata; an empty dict: no __metadata__ (a copy of a file that had none).
+    metadata = {"format": "pt"} if metadata is None else metadata
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for t in tensors:
         header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}

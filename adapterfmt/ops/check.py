@@ -12,13 +12,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import UsageError
-from ..format import Adapter
+from ..errors import AdapterFmtError, UsageError
+from ..format import Adapter, Manifest
 from .adapter_facts import adapter_facts
 from .check_model import IGNORED, MISSCALED, OK, REFUSE, SEVERITY_ORDER, Rule  # noqa: F401 (re-exported)
 
 __all__ = ["IGNORED", "MISSCALED", "OK", "REFUSE", "SEVERITY_ORDER", "Rule", "check_adapter", "load_for_check"]
 from .check_rules import RULES, TARGET_ALIASES
+from .check_rules_diffusion import KEY_RULES
 
 @dataclass
 class Finding:
@@ -107,23 +108,72 @@ def check_adapter(adapter_or_path: Adapter | str | Path, targets: Iterable[str],
         >>> print("\\n".join(report.lines()))  # doctest: +SKIP
     """
     path = str(adapter_or_path) if isinstance(adapter_or_path, (str, Path)) else "ADAPTER"
-    adapter = load_for_check(adapter_or_path) if isinstance(adapter_or_path, (str, Path)) else adapter_or_path
-    facts = adapter_facts(adapter.manifest)
-    verdicts = []
-    for target in targets:
-        name = TARGET_ALIASES.get(target.lower(), target.lower())
+    names = [TARGET_ALIASES.get(t.lower(), t.lower()) for t in targets]
+    for target, name in zip(targets, names):
         if name not in RULES:
             raise UsageError(f"unknown check target {target!r}",
                              hint=f"choose from {', '.join(sorted(RULES))}")
+    keys = key_view(adapter_or_path, base)
+    adapter = _adapter_for_check(adapter_or_path, keys, names)
+    readable = adapter is not UNREADABLE
+    facts = adapter_facts(adapter.manifest)
+    verdicts = []
+    for name in names:
         fields = {"file": path, "out": out, "base": base, "max_rank": facts.max_rank}
         findings = [Finding(name, r.id, r.severity, r.message(facts), r.fix.format(**fields) if r.fix else None,
-                            r.exact_fix, r.source) for r in RULES[name] if r.applies(facts)]
+                            r.exact_fix, r.source) for r in RULES[name] if readable and r.applies(facts)
+                    and (keys is None or r.id not in keys.decided_by_keys(name))]
+        if keys is not None:
+            # The file as the diffusion loaders see it: which of its keys they apply, ignore or refuse.
+            findings += [Finding(name, r.id, r.severity,
+                                 r.message(keys), r.fix.format(**fields) if r.fix else None, r.exact_fix, r.source)
+                         for r in KEY_RULES.get(name, ()) if r.applies(keys)]
         findings.sort(key=lambda f: SEVERITY_ORDER.index(f.severity))
         verdicts.append(TargetVerdict(name, findings))
     return CheckReport(path=path, targets=verdicts)
 
 
-def load_for_check(path: str | Path) -> Adapter:
+#: Stands for a diffusion file adapterfmt cannot read: only its keys are checked.
+UNREADABLE = Adapter(manifest=Manifest(), tensors={})
+
+
+def key_view(adapter_or_path, base: str):
+    """The key-level view of a diffusion LoRA file as it is (kohya, LyCORIS, diffusers format), else None.
+
+    adapterfmt files are judged by their manifest; ``base`` is used when it names an existing path.
+    """
+    from ..formats import detect_format
+    from .check_rules_diffusion import KeyView
+    from .diffusion_keys import read_diffusion_keys
+    if not isinstance(adapter_or_path, (str, Path)):
+        return None
+    from .hub import resolve_path
+    path = resolve_path(adapter_or_path)
+    keys = read_diffusion_keys(path, base if base and Path(base).exists() else None)
+    if keys is None or keys.kind == "flux":  # the key rules model the SD 1.x / SDXL loaders only
+        return None
+    try:
+        if detect_format(Path(path)).name == "adapterfmt":
+            return None
+    except AdapterFmtError:
+        pass  # a family adapterfmt does not read: the loaders' view is all there is
+    return KeyView(keys)
+
+
+def _adapter_for_check(adapter_or_path, keys, names: list[str]) -> Adapter:
+    """The adapter the manifest rules look at. A diffusion file adapterfmt cannot read (a family or layout
+    it refuses, SGM names without --base) is still checked by its keys for the diffusion targets."""
+    if not isinstance(adapter_or_path, (str, Path)):
+        return adapter_or_path
+    try:
+        return load_for_check(adapter_or_path, keys.keys.base if keys is not None else None)
+    except AdapterFmtError:
+        if keys is None or not set(names) <= set(KEY_RULES):
+            raise
+        return UNREADABLE
+
+
+def load_for_check(path: str | Path, base: str | None = None) -> Adapter:
     """The adapter to check: an adapterfmt file's manifest only (no tensor data), or any foreign format
     adapterfmt reads (a PEFT directory, GGUF, MLX, kohya), read as ``convert`` would.
 
@@ -140,4 +190,7 @@ def load_for_check(path: str | Path) -> Adapter:
         metadata, _ = read_header(path)
         manifest, version = parse_manifest(metadata, str(path))
         return Adapter(manifest=manifest, tensors={}, version=version)
-    return fmt.read(Path(path), ReadOptions(), ConversionReport())
+    # A base (an existing path given to check --base) lets kohya SDXL names on SGM blocks be read.
+    from .load import load_base
+    options = ReadOptions(base=load_base(Path(base))) if base else ReadOptions()
+    return fmt.read(Path(path), options, ConversionReport())

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..engine.merge import merge as engine_merge
+from ..engine.merge_single_file import merge_single_file, unmerge_single_file
 from ..engine.stream import StreamStats
 from ..engine.unmerge import unmerge as engine_unmerge
 from ..errors import UsageError
@@ -54,7 +55,27 @@ def merge(base: Path | str, adapters: Sequence[AdapterSpec] | AdapterSpec, out: 
         return merge_gguf(base, adapter_list(adapters), out, gguf_type=options.get("gguf_type") or "keep",
                           force=options.get("force", False), overwrite=options.get("overwrite", False))
     options.pop("gguf_type", None)
+    if is_single_file_checkpoint(base):
+        _refuse_options(options, "a single-file checkpoint base", "--force, --overwrite and --device")
+        return merge_single_file(base, adapter_list(adapters), out, force=options.get("force", False),
+                                 overwrite=options.get("overwrite", False), device=options.get("device", "auto"))
     return engine_merge(base, adapter_list(adapters), out, **options)
+
+
+def is_single_file_checkpoint(path: Path) -> bool:
+    """A .safetensors file in an original LDM/SGM/BFL layout (not a diffusers or transformers directory)."""
+    from ..checkpoint import BaseCheckpoint
+    from ..checkpoint.diffusers_checkpoint import single_file_layout
+    return path.is_file() and path.suffix.lower() == ".safetensors" and bool(single_file_layout(BaseCheckpoint(path)))
+
+
+def _refuse_options(options: dict, what: str, allowed: str) -> None:
+    """Options the single-file path ignores are refused rather than silently dropped."""
+    unsupported = sorted(k for k, v in options.items() if v not in (None, False, "keep", "auto")
+                         and k not in ("force", "overwrite", "progress", "device"))
+    if unsupported:
+        raise UsageError(f"--{unsupported[0].replace('_', '-')} does not apply to {what}",
+                         hint=f"the output keeps the input's dtypes and layout; it takes {allowed}")
 
 
 def unmerge(merged: Path | str, adapters: Sequence[AdapterSpec] | AdapterSpec, out: Path | str, *,
@@ -64,5 +85,13 @@ def unmerge(merged: Path | str, adapters: Sequence[AdapterSpec] | AdapterSpec, o
     Example:
         >>> unmerge("merged", ["a.safetensors"], "restored", base="tiny-llama")  # doctest: +SKIP
     """
-    return engine_unmerge(resolve_path(merged), adapter_list(adapters), out,
+    merged = resolve_path(merged)
+    if is_single_file_checkpoint(merged):
+        if base is not None:
+            raise UsageError("--base (verification) is not supported for a single-file unmerge",
+                             hint="run without --base; compare the result with the original file yourself")
+        _refuse_options(options, "a single-file checkpoint", "--overwrite and --device")
+        return unmerge_single_file(merged, adapter_list(adapters), out, overwrite=options.get("overwrite", False),
+                                   device=options.get("device", "auto"))
+    return engine_unmerge(merged, adapter_list(adapters), out,
                           base=None if base is None else resolve_path(base), **options)

@@ -52,13 +52,41 @@ def save_sd15_single_file(models: dict, out: Path) -> Path:
 
 
 def save_sdxl_single_file(models: dict, out: Path) -> Path:
-    """SGM layout: text encoder 1 under ``conditioner.embedders.0.transformer.``; the OpenCLIP second
-    encoder under ``conditioner.embedders.1.model.`` with fused ``in_proj_weight`` (a stand-in)."""
+    """SGM layout: text encoder 1 under ``conditioner.embedders.0.transformer.``; the second (OpenCLIP)
+    encoder under ``conditioner.embedders.1.model.`` with q/k/v fused into ``in_proj_weight`` and a
+    transposed ``text_projection``, as open_clip stores them."""
     out = _save(models, out, "conditioner.embedders.0.transformer.text_model.")
     state = load_file(str(out))
-    state["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"] = torch.zeros(24, 8)
+    state.update({"conditioner.embedders.1.model." + k: v for k, v in open_clip_state(models["text_encoder_2"]).items()})
     save_file(state, str(out))
     return out
+
+
+OPEN_CLIP_PARTS = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                   "self_attn.out_proj": "attn.out_proj"}
+OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                 "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                 "text_model.final_layer_norm.weight": "ln_final.weight",
+                 "text_model.final_layer_norm.bias": "ln_final.bias"}
+
+
+def open_clip_state(model) -> dict:
+    """open_clip's names for a CLIP text model (written from open_clip's layout); a CLIPTextModelWithProjection's
+    projection becomes ``text_projection`` (transposed), a plain CLIPTextModel (SD 2.x) has none."""
+    sd = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
+          for k, v in model.state_dict().items()}
+    state = {old: sd[new] for new, old in OPEN_CLIP_TOP.items()}
+    if "text_projection.weight" in sd:
+        state["text_projection"] = sd["text_projection.weight"].T.contiguous()
+    layers = {int(m[1]) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
+    for i in sorted(layers):
+        inner, outer = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            state[f"{outer}attn.in_proj_{kind}"] = torch.cat([sd[f"{inner}self_attn.{p}_proj.{kind}"]
+                                                               for p in "qkv"])
+            for new, old in OPEN_CLIP_PARTS.items():
+                state[f"{outer}{old}.{kind}"] = sd[f"{inner}{new}.{kind}"]
+    return state
 
 
 def _save(models: dict, out: Path, text_prefix: str) -> Path:

@@ -63,38 +63,49 @@ def test_layouts_diffusers_cannot_map_one_to_one_are_refused(tmp_path):
         load_base(path)
 
 
-def test_merge_into_a_single_file_is_refused_clearly(sd15, single, tmp_path):
-    from adapterfmt.errors import UsageError
+def test_cli_merges_into_a_single_file_and_refuses_flux(sd15, single, tmp_path):
+    from click.testing import CliRunner
+
+    from adapterfmt.cli import main
     src = tmp_path / "lora.safetensors"
     sd_scripts_lora("sd15", sd15[1], src)
     adapterfmt.convert(src, tmp_path / "a.safetensors", base=single)
-    with pytest.raises(UsageError, match="single-file .* not supported yet"):
-        adapterfmt.merge(single, [tmp_path / "a.safetensors"], tmp_path / "merged")
+    out = tmp_path / "merged.safetensors"
+    result = CliRunner().invoke(main, ["merge", "--base", str(single), "--adapter", f"{tmp_path / 'a.safetensors'}:0.5",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "byte for byte" in result.output and out.is_file()
+    assert list(load_file(str(out))) == list(load_file(str(single)))
+    flux = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(flux))
+    result = CliRunner().invoke(main, ["merge", "--base", str(flux), "--adapter", str(tmp_path / "a.safetensors"),
+                                       "--out", str(tmp_path / "f.safetensors")])
+    assert result.exit_code != 0 and "Flux (BFL layout, fused qkv) are not supported" in result.output
 
 
-def test_sdxl_single_file_unet_and_te1_bind_te2_is_refused_by_name(sdxl, tmp_path):
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    from adapterfmt.errors import BaseMismatchError
+def test_sdxl_single_file_binds_all_three_components_like_the_pipeline(sdxl, tmp_path):
+    """SGM layout: UNet on SGM blocks, te1 one to one, te2 (OpenCLIP) with q/k/v as row slices of in_proj."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
 
     from .ldm_files import save_sdxl_single_file
     pipe, models = sdxl
     single = save_sdxl_single_file(models, tmp_path / "tiny-sdxl.safetensors")
-    unet = models["unet"]
-    converted = convert_ldm_unet_checkpoint(load_file(str(single)), {"layers_per_block": 2,
-                                                                     "addition_embed_type": "text_time"})
-    assert set(converted) == set(unet.state_dict())  # the fixture is SGM as diffusers reads it
+    state = load_file(str(single))
+    converted = convert_ldm_unet_checkpoint(state, {"layers_per_block": 2, "addition_embed_type": "text_time"})
+    assert set(converted) == set(models["unet"].state_dict())  # the fixture is SGM as diffusers reads it
+    te2 = convert_open_clip_checkpoint(models["text_encoder_2"], state, prefix="conditioner.embedders.1.model.")
+    expected = models["text_encoder_2"].state_dict()
+    assert set(te2) == set(expected) and all(torch.equal(te2[k], expected[k]) for k in expected)
+    base = load_base(single)
+    q = base.components["text_encoder_2"].source("text_model.encoder.layers.1.self_attn.q_proj.weight")
+    assert q.stored.endswith("resblocks.1.attn.in_proj_weight") and q.rows == slice(0, 8)
     src = tmp_path / "lora.safetensors"
     names = sd_scripts_lora("sdxl", models, src)
-    state = load_file(str(src))
-    no_te2 = {k: v for k, v in state.items() if not k.startswith("lora_te2_")}
-    save_file(no_te2, str(tmp_path / "no-te2.safetensors"))
-    adapterfmt.convert(tmp_path / "no-te2.safetensors", tmp_path / "a.safetensors", base=single)
-    adapterfmt.convert(tmp_path / "no-te2.safetensors", tmp_path / "b.safetensors", base=pipe)
+    adapterfmt.convert(src, tmp_path / "a.safetensors", base=single)
+    adapterfmt.convert(src, tmp_path / "b.safetensors", base=pipe)
     a = adapterfmt.read_adapter(tmp_path / "a.safetensors").manifest
     b = adapterfmt.read_adapter(tmp_path / "b.safetensors").manifest
-    assert {k: w.fingerprint for k, w in a.components["unet"].weights.items()} == \
-        {k: w.fingerprint for k, w in b.components["unet"].weights.items()}
-    assert len(a.modules) == len([n for n in names if not n.startswith("lora_te2_")])
-    with pytest.raises(BaseMismatchError, match="text_encoder_2 cannot be used: SDXL's OpenCLIP"):
-        adapterfmt.convert(src, tmp_path / "c.safetensors", base=single)
+    assert len(a.modules) == len(names) and set(a.components) == {"unet", "text_encoder", "text_encoder_2"}
+    for component in a.components:
+        assert {k.removeprefix("text_model."): w.fingerprint for k, w in a.components[component].weights.items()} \
+            == {k.removeprefix("text_model."): w.fingerprint for k, w in b.components[component].weights.items()}
