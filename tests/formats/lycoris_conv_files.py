@@ -74,3 +74,18 @@ def make_lycoris_file(work: Path, base: Path, algo: str, tucker: bool) -> tuple[
     path = work / f"{algo}{'_tucker' if tucker else ''}.safetensors"
     network.save_weights(str(path), torch.float32, None)
     return path, outputs(model)
+
+
+_MADE: dict[tuple, tuple] = {}
+
+
+def shared_case(tmp_path_factory, algo: str, tucker: bool) -> tuple[Path, Path, torch.Tensor]:
+    """(base, LyCORIS file, LyCORIS's outputs) of one case, made once per test session (files are only read)."""
+    if "bases" not in _MADE:
+        work = tmp_path_factory.mktemp("lycoris-conv-bases")
+        _MADE["bases"] = {False: tiny_conv_resnet(work / "narrow", False), True: tiny_conv_resnet(work / "wide", True)}
+    if (algo, tucker) not in _MADE:
+        base = _MADE["bases"][algo in WIDE]
+        path, want = make_lycoris_file(tmp_path_factory.mktemp(f"lycoris-{algo}"), base, algo, tucker)
+        _MADE[(algo, tucker)] = (base, path, want)
+    return _MADE[(algo, tucker)]

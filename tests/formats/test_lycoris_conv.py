@@ -11,24 +11,17 @@ from safetensors.torch import load_file
 import adapterfmt
 from adapterfmt.errors import AdapterFmtError
 
-from .lycoris_conv_files import CASES, WIDE, load_resnet, make_lycoris_file, outputs, tiny_conv_resnet
+from .lycoris_conv_files import CASES, load_resnet, outputs, shared_case
 
 pytest.importorskip("lycoris")
 IDS = [f"{a}{'-tucker' if t else ''}" for a, t in CASES]
 
 
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    work = tmp_path_factory.mktemp("lycoris-conv")
-    return {False: tiny_conv_resnet(work / "narrow", False), True: tiny_conv_resnet(work / "wide", True)}
-
-
 @pytest.fixture(scope="module", params=list(CASES), ids=IDS)
-def lycoris_file(request, bases, tmp_path_factory):
+def lycoris_file(request, tmp_path_factory):
     algo, tucker = request.param
-    base = bases[algo in WIDE]
+    base, path, want = shared_case(tmp_path_factory, algo, tucker)
     work = tmp_path_factory.mktemp(f"{algo}{tucker}")
-    path, want = make_lycoris_file(work, base, algo, tucker)
     native = work / "a.safetensors"
     report = adapterfmt.convert(path, native, base=base)
     return algo, tucker, base, path, want, native, report, work
