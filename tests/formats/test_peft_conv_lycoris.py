@@ -115,3 +115,23 @@ def test_converts_to_conv_lora_exactly(imported):
     report = adapterfmt.convert(ours, work / "lora-peft", to="peft", method="lora", overwrite=True)
     assert {m.status for m in report.modules} == {"exact"}
     assert max(m.max_abs_error for m in report.modules) < 1e-5
+
+
+def test_truncated_conv_lora_reports_the_measured_error(imported):
+    case, base, _, ours, work = imported
+    out = work / "lora-r1.safetensors"
+    report = adapterfmt.convert(ours, out, method="lora", resize={"rank": 1}, overwrite=True)
+    statuses = {m.status for m in report.modules}
+    assert statuses <= {"lossy", "exact"}
+    # LoHa (r = 2: rank up to 4) and LoKr with a full W1 lose; LoKr with both halves factored at r = 1 is rank 1.
+    assert ("lossy" in statuses) == (case != "lokr")
+    adapter, source = adapterfmt.read_adapter(out), adapterfmt.read_adapter(ours)
+    from adapterfmt.methods import get_method
+    for row in report.modules:
+        entry = adapter.manifest.modules[row.module]
+        assert entry.method == "lora" and entry.params["rank"] == 1 and entry.layer == "conv2d"
+        old = source.manifest.modules[row.module]
+        want = get_method(old.method).delta(old, source.module_tensors(row.module)).double()
+        got = get_method("lora").delta(entry, adapter.module_tensors(row.module)).double()
+        # The reported error is the one measured (fp32 ΔWs), up to fp32 rounding of the rewritten factors.
+        assert abs(float((got - want).abs().max()) - row.max_abs_error) <= 1e-6 * float(want.abs().max()) + 1e-7
