@@ -19,7 +19,7 @@ from pydantic import Field
 from ..errors import ManifestError
 from .descriptor import CONV2D_LAYER, SCALE_RTOL, Method, Params, Role, refuse_conversion
 from .loha import exact_lora
-from .tucker import LOKR_EINSUM, check_tucker, conv_dims, flat, tucker, tucker_matrix_factors
+from .tucker import LOKR_EINSUM, check_tucker, conv_dims, dense, flat, tucker, tucker_matrix_factors
 
 HALVES = {"w1": ("w1_a", "w1_b"), "w2": ("w2_a", "w2_b")}
 
@@ -111,14 +111,15 @@ class LoKr(Method):
     def delta(self, entry, tensors, base=None, rows=None):
         # PEFT's make_kron: W1 gains W2's extra axes, kron, then the scale (kron is elementwise products, so the
         # flattened (b, d·kh·kw) W2 of a conv gives the same bits as the 4-D one).
-        w1, w2 = _half(tensors, "w1"), _half(tensors, "w2").contiguous()
-        w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - 2))
+        # dense(): torch.kron refuses "contiguous" tensors with odd strides on size-1 axes (b, d or r = 1).
+        w1, w2 = _half(tensors, "w1"), dense(_half(tensors, "w2"))
+        w1 = dense(w1.reshape(*w1.shape, *[1] * (w2.dim() - 2)))
         scale = float(entry.params["scale"])
         if rows is None:
             return _as_kernel(torch.kron(w1, w2).mul_(scale), entry)
         b = w2.shape[0]
         first, last = rows.start // b, math.ceil(rows.stop / b)
-        block = torch.kron(w1[first:last], w2).mul_(scale)
+        block = torch.kron(dense(w1[first:last]), w2).mul_(scale)
         return _as_kernel(block[rows.start - first * b: rows.stop - first * b], entry)
 
     converts_to = ("lora",)
@@ -129,8 +130,8 @@ class LoKr(Method):
             raise refuse_conversion(self, target, to)
         u1, v1 = _factors(tensors, "w1")
         u2, v2 = _factors(tensors, "w2")
-        b = torch.kron(u1, u2)
-        a = torch.kron(v1, v2)
+        b = torch.kron(dense(u1), dense(u2))
+        a = torch.kron(dense(v1), dense(v2))
         return exact_lora(self, target, entry, a, b, float(entry.params["scale"]))
 
 

@@ -94,10 +94,10 @@ def tucker_matrix_factors(core: torch.Tensor, out_factor: torch.Tensor, in_facto
     """
     c, u, v = core.double(), out_factor.double(), in_factor.double()
     m = torch.einsum("ijyx,jq->iqyx", c, v)
-    return _dense(u.t()), _dense(m.reshape(m.shape[0], -1))
+    return dense(u.t()), dense(m.reshape(m.shape[0], -1))
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
+def dense(t: torch.Tensor) -> torch.Tensor:
     """A copy with row-major strides on every axis (``contiguous()`` keeps odd strides on size-1 axes, which
     ``torch.kron`` refuses)."""
     return torch.empty(t.shape, dtype=t.dtype).copy_(t)
