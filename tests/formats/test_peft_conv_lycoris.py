@@ -135,3 +135,4 @@ def test_truncated_conv_lora_reports_the_measured_error(imported):
         got = get_method("lora").delta(entry, adapter.module_tensors(row.module)).double()
         # The reported error is the one measured (fp32 ΔWs), up to fp32 rounding of the rewritten factors.
         assert abs(float((got - want).abs().max()) - row.max_abs_error) <= 1e-6 * float(want.abs().max()) + 1e-7
+
