@@ -75,6 +75,7 @@ class LycorisFormat(AdapterFormat):
             alpha = _alpha(name, parts.pop("alpha"), path) if "alpha" in parts else None
             base_shape = conv_shapes.get(name) or _base_shape(options.base, module)
             method, params, roles, shape, layer = read_module(name, parts, alpha, base_shape, path)
+            _check_conv_shape(name, shape, layer, base_shape, path)
             _add_entry(manifest, tensors, module, method, params, roles, shape, layer)
             report.add(module, LOSSLESS)
         manifest.base.name_or_path = metadata.get("adapterfmt.base_name_or_path")
@@ -123,6 +124,15 @@ def _base_shape(base, module: str) -> list[int] | None:
     if base is None or name not in base:
         return None
     return list(base.shape(name))
+
+
+def _check_conv_shape(name: str, shape: list[int], layer: str, base_shape: list[int] | None, path: Path) -> None:
+    """A convolution module (by its tensors or by its base weight) must give the base weight's shape."""
+    if base_shape is None or (layer != CONV2D_LAYER and len(base_shape) != 4) or list(shape) == list(base_shape):
+        return
+    raise ForeignFormatError(f"{name!r}: the tensors describe a {layer} weight {list(shape)}, the base weight is "
+                             f"{list(base_shape)}", path=path,
+                             hint="pass the base model the adapter was trained on with --base")
 
 
 def _add_entry(manifest, tensors, module, method, params, roles, shape, layer) -> None:

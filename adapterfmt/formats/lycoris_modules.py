@@ -55,7 +55,7 @@ def read_module(name: str, parts: dict[str, torch.Tensor], alpha: float | None, 
     if leaves <= set(LOKR + LOKR_CORES) and _one_of(leaves, "w1") and _one_of(leaves, "w2") and \
             not ({"lokr_t2", "lokr_w2"} <= leaves):
         return _lokr(name, parts, alpha, conv, path)
-    raise ForeignFormatError(f"{name!r} has {sorted(leaves)}: not one LoHa, LoKr or LoRA/LoCon module", path=path,
+    raise ForeignFormatError(f"{name!r} has {sorted(leaves)}: not one LoHa, LoKr or LoRA module", path=path,
                              hint="the file is incomplete or mixes algorithms within a module")
 
 

@@ -52,11 +52,6 @@ def test_conv_delta_matches_spec_formula(variant):
         assert ours.shape == want.shape == tuple(entry.shape)
         ok, excess = within(ours, want, delta_bound(entry.method, entry.params, t64, want))
         assert ok, f"{variant}: ΔW exceeds the tolerance table by {excess:.3g}"
-        method = get_method(entry.method)
-        if method.row_separable and entry.shape[0] > 1:  # a block of output channels: the same bits
-            rows = slice(entry.shape[0] // 3, entry.shape[0] - entry.shape[0] // 4)
-            whole = method.delta(entry, tensors)
-            assert torch.equal(method.delta(entry, tensors, rows=rows), whole[rows])
         seen_core.append(CORES.get(variant, "-") in tensors)
 
     check()
