@@ -32,7 +32,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 SEED_RE = re.compile(r"0|[1-9][0-9]{0,19}")
 KNOWN_METHODS = ("lora", "dora", "olora", "pissa", "sorsa", "nola")
 #: README §3: methods added by a later minor do not exist in a file declaring an older one.
-METHOD_SINCE = {"vera": (1, 2), "fourierft": (1, 2)}
+METHOD_SINCE = {"vera": (1, 2), "fourierft": (1, 2), "lora_tucker": (1, 2)}
 
 
 class Refusal(Exception):
