@@ -136,3 +136,25 @@ def test_truncated_conv_lora_reports_the_measured_error(imported):
         # The reported error is the one measured (fp32 ΔWs), up to fp32 rounding of the rewritten factors.
         assert abs(float((got - want).abs().max()) - row.max_abs_error) <= 1e-6 * float(want.abs().max()) + 1e-7
 
+
+
+def test_conv1d_tucker_cores_are_refused_by_name(tmp_path):
+    """PEFT stores a Conv1d's LoHa core as (r, r, k, 1): not a Conv2d, refused with the base's shape."""
+    from peft import LoHaConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from adapterfmt.errors import AdapterFmtError
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 6, 3)
+
+    model = Net()
+    (tmp_path / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base" / "model.safetensors"))
+    config = LoHaConfig(r=2, target_modules=["conv"], use_effective_conv2d=True, init_weights=False)
+    get_peft_model(model, config).save_pretrained(tmp_path / "peft")
+    with pytest.raises(AdapterFmtError, match=r"Conv2d weight \[6, 4, 3, 1\], the base weight is \[6, 4, 3\]"):
+        adapterfmt.convert(tmp_path / "peft", tmp_path / "a.safetensors", base=tmp_path / "base")
+    assert not (tmp_path / "a.safetensors").exists()

@@ -13,7 +13,7 @@ from ....methods.lokr import lokr_scale
 from ..config import PREFIX, resolve_rank_alpha
 from ._common import Tuner, common_export_fields, payload_state, require
 from .lokr_layout import peft_layout_factor
-from .lycoris_conv import conv_shape, effective_conv2d, loha_conv, lokr_conv, peft_tensor
+from .lycoris_conv import check_base, conv_shape, effective_conv2d, loha_conv, lokr_conv, peft_tensor
 
 LYCORIS_TRAINING = frozenset({"rank_dropout", "module_dropout", "init_weights", "rank_dropout_scale",
                               "use_effective_conv2d", "decompose_both", "decompose_factor"})
@@ -37,6 +37,7 @@ def build_loha(config, module, parts, path, base):
             require(tuple(roles[role].shape) == shape, f"module {module!r}: hada_{role} has shape "
                     f"{list(roles[role].shape)}, expected {list(shape)} for rank {rank}", path)
     layer, shape = loha_conv(module, roles, rank, conv_shape(base, module), path)
+    check_base(module, layer, shape, base, path)
     return loha_params(rank, alpha), roles, layer, False, tuple(shape)
 
 
@@ -60,6 +61,7 @@ def build_lokr(config, module, parts, path, base):
               "scale": lokr_scale("peft", rank, alpha, both_full)}
     if kernel is None:
         return params, roles, "linear", False, (a * b, c * d)
+    check_base(module, "conv2d", (a * b, c * d, *kernel), base, path)
     return params, roles, "conv2d", False, (a * b, c * d, *kernel)
 
 

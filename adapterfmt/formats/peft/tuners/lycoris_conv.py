@@ -29,6 +29,16 @@ def conv_shape(base, module: str) -> list[int] | None:
     return shape if len(shape) == 4 else None
 
 
+def check_base(module: str, layer: str, shape, base, path: Path) -> None:
+    """A conv2d module's shape is its base weight's (a Conv1d's Tucker core, (r, r, k, 1), is not a Conv2d)."""
+    name = f"{module}.weight"
+    if layer != CONV2D_LAYER or base is None or name not in base:
+        return
+    require(list(base.shape(name)) == list(shape), f"module {module!r}: the tensors describe a Conv2d weight "
+            f"{list(shape)}, the base weight is {list(base.shape(name))}", path,
+            hint="only Conv2d convolutions are supported; pass the base the adapter was trained on")
+
+
 def with_kernel(module: str, leaf: str, tensor: torch.Tensor, axes: list[int], path: Path) -> torch.Tensor:
     """A flattened factor (r, n·kh·kw) as (r, n, kh, kw); ``axes`` = [n, kh, kw]."""
     require(tensor.dim() == 2 and tensor.shape[1] == math.prod(axes),
