@@ -160,7 +160,8 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], -1)
 
 
-def _alpha_for(name, target, params, report, extra_ok: bool = True) -> torch.Tensor:
+def _alpha_for(target, params, report, extra_ok: bool = True) -> torch.Tensor:
+    """The 0-d alpha giving the stored scale at the rank; LOSSLESS when exact (and ``extra_ok``)."""
     rank, scale = int(params["rank"]), float(params["scale"])
     alpha = alpha_tensor(scale * rank)
     exact = float(alpha) / rank == scale
@@ -171,14 +172,14 @@ def _alpha_for(name, target, params, report, extra_ok: bool = True) -> torch.Ten
 
 def _write_lora(name, target, entry, tensors, report):
     state = {f"{name}.{leaf}": tensors[role] for leaf, role in PLAIN_ROLES.items() if role in tensors}
-    state[f"{name}.alpha"] = _alpha_for(name, target, entry.params, report, not entry.params["use_rslora"])
+    state[f"{name}.alpha"] = _alpha_for(target, entry.params, report, not entry.params["use_rslora"])
     return state
 
 
 def _write_loha(name, target, entry, tensors, report):
     tucker = "t1" in tensors
     state = {f"{name}.hada_{role}": (t if tucker else _flat(t)) for role, t in tensors.items()}
-    state[f"{name}.alpha"] = _alpha_for(name, target, entry.params, report)
+    state[f"{name}.alpha"] = _alpha_for(target, entry.params, report)
     return state
 
 
