@@ -17,7 +17,7 @@ from ..errors import ManifestError
 from .descriptor import Finding, Method, Params, Role
 
 
-#: Largest max |R·Rᵀ − I| validate accepts (spec/methods-tuners.md §6). PEFT's default 5-term Neumann
+#: Largest max |R·Rᵀ − I| validate accepts (spec/methods-tuners.md §7). PEFT's default 5-term Neumann
 #: series measures ~5e-4 on trained adapters and 9e-3 for blocks of 8 with entries N(0, 0.05) (the test
 #: suite's); above 5e-2 the applied matrix changes lengths by several percent: the series is far outside the
 #: range where it approximates a rotation.
@@ -150,7 +150,7 @@ def orthogonality_finding(gram_minus_eye: torch.Tensor) -> Finding:
     measured = {"orthogonality_error": err}
     if err > ORTHOGONALITY_LIMIT:
         return Finding("error", "not_orthogonal", f"the applied rotation is not orthogonal: max |R·Rᵀ − I| = "
-                       f"{err:.3g} > {ORTHOGONALITY_LIMIT:g} (spec/methods-tuners.md §6)", measured)
+                       f"{err:.3g} > {ORTHOGONALITY_LIMIT:g} (spec/methods-tuners.md §7)", measured)
     return Finding("info", "orthogonality", f"max |R·Rᵀ − I| = {err:.3g}", measured)
 
 

@@ -8,6 +8,7 @@ from .descriptor import Method
 from .dora import DORA
 from .init_relative import OLORA, PISSA
 from .lora import LORA
+from .lora_tucker import LORA_TUCKER
 from .nola import NOLA_METHOD
 from .sorsa import SORSA_METHOD
 from .adalora import ADALORA_METHOD
@@ -22,7 +23,7 @@ from .trainable_tokens import TRAINABLE_TOKENS_METHOD
 
 METHODS: tuple[Method, ...] = (LORA, DORA, OLORA, PISSA, SORSA_METHOD, NOLA_METHOD, IA3_METHOD, LOHA_METHOD,
                                LOKR_METHOD, ADALORA_METHOD, OFT_METHOD, BOFT_METHOD,
-                               VERA_METHOD, FOURIERFT_METHOD, TRAINABLE_TOKENS_METHOD)
+                               VERA_METHOD, FOURIERFT_METHOD, TRAINABLE_TOKENS_METHOD, LORA_TUCKER)
 METHOD_BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
 assert len(METHOD_BY_NAME) == len(METHODS), "two methods share a name"
 

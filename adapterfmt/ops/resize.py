@@ -35,14 +35,16 @@ def resize_adapter(adapter: Adapter, report: ConversionReport, *, rank: int | No
         if entry.method not in RESIZABLE:
             raise UsageError(f"module {target!r} is {entry.method}; only LoRA/DoRA ranks can be changed",
                              hint="convert it to LoRA first (--method lora)")
-        if len(entry.shape) != 2:
+        if len(entry.shape) != 2 and entry.layer != "conv2d":
             raise UsageError(f"module {target!r} is a {entry.layer} layer ({len(entry.shape)}-D factors); resize "
                              "handles one (out, in) matrix per module",
-                             hint="resize an adapter without stacked experts or conv2d layers")
+                             hint="resize an adapter without stacked experts")
         module = adapter.module_tensors(target)
-        a, b = module["lora_A"], module["lora_B"]
+        # conv2d: ΔW is B (out, r, 1, 1) applied to A (r, in, kh, kw), i.e. the matrices (out, r)·(r, in·kh·kw).
+        a4, b4 = module["lora_A"], module["lora_B"]
+        a, b = a4.reshape(a4.shape[0], -1), b4.reshape(b4.shape[0], -1)
         a2, b2, keep, exact = compact(a.float(), b.float(), rank=rank, energy=energy, device=device)
-        a2, b2 = a2.to(a.dtype), b2.to(b.dtype)
+        a2, b2 = a2.to(a.dtype).reshape(keep, *a4.shape[1:]), b2.to(b.dtype).reshape(b4.shape[0], keep, *b4.shape[2:])
         p = entry.params
         params = dict(p, **lora_params(keep, plain_alpha(p["scale"], keep, p["use_rslora"]), p["use_rslora"]))
         new = dict(module, lora_A=a2, lora_B=b2)
@@ -53,7 +55,7 @@ def resize_adapter(adapter: Adapter, report: ConversionReport, *, rank: int | No
             tensors[refs[role].name] = new[role]
         # ΔW of LoRA-style factors alone (DoRA's magnitude is untouched by a re-factoring).
         ref = (b.float() @ a.float()) * p["scale"]
-        res = (b2.float() @ a2.float()) * params["scale"]
+        res = (b2.reshape(b.shape[0], keep).float() @ a2.reshape(keep, -1).float()) * params["scale"]
         report.add(target, EXACT_MATH if exact else LOSSY, f"rank {p['rank']} -> {keep}",
                    reference=ref, result=res)
         adapter.manifest.modules[target] = new_entry

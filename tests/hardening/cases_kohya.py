@@ -55,6 +55,16 @@ def names_not_json(t, m):
     m["adapterfmt.kohya_names"] = "{not json"
 
 
+def tucker_loha_on_linear(t, m):
+    """A complete LoHa Tucker module (hada_t1/t2, factors (r, out), (r, in)) in place of a Linear LoRA."""
+    for leaf in ("lora_down.weight", "lora_up.weight"):
+        t.pop(f"{Q0}.{leaf}")
+    for half in ("1", "2"):
+        t[f"{Q0}.hada_t{half}"] = torch.ones(4, 4, 3, 3)
+        t[f"{Q0}.hada_w{half}_a"] = torch.ones(4, 64)
+        t[f"{Q0}.hada_w{half}_b"] = torch.ones(4, 64)
+
+
 CASES = [
     Case("kohya truncated (--from kohya)", truncated, 1,
          rf"{F}: not a valid safetensors file .*; the file is truncated or corrupt"),
@@ -72,8 +82,9 @@ CASES = [
     Case("kohya module mixing LyCORIS and LoRA keys", kohya_edit(put(f"{Q0}.hada_w1_a", torch.zeros(4, 4))), 1,
          rf"{F}: '{Q0}' has \['hada_w1_a', 'lora_down.weight', 'lora_up.weight'\]: not one LoHa, LoKr or LoRA "
          "module"),
-    Case("LyCORIS Tucker core", kohya_edit(put(f"{Q0}.hada_t1", torch.zeros(4, 4, 3, 3))), 1,
-         rf"{F}: '{Q0}.hada_t1': LoHa Tucker cores \(convolutions\) are not supported"),
+    Case("LyCORIS Tucker core on a Linear layer", kohya_edit(tucker_loha_on_linear, base=True), 1,
+         rf"{F}: '{Q0}': the tensors describe a conv2d weight \[64, 64, 3, 3\], the base weight is \[64, 64\]; "
+         "pass the base"),
     Case("kohya alpha NaN", kohya_edit(put(f"{Q0}.alpha", torch.tensor(float("nan")))), 1,
          rf"{F}: '{Q0}': alpha nan is not a finite number"),
     Case("kohya alpha with two values", kohya_edit(put(f"{Q0}.alpha", torch.tensor([8.0, 8.0]))), 1,

@@ -130,9 +130,13 @@ VARIANTS = {"lora": ("lora", _lora), "rslora": ("lora", _rslora), "dora": ("dora
             "lokr": ("lokr", None), "adalora": ("adalora", _adalora), "oft": ("oft", _oft("neumann", False, False)),
             "oft_exact": ("oft", _oft("exact", True, True)), "boft": ("boft", _boft),
             "vera": ("vera", _vera), "fourierft": ("fourierft", _fourierft),
-            "trainable_tokens": ("trainable_tokens", _trainable_tokens)}
-#: Methods whose optional roles stay absent (VeRA: stored projections only for unreproducible imports).
-REQUIRED_ROLES_ONLY = {"vera"}
+            "trainable_tokens": ("trainable_tokens", _trainable_tokens),
+            "loha_tucker": ("loha", None), "lokr_tucker": ("lokr", None), "lora_tucker": ("lora_tucker", None)}
+#: Variants of convolution forms: only built on conv2d targets (elsewhere they are their plain variant).
+CONV_ONLY_VARIANTS = {"loha_tucker", "lokr_tucker", "lora_tucker"}
+#: Methods whose optional roles stay absent (VeRA: stored projections only for unreproducible imports;
+#: LoHa: the Tucker cores belong to another form, built by the loha_tucker variant).
+REQUIRED_ROLES_ONLY = {"vera", "loha"}
 
 
 def method_of(variant: str) -> str:
@@ -168,21 +172,49 @@ def _nola(target: Target, rank: int, scale: float, rows, gen, dtype, seeds) -> t
                        tensors, layer=target.layer, fan_in_fan_out=target.fan_in_fan_out, **extra)
 
 
-def _lokr(target: Target, rank: int, alpha: float, gen, dtype) -> tuple[ModuleEntry, dict]:
+def _lokr(target: Target, rank: int, alpha: float, gen, dtype, tucker: bool = False) -> tuple[ModuleEntry, dict]:
     """LoKr in PEFT's own layout for this rank (W1 full; W2 full or factored); an odd rank with both halves
-    full uses LyCORIS's convention (scale 1)."""
+    full uses LyCORIS's convention (scale 1). conv2d: W2 carries the kernel (full (b, d, kh, kw), flattened
+    w2_b (r, d, kh, kw), or with ``tucker`` on a k×k kernel the core t2 (r, r, kh, kw), w2_a (r, b), w2_b (r, d))."""
     from adapterfmt.formats.peft.tuners.lokr_layout import peft_layout
-    out, inp = target.shape
+    out, inp = target.shape[:2]
+    kernel = list(target.shape[2:])
     (a, b), (c, d), _, w2_full = peft_layout(out, inp, rank, -1, False)
     randn = lambda *shape: torch.randn(shape, generator=gen).to(dtype)  # noqa: E731
-    tensors = {"w1": randn(a, c)} | ({"w2": randn(b, d)} if w2_full else {"w2_a": randn(b, rank),
-                                                                           "w2_b": randn(rank, d)})
+    if w2_full:
+        second = {"w2": randn(b, d, *kernel)}
+    elif tucker and kernel not in ([], [1, 1]):
+        second = {"t2": randn(rank, rank, *kernel), "w2_a": randn(rank, b), "w2_b": randn(rank, d)}
+    else:
+        second = {"w2_a": randn(b, rank), "w2_b": randn(rank, d, *kernel)}
+    tensors = {"w1": randn(a, c)} | second
     convention = "lycoris" if w2_full and rank % 2 == 1 else "peft"
     params = {"w1_shape": [a, c], "w2_shape": [b, d], "rank": rank, "alpha": alpha, "convention": convention,
               "scale": lokr_scale(convention, rank, alpha, w2_full)}
     entry = ModuleEntry(method="lokr", base_weight=target.weight, shape=list(target.shape), params=params,
                         tensors=tensor_refs(target.name, tensors), fan_in_fan_out=target.fan_in_fan_out,
                         layer=target.layer)
+    return entry, tensors
+
+
+def _tucker(method: str, target: Target, rank: int, alpha: float, gen, dtype) -> tuple[ModuleEntry, dict]:
+    """The Tucker form on a k×k conv2d (LoHa cores t1/t2, LoRA lora_mid); the flattened/plain form on 1×1
+    kernels and other layers, as LyCORIS and PEFT store them."""
+    kxk = target.layer == "conv2d" and target.shape[2:] != [1, 1]
+    if method == "lora_tucker" and not kxk:
+        return build_module("lora", target, rank, alpha, gen, dtype)
+    if method == "lora_tucker":
+        entry = ModuleEntry(method=method, base_weight=target.weight, shape=list(target.shape),
+                            params=lora_params(rank, alpha, False), tensors={}, layer=target.layer)
+        tensors = role_tensors(entry, gen, dtype, optional=False)
+    else:
+        entry = ModuleEntry(method="loha", base_weight=target.weight, shape=list(target.shape),
+                            params=loha_params(rank, alpha), tensors={}, fan_in_fan_out=target.fan_in_fan_out,
+                            layer=target.layer)
+        if kxk:
+            entry.tensors = {"t1": None}  # roles_for() picks the Tucker roles when the entry has a core
+        tensors = role_tensors(entry, gen, dtype, optional=False)
+    entry.tensors = tensor_refs(target.name, tensors)
     return entry, tensors
 
 
@@ -194,7 +226,11 @@ def build_module(variant: str, target: Target, rank: int, alpha: float, gen: tor
     if method == "nola":
         return _nola(target, rank, alpha / rank, rows, gen, dtype, seeds)
     if method == "lokr":
-        return _lokr(target, rank, alpha, gen, dtype)
+        # rank 1: PEFT's layout keeps W2 factored (hence Tucker-able) for the small conv targets only then.
+        tucker = variant == "lokr_tucker"
+        return _lokr(target, 1 if tucker else rank, alpha, gen, dtype, tucker=tucker)
+    if variant in ("loha_tucker", "lora_tucker"):
+        return _tucker(method, target, rank, alpha, gen, dtype)
     params = make_params(rank, alpha, rows, target.shape) if method in SHAPED else make_params(rank, alpha, rows)
     entry = ModuleEntry(method=method, base_weight=target.weight, shape=list(target.shape), params=params, tensors={},
                         fan_in_fan_out=target.fan_in_fan_out, layer=target.layer)

@@ -1,7 +1,8 @@
 """Independent float64 ΔW of every method, written from the spec, never from the package's maths.
 
 Sources: ``spec/README.md`` §6 (lora, rsLoRA, dora), ``spec/methods-principal.md`` §1 (olora, pissa,
-sorsa), ``spec/methods-tuners.md`` (ia3, loha, lokr, adalora, oft, boft, vera, fourierft, trainable_tokens), ``spec/nola.md`` §§2-3 and ``spec/nola-generator.md`` (nola). Only numpy; the one thing
+sorsa), ``spec/methods-tuners.md`` (ia3, loha, lokr, adalora, oft, boft, vera, fourierft, trainable_tokens;
+§6 conv2d forms and lora_tucker), ``spec/nola.md`` §§2-3 and ``spec/nola-generator.md`` (nola). Only numpy; the one thing
 taken from the package is the NOLA basis of ``adapterfmt.methods.nola.reference_numpy``, the
 numpy oracle of the generator (itself pinned to the spec's known-answer vectors), because a
 basis is a bit pattern, not a formula.
@@ -26,7 +27,9 @@ are exact in fp32, the reference in float64). |X| is the elementwise absolute va
 | nola | |ΔW − ΔW64| | max(``1e-5·max|ΔW64|`` (spec/nola.md §3), ``(k+l+r+6)·u32·s·(|B|·|A|)`` over absolute terms) |
 | ia3 | each ΔW_ij | ``4·u·(|W| + |W'|)_ij`` (one product, the subtraction W' − W) |
 | loha | each ΔW_ij | ``(2r + 6)·u·|s|·((|w1_a|·|w1_b|) ⊙ (|w2_a|·|w2_b|))_ij`` |
-| lokr | each ΔW_ij | ``(2r + 6)·u·|s|·(|W1| ⊗ |W2|)_ij`` (|Wk| = |wk_a|·|wk_b| when factored) |
+| lokr | each ΔW_ij | ``(2r + 6)·u·|s|·(|W1| ⊗ |W2|)_ij`` (|Wk| = |wk_a|·|wk_b| when factored; r² for r with a Tucker W2) |
+| loha (Tucker) | each ΔW_ij | ``(2r² + 6)·u·|s|·(|T1| ⊙ |T2|)_ij``, |Tk| the Tucker product of the absolute factors |
+| lora_tucker | each ΔW_ij | ``(r² + 4)·u·|s|·(|B|·|mid|·|A|)_ij`` (the core's r² products per tap, the scale on B first) |
 | adalora | each ΔW_ij | ``(r + 5)·u·|scaling/ranknum|·(|B|·(|A| ⊙ |E|))_ij`` |
 | vera | each ΔW_ij | ``(r + 4)·u·((|λ_b|·|B_m|)·(|λ_d|·|A_m|))_ij`` (two scalings, an r-term dot product) |
 | fourierft | each ΔW_ij | ``(4·log2(out·in) + 8)·u·|scaling|·Σ|spectrum|/(out·in) + u_s·|ΔW64_ij|`` (fp32 FFT, the scaling, then PEFT's cast to the spectrum's dtype; u_s: that dtype's unit roundoff, inferred as the coarsest of bf16/fp16 holding every value exactly, else 0) |
@@ -122,15 +125,35 @@ def ia3_delta(params, shape, t, base):
     return base * scale - base
 
 
+def tucker64(core, out_factor, in_factor):
+    """Tucker-2 product (spec/methods-tuners.md §6): T[p, q] = Σᵢⱼ C[i, j]·U[i, p]·V[j, q] per kernel tap."""
+    return np.einsum("ijyx,ip,jq->pqyx", core, out_factor, in_factor)
+
+
+def loha_halves(shape, t):
+    """(W1, W2) of a LoHa module; conv2d: Tucker halves, or flattened products reshaped to the kernel."""
+    if "t1" in t:
+        return tucker64(t["t1"], t["w1_a"], t["w1_b"]), tucker64(t["t2"], t["w2_a"], t["w2_b"])
+    halves = [t[f"{k}_a"] @ t[f"{k}_b"].reshape(t[f"{k}_b"].shape[0], -1) for k in ("w1", "w2")]
+    return tuple(h.reshape(shape) for h in halves)
+
+
 def loha_delta(params, shape, t, base=None):
-    """((w1_a·w1_b) ⊙ (w2_a·w2_b))·alpha/r."""
-    return (params["alpha"] / params["rank"]) * ((t["w1_a"] @ t["w1_b"]) * (t["w2_a"] @ t["w2_b"]))
+    """((w1_a·w1_b) ⊙ (w2_a·w2_b))·alpha/r (conv2d: each half flattened or Tucker)."""
+    w1, w2 = loha_halves(shape, t)
+    return (params["alpha"] / params["rank"]) * (w1 * w2)
 
 
 def lokr_halves(t):
     w1 = t["w1"] if "w1" in t else t["w1_a"] @ t["w1_b"]
-    w2 = t["w2"] if "w2" in t else t["w2_a"] @ t["w2_b"]
-    return w1, w2
+    if "w2" in t:
+        w2 = t["w2"]
+    elif "t2" in t:
+        w2 = tucker64(t["t2"], t["w2_a"], t["w2_b"])
+    else:
+        w2b = t["w2_b"]
+        w2 = (t["w2_a"] @ w2b.reshape(w2b.shape[0], -1)).reshape(t["w2_a"].shape[0], *w2b.shape[1:])
+    return w1.reshape(*w1.shape, *[1] * (w2.ndim - 2)), w2
 
 
 def lokr_rule(params: dict, both_full: bool) -> float:
@@ -139,8 +162,15 @@ def lokr_rule(params: dict, both_full: bool) -> float:
 
 
 def lokr_delta(params, shape, t, base=None):
+    """scale·(W1 ⊗ W2), over all four axes on conv2d (W1 gains unit kernel axes)."""
     w1, w2 = lokr_halves(t)
     return lokr_rule(params, "w1" in t and "w2" in t) * np.kron(w1, w2)
+
+
+def lora_tucker_delta(params, shape, t, base=None):
+    """ΔW[o, c] = s·Σᵢⱼ B[o, i]·mid[i, j]·A[j, c] per kernel tap."""
+    up, down = t["lora_B"][:, :, 0, 0], t["lora_A"][:, :, 0, 0]
+    return lora_rule(params) * tucker64(t["lora_mid"], up.T, down)
 
 
 def adalora_delta(params, shape, t, base=None):
@@ -253,7 +283,7 @@ ORIENTED = {"trainable_tokens": trainable_tokens_delta}
 DELTA = {"lora": lora_delta, "dora": dora_delta, "olora": init_relative_delta, "pissa": init_relative_delta,
          "sorsa": sorsa_delta, "nola": nola_delta, "ia3": ia3_delta, "loha": loha_delta, "lokr": lokr_delta,
          "adalora": adalora_delta, "oft": oft_delta, "boft": boft_delta,
-         "vera": vera_delta, "fourierft": fourierft_delta}
+         "vera": vera_delta, "fourierft": fourierft_delta, "lora_tucker": lora_tucker_delta}
 #: Methods whose ΔW depends on the base weight.
 NEEDS_BASE = {"dora", "ia3", "oft", "boft", "trainable_tokens"}
 
@@ -302,7 +332,9 @@ def delta_bound(method: str, params: dict, tensors64: dict, reference: np.ndarra
     absb = {k: np.abs(v) for k, v in tensors64.items()}
     rank = int(params.get("rank", 0))  # ia3, oft, boft have none
     if method == "lora":
-        return (rank + 2) * U32 * abs(lora_rule(params)) * (absb["lora_B"] @ absb["lora_A"])
+        b, a = absb["lora_B"], absb["lora_A"]
+        products = np.einsum("or,rihw->oihw", b[:, :, 0, 0], a) if a.ndim == 4 else b @ a  # conv2d: per tap
+        return (rank + 2) * U32 * abs(lora_rule(params)) * products
     if method in ("olora", "pissa"):
         products = absb["lora_B"] @ absb["lora_A"] + absb["lora_B0"] @ absb["lora_A0"]
         return (rank + 3) * U32 * abs(lora_rule(params)) * products
@@ -326,11 +358,16 @@ def delta_bound(method: str, params: dict, tensors64: dict, reference: np.ndarra
     if method == "ia3":
         return 4 * U32 * (np.abs(base) + np.abs(reference + base))
     if method == "loha":
-        products = (absb["w1_a"] @ absb["w1_b"]) * (absb["w2_a"] @ absb["w2_b"])
-        return (2 * rank + 6) * U32 * abs(params["alpha"] / rank) * products
+        h1, h2 = loha_halves(reference.shape, absb)
+        terms = rank * rank if "t1" in absb else rank  # a Tucker half sums r² products
+        return (2 * terms + 6) * U32 * abs(params["alpha"] / rank) * (h1 * h2)
     if method == "lokr":
         w1, w2 = lokr_halves(absb)
-        return (2 * rank + 6) * U32 * abs(lokr_rule(params, "w1" in absb and "w2" in absb)) * np.kron(w1, w2)
+        terms = rank * rank if "t2" in absb else rank
+        return (2 * terms + 6) * U32 * abs(lokr_rule(params, "w1" in absb and "w2" in absb)) * np.kron(w1, w2)
+    if method == "lora_tucker":
+        return (rank * rank + 4) * U32 * abs(lora_rule(params)) * lora_tucker_delta(
+            {**params, "alpha": rank, "use_rslora": False}, reference.shape, absb)
     if method == "adalora":
         products = absb["lora_B"] @ (absb["lora_A"] * absb["lora_E"].reshape(-1, 1))
         return (rank + 5) * U32 * abs(params["scaling"] / params["ranknum"]) * products

@@ -50,7 +50,7 @@ from adapterfmt.formats.registry import FORMATS
 from adapterfmt.methods import get_method
 
 from ..helpers import tiny_resnet
-from .builders import VARIANTS, Target, build_adapter, method_of, uncovered_methods
+from .builders import CONV_ONLY_VARIANTS, VARIANTS, Target, build_adapter, method_of, uncovered_methods
 from .reference import reference_delta
 
 WRITERS = sorted(f.name for f in FORMATS if f.can_write)
@@ -76,8 +76,8 @@ CANNOT_HOLD = {"adapterfmt": set(), "peft": set(), "gguf": {"conv1d", "conv2d", 
                # kohya: no consumer maps an LLM module name (diffusers/ComfyUI apply nothing), so it refuses.
                "kohya": {"linear", "conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT,
                "mlx": {"conv2d", "dora on an embedding"} | BASE_DEPENDENT,
-               # lycoris: LyCORIS's own wrapper maps any module name (prefix "lycoris"); Linear layers only.
-               "lycoris": {"conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT,
+               # lycoris: LyCORIS's own wrapper maps any module name (prefix "lycoris"); Linear and Conv2d layers.
+               "lycoris": {"conv1d", "embedding", "dora"} | BASE_DEPENDENT,
                # diffusers pipeline files hold multi-component adapters only (tests/diffusion)
                "diffusers": {"linear", "conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT}
 STATUS_SLACK = {EXACT_MATH: 2.0 ** -20, SCALE_FOLDED: 2.0 ** -20, LOSSY: 2.0 ** -20}
@@ -87,7 +87,8 @@ OUTPUT_NAME = {"adapterfmt": "out.safetensors", "peft": "out-peft", "gguf": "out
 #: Storage dtype of the factors, rotated over the variants so that every writer and layer sees all three.
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 CASES = [(w, layer, v, list(DTYPES)[i % len(DTYPES)]) for w in WRITERS for layer in LAYERS
-         for i, v in enumerate(VARIANTS) if layer in get_method(method_of(v)).layers]
+         for i, v in enumerate(VARIANTS) if layer in get_method(method_of(v)).layers
+         and (layer == "conv2d" or v not in CONV_ONLY_VARIANTS)]
 
 _STATES: dict[Path, dict[str, np.ndarray]] = {}
 

@@ -1,4 +1,4 @@
-"""``validate`` reports each method's own invariants (spec/methods-tuners.md §6): every finding fires on a
+"""``validate`` reports each method's own invariants (spec/methods-tuners.md §7): every finding fires on a
 crafted bad file, by module name and with the measured number, and stays silent on a good one."""
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ class Tuner:
 
     ``leaves`` maps the state-dict leaf after the module path to our role; ``handled`` are the config
     fields the builder reads; ``training_only`` are ignored; ``neutral`` must hold a neutral value.
-    ``build(config, module, parts, path, base)`` (base: the BaseCheckpoint or None) returns (params, role tensors, layer, fan_in_fan_out, (out, in))
+    ``build(config, module, parts, path, base)`` (base: the BaseCheckpoint or None) returns (params, role tensors,
+    layer, fan_in_fan_out, (out, in) or (out, in, kh, kw) for conv2d)
     or None for a module that adapts nothing (AdaLoRA rank 0); ``export(adapter, report)`` returns
     (config, state dict).
     """
@@ -103,16 +104,17 @@ def build_adapter(tuner: Tuner, config: dict[str, Any], state: dict[str, torch.T
         if built is None:
             report.notes.append(f"module {module} has rank 0 (pruned): ΔW = 0, not stored")
             continue
-        params, roles, layer, fan, (out_f, in_f) = built
+        params, roles, layer, fan, shape = built  # shape: (out, in), or (out, in, kh, kw) for conv2d
+        out_f, in_f = shape[0], shape[1]
         refs = {}
         for role, tensor in roles.items():
             name = f"{module}.{role}"
             tensors[name] = tensor.contiguous()
             refs[role] = TensorRef(name, dtype_name(tensor.dtype), list(tensor.shape))
         base_weight = f"{module}.weight"
-        manifest.modules[module] = ModuleEntry(method=tuner.method, base_weight=base_weight, shape=[out_f, in_f],
+        manifest.modules[module] = ModuleEntry(method=tuner.method, base_weight=base_weight, shape=list(shape),
                                                params=params, tensors=refs, fan_in_fan_out=fan, layer=layer)
-        manifest.base.weights[base_weight] = BaseWeight(shape=[in_f, out_f] if fan else [out_f, in_f])
+        manifest.base.weights[base_weight] = BaseWeight(shape=[in_f, out_f] if fan else list(shape))
         report.add(module, LOSSLESS)
         for target, delta in (tuner.bias_deltas(module, params, roles, base) if tuner.bias_deltas else {}).items():
             name = f"payload.{target}"

@@ -48,7 +48,7 @@ def peft_layout(out_f: int, in_f: int, rank: int, factor: int, decompose_both: b
 def _fits(entries, factor: int, decompose_both: bool) -> str | None:
     """The first module whose layout PEFT would not recreate, or None."""
     for target, entry in entries.items():
-        out_f, in_f = entry.shape
+        out_f, in_f = entry.shape[:2]  # conv2d: PEFT splits the channels the same way
         layout = peft_layout(out_f, in_f, int(entry.params["rank"]), factor, decompose_both)
         (a, c), (b, d) = entry.params["w1_shape"], entry.params["w2_shape"]
         ours = ((a, b), (c, d),
