@@ -6,6 +6,7 @@ from pathlib import Path
 from ..errors import UsageError
 from .base import AdapterFormat
 from .bfl_flux import BflFluxFormat
+from .comfyui import ComfyUiFormat
 from .diffusers_lora import DiffusersLoraFormat
 from .gguf_lora import GgufLoraFormat
 from .kohya import KohyaFormat
@@ -18,7 +19,7 @@ from .sorsa_official import SorsaOfficialFormat
 
 FORMATS: tuple[AdapterFormat, ...] = (NativeFormat(), PeftFormat(), GgufLoraFormat(), KohyaFormat(), LycorisFormat(),
                                       MlxFormat(), NolaOfficialFormat(), SorsaOfficialFormat(), DiffusersLoraFormat(),
-                                      BflFluxFormat())
+                                      BflFluxFormat(), ComfyUiFormat())
 FORMAT_BY_NAME: dict[str, AdapterFormat] = {f.name: f for f in FORMATS}
 assert len(FORMAT_BY_NAME) == len(FORMATS), "two formats share a name"
 
