@@ -66,10 +66,11 @@ class ComfyUiFormat(AdapterFormat):
         if not found or not found[0]:
             return False
         names = {split[0] for key in found[0] if (split := split_key(key))}
-        flux = flux_table().parts
         # One UNet name on LDM blocks claims the file (Flux names belong to bfl); the reader refuses the rest.
-        return any(_is_ldm_name(n) and n.startswith(COMFY_UNET) for n in names) and \
-            not any(n.removeprefix(COMFY_UNET) in flux for n in names)
+        if not any(_is_ldm_name(n) and n.startswith(COMFY_UNET) for n in names):
+            return False
+        flux = flux_table().parts
+        return not any(n.removeprefix(COMFY_UNET) in flux for n in names)
 
     def read(self, path: Path, options, report) -> Adapter:
         state, metadata = load_safetensors(path)

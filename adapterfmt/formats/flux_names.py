@@ -69,14 +69,11 @@ def kohya_name(bfl: str) -> str:
 
 
 def _runs(rows: torch.Tensor) -> tuple[tuple[int, int], ...]:
-    """Contiguous increasing runs of a row-number vector."""
-    values, runs = [int(v) for v in rows.reshape(-1).tolist()], []
-    for value in values:
-        if runs and runs[-1][0] + runs[-1][1] == value:
-            runs[-1][1] += 1
-        else:
-            runs.append([value, 1])
-    return tuple((start, length) for start, length in runs)
+    """Contiguous increasing runs of a row-number vector, as (start, length)."""
+    values = rows.reshape(-1).to(torch.int64)
+    starts = torch.cat([torch.tensor([0]), torch.nonzero(values[1:] - values[:-1] != 1).reshape(-1) + 1])
+    ends = torch.cat([starts[1:], torch.tensor([len(values)])])
+    return tuple((int(values[s]), int(e - s)) for s, e in zip(starts, ends))
 
 
 class _AskedKeys(dict):

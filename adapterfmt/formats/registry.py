@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UsageError
+from ._files import safetensors_keys
 from .base import AdapterFormat
 from .bfl_flux import BflFluxFormat
 from .comfyui import ComfyUiFormat
@@ -61,5 +62,7 @@ def detect_format(path: Path) -> AdapterFormat:
     for fmt in sorted(FORMATS, key=lambda f: (f.priority, f.name)):
         if fmt.can_read and fmt.detect(path):
             return fmt
-    raise UsageError(f"cannot tell which adapter format this is (known: {', '.join(FORMAT_BY_NAME)})",
+    keys = (safetensors_keys(path) or ([], {}))[0] if path.is_file() else []
+    named = f"; its keys ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''}) match no family" if keys else ""
+    raise UsageError(f"cannot tell which adapter format this is{named} (tried: {', '.join(FORMAT_BY_NAME)})",
                      path=path, hint="pass --from FORMAT")

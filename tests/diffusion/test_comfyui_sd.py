@@ -91,3 +91,24 @@ def test_partly_matching_comfyui_files_are_refused_by_name(sd15, tmp_path, extra
     name = extra.removesuffix(".lora_up.weight")
     with pytest.raises(ForeignFormatError, match=name.replace(".", r"\.") + ".*families tried"):
         adapterfmt.convert(src, tmp_path / "af.safetensors", base=pipe_dir)
+
+
+def test_kohya_names_on_the_original_sd15_blocks_read_and_write_back(sd15, tmp_path):
+    """sd-scripts/A1111 spelling on LDM blocks (lora_unet_input_blocks_1_1_…): the same modules, bit-exact back."""
+    pipe_dir, models = sd15
+    src, twin = tmp_path / "comfy.safetensors", tmp_path / "twin.safetensors"
+    names = comfyui_lora(models, src, kohya_twin=twin)
+    assert adapterfmt.convert(twin, tmp_path / "af.safetensors", base=pipe_dir).source_format == "kohya"
+    assert set(adapterfmt.read_adapter(tmp_path / "af.safetensors").manifest.modules) == set(names.values())
+    assert adapterfmt.convert(tmp_path / "af.safetensors", tmp_path / "back.safetensors", to="kohya").worst == "lossless"
+    want, got = load_file(str(twin)), load_file(str(tmp_path / "back.safetensors"))
+    assert set(got) == set(want) and all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in want.items())
+
+
+def test_a_file_of_no_known_family_is_refused_naming_its_keys(tmp_path):
+    from adapterfmt.errors import UsageError
+    src = tmp_path / "odd.safetensors"
+    save_file({"blocks.0.attn.wq.delta": torch.zeros(2, 2), "blocks.0.attn.wk.delta": torch.zeros(2, 2)}, str(src))
+    with pytest.raises(UsageError, match=r"its keys \(blocks\.0\.attn\.wk\.delta, blocks\.0\.attn\.wq\.delta\) match "
+                                         r"no family \(tried: .*kohya.*bfl, comfyui"):
+        adapterfmt.convert(src, tmp_path / "out.safetensors")
