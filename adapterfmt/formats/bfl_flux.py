@@ -18,7 +18,7 @@ from ._files import load_safetensors, safetensors_keys
 from .base import AdapterFormat
 from .flux_keys import COMFY_TE, split_key
 from .flux_names import COMFY_UNET, flux_table
-from .flux_lora import flux_state, read_flux_state
+from .flux_lora import flux_state, read_flux_state, refuse_single_model
 
 
 def _dotted_flux_name(name: str) -> bool:
@@ -46,9 +46,12 @@ class BflFluxFormat(AdapterFormat):
         return read_flux_state(state, metadata, options.base, path, report, "bfl")
 
     def write(self, adapter: Adapter, path: Path, report, options) -> Path:
-        if "transformer" not in (adapter.manifest.components or {}):
+        if not adapter.manifest.components:
+            refuse_single_model(adapter, "BFL-layout files hold Flux pipeline LoRAs",
+                                "read the source with --base pointing at the Flux pipeline; for LLMs use --to peft")
+        if "transformer" not in adapter.manifest.components:
             raise UsageError("BFL-layout files hold Flux LoRAs; this adapter has no transformer component",
-                             hint="read the source with --base pointing at the Flux pipeline, or use another --to")
+                             hint="for SD 1.x/SDXL use --to comfyui or --to kohya")
         state, metadata = flux_state(adapter, report, "bfl", options.base)
         with atomic_file(path, overwrite=options.overwrite) as tmp:
             save_file(state, str(tmp), metadata=metadata)

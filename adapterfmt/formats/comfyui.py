@@ -22,7 +22,7 @@ from ..format import Adapter
 from ._files import load_safetensors, safetensors_keys
 from .base import AdapterFormat
 from .flux_keys import split_key
-from .flux_lora import group_keys
+from .flux_lora import group_keys, refuse_single_model
 from .flux_names import COMFY_UNET, flux_table
 from .kohya_pipeline import pipeline_kohya_state, read_pipeline_file
 
@@ -92,7 +92,10 @@ class ComfyUiFormat(AdapterFormat):
         return adapter
 
     def write(self, adapter: Adapter, path: Path, report, options) -> Path:
-        if not adapter.manifest.components or "transformer" in adapter.manifest.components:
+        if not adapter.manifest.components:
+            refuse_single_model(adapter, "ComfyUI SD files hold SD 1.x/SDXL pipeline LoRAs",
+                                "read the source with --base pointing at the SD pipeline; for LLMs use --to peft")
+        if "transformer" in adapter.manifest.components:
             raise UsageError("ComfyUI SD files hold UNet / CLIP modules of an SD 1.x or SDXL pipeline",
                              hint="for Flux use --to bfl; read the source with --base pointing at the SD pipeline")
         source = adapter.manifest.source

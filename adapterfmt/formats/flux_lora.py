@@ -152,6 +152,13 @@ def _pair(name: str, roles: dict[str, torch.Tensor], path: Path, source: dict, r
 
 
 # ------------------------------------------------------------------------------------------ writing
+def refuse_single_model(adapter: Adapter, what: str, hint: str) -> None:
+    """Refuse an adapter of no pipeline component, naming its first module's layer and method."""
+    target, entry = next(iter(adapter.manifest.modules.items()))
+    raise UsageError(f"module {target!r} ({entry.layer} {entry.method}) belongs to no pipeline component; {what}",
+                     hint=hint)
+
+
 def flux_state(adapter: Adapter, report, family: str, base=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, header) of a multi-component Flux adapter in ``family``'s layout (``kohya`` or ``bfl``).
 
