@@ -22,7 +22,7 @@ from ..format import Adapter
 from ._files import load_safetensors, safetensors_keys
 from .base import AdapterFormat
 from .flux_keys import split_key
-from .flux_lora import group_keys, refuse_single_model
+from .flux_lora import group_keys, kept_metadata, refuse_single_model
 from .flux_names import COMFY_UNET, flux_table
 from .kohya_pipeline import pipeline_kohya_state, read_pipeline_file
 
@@ -86,7 +86,7 @@ class ComfyUiFormat(AdapterFormat):
                              path=path, hint="pass --base (the diffusers pipeline or the single-file checkpoint)")
         kohya = {kohya_spelling(name): roles for name, roles in grouped.items()}
         adapter = read_pipeline_file(kohya, metadata, options.base, path, report)
-        adapter.manifest.source.update({"format": "comfyui",
+        adapter.manifest.source.update({"format": "comfyui", "metadata": kept_metadata(metadata),
                                         SOURCE_NAMES: {kohya_spelling(name): name for name in grouped},
                                         SOURCE_ROLES: [suffixes.get("lora_A"), suffixes.get("lora_B")]})
         return adapter

@@ -33,7 +33,10 @@ SOURCE_NAMES = "flux_names"  #: file names in file order
 SOURCE_ROLES = "flux_roles"  #: [down suffix, up suffix] as read
 SOURCE_ALPHA = "flux_alpha_layout"  #: {name: [dtype, shape]} for alphas that are not 0-d F32
 SOURCE_NO_ALPHA = "flux_no_alpha"  #: names stored without alpha (scale 1)
-KEPT_METADATA = ("ss_", "sshs_", "modelspec.", "format", "lora_", "software", "name", "version")
+
+def kept_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """A foreign file's whole header is provenance (written back as read), except adapterfmt's own keys."""
+    return {k: v for k, v in metadata.items() if not k.startswith("adapterfmt.")}
 
 
 def group_keys(state: dict[str, torch.Tensor], path: Path, families=FLUX_FAMILIES):
@@ -76,7 +79,7 @@ def read_flux_state(state: dict[str, torch.Tensor], metadata: dict[str, str], ba
         refuse_unmatched(unplaced, len(grouped), path, FLUX_FAMILIES, "name no Flux module diffusers knows")
     source = {"format": family, SOURCE_NAMES: list(grouped), SOURCE_ROLES: [suffixes.get("lora_A"), suffixes.get("lora_B")],
               SOURCE_ALPHA: {}, SOURCE_NO_ALPHA: [],
-              "metadata": {k: v for k, v in metadata.items() if k.startswith(KEPT_METADATA)}}
+              "metadata": kept_metadata(metadata)}
     parts: dict[str, tuple[Manifest, dict]] = {}
     for name, roles in grouped.items():
         a, b, alpha = _pair(name, roles, path, source, report)
@@ -181,6 +184,9 @@ def flux_state(adapter: Adapter, report, family: str, base=None) -> tuple[dict[s
     no_alpha = set(source.get(SOURCE_NO_ALPHA) or []) if same else set()
     state = {}
     for name, (target, present) in groups.items():
+        missing = [p.module for p in target.parts if p.module not in present]
+        if missing:
+            report.notes.append(f"{name}: {', '.join(missing)} have no LoRA; their rows of the fused up matrix are zero")
         a, b, scale, alpha = _fuse(name, target, present, modules, base)
         state[f"{name}.{down}"], state[f"{name}.{up}"] = a.contiguous(), b.contiguous()
         _alpha(state, name, scale, alpha, a.shape[0], layouts.get(name), name in no_alpha,

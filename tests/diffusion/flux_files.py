@@ -83,8 +83,11 @@ def flux_lora_file(out, transformer, text_encoder=None, *, style: str = "kohya",
         state[f"{name}.{up}.weight"] = (torch.randn(rows, rank, generator=gen) * 0.2).to(dtype)
         if alpha:
             state[f"{name}.alpha"] = torch.tensor(float((8, 1, 3)[i % 3])).to(dtype)
-    metadata = {"ss_network_module": "networks.lora_flux", "ss_network_dim": "4", "ss_network_alpha": "8",
-                "modelspec.architecture": "flux-1-dev/lora", "ss_base_model_version": "flux1"} if style == "kohya" else {}
+    metadata = {"kohya": {"ss_network_module": "networks.lora_flux", "ss_network_dim": "4", "ss_network_alpha": "8",
+                          "modelspec.architecture": "flux-1-dev/lora", "ss_base_model_version": "flux1",
+                          "sshs_model_hash": "0" * 64, "training_comment": "tiny"},
+                "ai-toolkit": {"format": "pt", "software": '{"name": "ai-toolkit", "version": "0.1.0"}',
+                               "name": "tiny_flux_lora"}}.get(style, {})
     save_file(state, str(out), metadata=metadata)
     return names
 

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import adapterfmt
@@ -55,6 +56,8 @@ def test_every_tensor_placed_and_written_back_bit_exactly(kind, base, request, t
     assert adapterfmt.convert(tmp_path / "af.safetensors", back, to="comfyui").worst == "lossless"
     again = load_file(str(back))
     assert set(again) == set(state) and all(torch.equal(again[k], v) and again[k].dtype == v.dtype for k, v in state.items())
+    with safe_open(str(src), framework="pt") as a, safe_open(str(back), framework="pt") as b:
+        assert a.metadata() == b.metadata() == {"software": "ComfyUI"}
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
