@@ -198,15 +198,17 @@ def test_merge_into_the_flux_transformer_equals_fuse_lora(flux_te, tmp_path, sty
         assert bool(near.all()), param
 
 
-def _diffusers_flux_lora(transformer, out_dir, alphas: dict):
+QKV_OUT = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0)"
+
+
+def _diffusers_flux_lora(transformer, out_dir, alphas: dict, targets: str = QKV_OUT):
     from diffusers import FluxPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     model = copy.deepcopy(transformer)
     torch.manual_seed(0)
     model.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, rank_pattern={"to_q": 2},
-                                 alpha_pattern=alphas, target_modules=r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|"
-                                                                      r"add_q_proj|add_k_proj|add_v_proj|to_out\.0)"))
+                                 alpha_pattern=alphas, target_modules=targets))
     FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=get_peft_model_state_dict(model),
                                    transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
     return out_dir / "pytorch_lora_weights.safetensors"
@@ -269,3 +271,22 @@ def test_partly_matching_bfl_files_are_refused_by_name(flux_te, tmp_path, extra)
     name = extra.removesuffix(".lora_A.weight")
     with pytest.raises(ForeignFormatError, match=name.replace(".", r"\.") + ".*families tried"):
         adapterfmt.convert(src, tmp_path / "af.safetensors", base=pipe_dir)
+
+
+def test_absent_parts_of_a_fused_module_get_zero_rows(flux_te, tmp_path):
+    """Only to_q/to_k of a double block and to_q of a single block: qkv and linear1 are written with zero rows for
+    the parts without LoRA (reported); read back, those parts have ΔW = 0 and the others are unchanged."""
+    pipe_dir, transformer, text_encoder = flux_te
+    src = _diffusers_flux_lora(transformer, tmp_path / "d", {}, r"(single_)?transformer_blocks\.0\.attn\.to_[qk]")
+    adapterfmt.convert(src, tmp_path / "af.safetensors", base=pipe_dir)
+    report = adapterfmt.convert(tmp_path / "af.safetensors", tmp_path / "k.safetensors", to="kohya")
+    assert report.worst == "lossless"
+    assert any("attn.to_v have no LoRA" in note for note in report.notes)
+    state = load_file(str(tmp_path / "k.safetensors"))
+    assert state["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (16 * 3 + 64, 2 + 4)
+    adapterfmt.convert(tmp_path / "k.safetensors", tmp_path / "again.safetensors", base=pipe_dir)
+    original, again = adapterfmt.read_adapter(tmp_path / "af.safetensors"), adapterfmt.read_adapter(tmp_path / "again.safetensors")
+    assert len(again.manifest.modules) == 3 + 4
+    for key in again.manifest.modules:
+        want = _delta(original, key) if key in original.manifest.modules else 0 * _delta(again, key)
+        torch.testing.assert_close(_delta(again, key), want, rtol=1e-12, atol=0)
