@@ -36,7 +36,8 @@ def _reference(kind, models, src, names):
 def test_every_tensor_placed_and_written_back_bit_exactly(kind, base, request, tmp_path):
     pipe_dir, models = request.getfixturevalue(kind)
     src = tmp_path / "comfy.safetensors"
-    names = comfyui_lora(models, src)
+    roles = ("lora_A", "lora_B") if base == "pipeline" and kind == "sd15" else ("lora_down", "lora_up")
+    names = comfyui_lora(models, src, roles=roles)
     base_path = save_sd15_single_file(models, tmp_path / "single.safetensors") if base == "single-file" else pipe_dir
     report = adapterfmt.convert(src, tmp_path / "af.safetensors", base=base_path)
     assert report.source_format == "comfyui" and report.worst == "lossless"
@@ -47,8 +48,8 @@ def test_every_tensor_placed_and_written_back_bit_exactly(kind, base, request, t
     state = load_file(str(src))
     for name, target in names.items():
         entry = adapter.manifest.modules[found[target]]
-        assert torch.equal(adapter.tensors[entry.tensors["lora_A"].name], state[f"{name}.lora_down.weight"])
-        assert torch.equal(adapter.tensors[entry.tensors["lora_B"].name], state[f"{name}.lora_up.weight"])
+        assert torch.equal(adapter.tensors[entry.tensors["lora_A"].name], state[f"{name}.{roles[0]}.weight"])
+        assert torch.equal(adapter.tensors[entry.tensors["lora_B"].name], state[f"{name}.{roles[1]}.weight"])
         assert entry.params["alpha"] == float(state[f"{name}.alpha"])
     if kind == "sdxl":  # CLIP-L and CLIP-G stay on their own components
         assert {m.split(".")[0] for m in adapter.manifest.modules} == {"unet", "text_encoder", "text_encoder_2"}
