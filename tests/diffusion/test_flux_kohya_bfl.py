@@ -290,3 +290,29 @@ def test_absent_parts_of_a_fused_module_get_zero_rows(flux_te, tmp_path):
     for key in again.manifest.modules:
         want = _delta(original, key) if key in original.manifest.modules else 0 * _delta(again, key)
         torch.testing.assert_close(_delta(again, key), want, rtol=1e-12, atol=0)
+
+
+def test_cli_kohya_flux_to_bfl_and_back_and_a_refusal_in_one_line(flux_te, tmp_path):
+    from click.testing import CliRunner
+
+    from adapterfmt.cli import main
+    pipe_dir, transformer, text_encoder = flux_te
+    src = tmp_path / "src.safetensors"
+    flux_lora_file(src, transformer, text_encoder, style="kohya", top=True)
+    bad = tmp_path / "bad.safetensors"
+    t5 = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"  # sd-scripts' T5-XXL name: diffusers drops it
+    save_file(load_file(str(src)) | {f"{t5}.lora_down.weight": torch.ones(2, 16), f"{t5}.lora_up.weight": torch.ones(16, 2)},
+              str(bad))
+    runner = CliRunner()
+    steps = [(["convert", src, tmp_path / "a.safetensors", "--base", pipe_dir], 0, "40 module(s), overall lossless"),
+             (["convert", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--to", "bfl"], 0, "lossless"),
+             (["convert", tmp_path / "b.safetensors", tmp_path / "c.safetensors", "--base", pipe_dir], 0, "lossless"),
+             (["convert", tmp_path / "c.safetensors", tmp_path / "k.safetensors", "--to", "kohya"], 0, "lossless"),
+             (["convert", bad, tmp_path / "x.safetensors", "--base", pipe_dir], 1, t5)]
+    for args, code, text in steps:
+        result = runner.invoke(main, [str(a) for a in args])
+        assert result.exit_code == code, result.output
+        assert text in result.output, result.output
+    assert "Traceback" not in result.output and "families tried: kohya Flux" in result.output
+    again, want = load_file(str(tmp_path / "k.safetensors")), load_file(str(src))
+    assert set(again) == set(want) and all(torch.equal(again[k].to(want[k].dtype), want[k]) for k in want)
