@@ -56,7 +56,8 @@ def _is_ldm_name(name: str) -> bool:
 
 class ComfyUiFormat(AdapterFormat):
     name = "comfyui"
-    summary = "ComfyUI LoRA of SD 1.x/SDXL on the original LDM blocks (diffusion_model.input_blocks…, text_encoders.clip_l…)"
+    summary = ("ComfyUI LoRA of SD 1.x/SDXL on the original LDM blocks (diffusion_model.input_blocks…, "
+               "text_encoders.clip_l…)")
     priority = 29
     suffixes = (".safetensors",)
     writes_methods = ("lora",)

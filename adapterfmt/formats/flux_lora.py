@@ -52,7 +52,8 @@ def group_keys(state: dict[str, torch.Tensor], path: Path, families=FLUX_FAMILIE
         if role != "alpha":
             suffixes.setdefault(role, set()).add(suffix)
     if unmatched:
-        refuse_unmatched(unmatched, len(state), path, families, "has no LoRA role (lora_A/lora_B/lora_down/lora_up/alpha)")
+        refuse_unmatched(unmatched, len(state), path, families,
+                         "has no LoRA role (lora_A/lora_B/lora_down/lora_up/alpha)")
     if any(len(s) > 1 for s in suffixes.values()):
         raise ForeignFormatError("the file mixes lora_A/lora_B and lora_down/lora_up keys", path=path,
                                  hint="no known tool writes such files; nothing was read")
@@ -77,7 +78,8 @@ def read_flux_state(state: dict[str, torch.Tensor], metadata: dict[str, str], ba
     unplaced = [name for name in grouped if name not in placed]
     if unplaced:
         refuse_unmatched(unplaced, len(grouped), path, FLUX_FAMILIES, "name no Flux module diffusers knows")
-    source = {"format": family, SOURCE_NAMES: list(grouped), SOURCE_ROLES: [suffixes.get("lora_A"), suffixes.get("lora_B")],
+    source = {"format": family, SOURCE_NAMES: list(grouped),
+              SOURCE_ROLES: [suffixes.get("lora_A"), suffixes.get("lora_B")],
               SOURCE_ALPHA: {}, SOURCE_NO_ALPHA: [],
               "metadata": kept_metadata(metadata)}
     parts: dict[str, tuple[Manifest, dict]] = {}
@@ -118,7 +120,8 @@ def _placed_rows(name: str, target: Target, rows: int, in_features: int, base, p
         shape = _base_shape(base, part.module)
         if module is None or (shape is not None and shape != [len(index), in_features]):
             raise BaseMismatchError(f"{name!r}: part {part.module} is {[len(index), in_features]} here, the base "
-                                    f"has {shape}", path=path, hint="check --base (the Flux model the LoRA was made for)")
+                                    f"has {shape}", path=path,
+                                    hint="check --base (the Flux model the LoRA was made for)")
         whole = len(target.parts) == 1 and torch.equal(index, torch.arange(rows))
         out.append((module, None if whole else index))
     return out
@@ -135,7 +138,8 @@ def _base_shape(base, module: str):
 
 def _pair(name: str, roles: dict[str, torch.Tensor], path: Path, source: dict, report):
     if "lora_A" not in roles or "lora_B" not in roles:
-        raise ForeignFormatError(f"{name!r} lacks its down (A) or up (B) matrix", path=path, hint="the file is incomplete")
+        raise ForeignFormatError(f"{name!r} lacks its down (A) or up (B) matrix", path=path,
+                                 hint="the file is incomplete")
     a, b = roles["lora_A"], roles["lora_B"]
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
         raise ForeignFormatError(f"{name!r}: down {list(a.shape)} / up {list(b.shape)} are not a Linear low-rank pair",
@@ -186,7 +190,8 @@ def flux_state(adapter: Adapter, report, family: str, base=None) -> tuple[dict[s
     for name, (target, present) in groups.items():
         missing = [p.module for p in target.parts if p.module not in present]
         if missing:
-            report.notes.append(f"{name}: {', '.join(missing)} have no LoRA; their rows of the fused up matrix are zero")
+            report.notes.append(f"{name}: {', '.join(missing)} have no LoRA; "
+                                "their rows of the fused up matrix are zero")
         a, b, scale, alpha = _fuse(name, target, present, modules, base)
         state[f"{name}.{down}"], state[f"{name}.{up}"] = a.contiguous(), b.contiguous()
         _alpha(state, name, scale, alpha, a.shape[0], layouts.get(name), name in no_alpha,

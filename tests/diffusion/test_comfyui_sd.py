@@ -5,8 +5,6 @@ diffusers 0.42.1 loads none of these files itself ("Invalid LoRA checkpoint"), a
 kohya names on the original blocks either (it passes no UNet config); the references are the float64 W + ΔW from
 the file's own tensors, and for SDXL also diffusers loading the same tensors under sd-scripts' SGM names.
 """
-import copy
-
 import pytest
 import torch
 from safetensors import safe_open
