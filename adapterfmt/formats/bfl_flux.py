@@ -52,7 +52,7 @@ class BflFluxFormat(AdapterFormat):
         if "transformer" not in adapter.manifest.components:
             raise UsageError("BFL-layout files hold Flux LoRAs; this adapter has no transformer component",
                              hint="for SD 1.x/SDXL use --to comfyui or --to kohya")
-        state, metadata = flux_state(adapter, report, "bfl", options.base)
+        state, metadata = flux_state(adapter, report, "bfl")
         with atomic_file(path, overwrite=options.overwrite) as tmp:
             save_file(state, str(tmp), metadata=metadata)
         return path

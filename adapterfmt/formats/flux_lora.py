@@ -166,7 +166,7 @@ def refuse_single_model(adapter: Adapter, what: str, hint: str) -> None:
                      hint=hint)
 
 
-def flux_state(adapter: Adapter, report, family: str, base=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def flux_state(adapter: Adapter, report, family: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, header) of a multi-component Flux adapter in ``family``'s layout (``kohya`` or ``bfl``).
 
     Example:
@@ -192,7 +192,7 @@ def flux_state(adapter: Adapter, report, family: str, base=None) -> tuple[dict[s
         if missing:
             report.notes.append(f"{name}: {', '.join(missing)} have no LoRA; "
                                 "their rows of the fused up matrix are zero")
-        a, b, scale, alpha = _fuse(name, target, present, modules, base)
+        a, b, scale, alpha = _fuse(name, target, present, modules)
         state[f"{name}.{down}"], state[f"{name}.{up}"] = a.contiguous(), b.contiguous()
         _alpha(state, name, scale, alpha, a.shape[0], layouts.get(name), name in no_alpha,
                [f"{target.component}.{m}" for m in present], report)
@@ -225,14 +225,15 @@ def _groups(modules: dict, source: dict, family: str) -> dict[str, tuple[Target,
     return groups
 
 
-def _fuse(name: str, target: Target, present: list[str], modules: dict, base):
-    """(A, B, scale, alpha) of one file name from its present parts."""
+def _fuse(name: str, target: Target, present: list[str], modules: dict):
+    """(A, B, scale, alpha) of one file name from its present parts (taken in diffusers' row order)."""
     component = target.component
+    present = [p.module for p in target.parts if p.module in present]
     entries = [modules[(component, m)] for m in present]
     if component == "text_encoder":
         entry, tensors = entries[0]
         return tensors["lora_A"], tensors["lora_B"], float(entry.params["scale"]), _alpha_of(entry)
-    rows = _fused_rows(name, target, present, modules, base)
+    rows = _fused_rows(name, target, present, modules)
     index = dict(zip((p.module for p in target.parts), scaled_rows(target.parts, rows)))
     a_list = [t["lora_A"] for _, t in entries]
     b_list = [t["lora_B"] for _, t in entries]
@@ -275,8 +276,8 @@ def _alpha_of(entry) -> float:
     return float(alpha) if alpha is not None and float(alpha) / rank == scale else scale * rank
 
 
-def _fused_rows(name: str, target: Target, present: list[str], modules: dict, base) -> int:
-    """Row count of the fused B: the parts' rows, a missing part's from the base or diffusers' proportions."""
+def _fused_rows(name: str, target: Target, present: list[str], modules: dict) -> int:
+    """Row count of the fused B, from the present parts' rows and diffusers' split (which gives absent parts')."""
     totals = set()
     for part in target.parts:
         if part.module in present:

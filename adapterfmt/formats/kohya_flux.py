@@ -39,7 +39,7 @@ def read_kohya_flux(state: dict, metadata: dict, path: Path, options, report) ->
 
 def write_kohya_flux(adapter: Adapter, path: Path, report, options) -> Path:
     """Write a Flux adapter in kohya's spelling: fused qkv/linear1 as read, or rank-Σr block-diagonal."""
-    state, metadata = flux_state(adapter, report, "kohya", options.base)
+    state, metadata = flux_state(adapter, report, "kohya")
     with atomic_file(path, overwrite=options.overwrite) as tmp:
         save_file(state, str(tmp), metadata=metadata)
     return path
