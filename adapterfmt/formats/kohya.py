@@ -35,6 +35,7 @@ from ._lowrank import add_lowrank_module, most_common, require_linear
 from .base import AdapterFormat
 from .kohya_diffusion import FAMILIES, is_diffusion_file, unsupported_family
 from .kohya_pipeline import pipeline_kohya_state, read_pipeline_file
+from .kohya_flux import is_flux_adapter, is_kohya_flux, read_kohya_flux, write_kohya_flux
 
 READ_PREFIXES = ("lora_transformer", "lora_te", "lora_te1", "lora_te2", "lora_te3", "lora_unet", "lora_llm")
 NAMES_KEY = "adapterfmt.kohya_names"
@@ -79,6 +80,8 @@ class KohyaFormat(AdapterFormat):
     # ---------------------------------------------------------------- reading
     def read(self, path: Path, options, report) -> Adapter:
         state, metadata = load_safetensors(path)
+        if is_kohya_flux(list(state)):  # kohya Flux: fused qkv/linear1 split by diffusers' own conversion
+            return read_kohya_flux(state, metadata, path, options, report)
         grouped = _group(state, path)
         if NAMES_KEY not in metadata and _pipeline_base(options.base) and is_diffusion_file(list(grouped)):
             return read_pipeline_file(grouped, metadata, options.base, path, report)
@@ -114,6 +117,8 @@ class KohyaFormat(AdapterFormat):
 
     # ---------------------------------------------------------------- writing
     def write(self, adapter: Adapter, path: Path, report, options) -> Path:
+        if is_flux_adapter(adapter):
+            return write_kohya_flux(adapter, path, report, options)
         if adapter.manifest.components:
             state, metadata = pipeline_kohya_state(adapter, report)
             with atomic_file(path, overwrite=options.overwrite) as tmp:

@@ -4,7 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UsageError
+from ._files import safetensors_keys
 from .base import AdapterFormat
+from .bfl_flux import BflFluxFormat
+from .comfyui import ComfyUiFormat
 from .diffusers_lora import DiffusersLoraFormat
 from .gguf_lora import GgufLoraFormat
 from .kohya import KohyaFormat
@@ -16,7 +19,8 @@ from .peft import PeftFormat
 from .sorsa_official import SorsaOfficialFormat
 
 FORMATS: tuple[AdapterFormat, ...] = (NativeFormat(), PeftFormat(), GgufLoraFormat(), KohyaFormat(), LycorisFormat(),
-                                      MlxFormat(), NolaOfficialFormat(), SorsaOfficialFormat(), DiffusersLoraFormat())
+                                      MlxFormat(), NolaOfficialFormat(), SorsaOfficialFormat(), DiffusersLoraFormat(),
+                                      BflFluxFormat(), ComfyUiFormat())
 FORMAT_BY_NAME: dict[str, AdapterFormat] = {f.name: f for f in FORMATS}
 assert len(FORMAT_BY_NAME) == len(FORMATS), "two formats share a name"
 
@@ -58,5 +62,7 @@ def detect_format(path: Path) -> AdapterFormat:
     for fmt in sorted(FORMATS, key=lambda f: (f.priority, f.name)):
         if fmt.can_read and fmt.detect(path):
             return fmt
-    raise UsageError(f"cannot tell which adapter format this is (known: {', '.join(FORMAT_BY_NAME)})",
+    keys = (safetensors_keys(path) or ([], {}))[0] if path.is_file() else []
+    named = f"; its keys ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''}) match no family" if keys else ""
+    raise UsageError(f"cannot tell which adapter format this is{named} (tried: {', '.join(FORMAT_BY_NAME)})",
                      path=path, hint="pass --from FORMAT")

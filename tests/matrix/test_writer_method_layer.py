@@ -79,11 +79,14 @@ CANNOT_HOLD = {"adapterfmt": set(), "peft": set(), "gguf": {"conv1d", "conv2d", 
                # lycoris: LyCORIS's own wrapper maps any module name (prefix "lycoris"); Linear and Conv2d layers.
                "lycoris": {"conv1d", "embedding", "dora"} | BASE_DEPENDENT,
                # diffusers pipeline files hold multi-component adapters only (tests/diffusion)
-               "diffusers": {"linear", "conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT}
+               "diffusers": {"linear", "conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT,
+               # bfl (Flux) and comfyui (SD 1.x/SDXL) hold pipeline LoRAs only (tests/diffusion)
+               "bfl": {"linear", "conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT,
+               "comfyui": {"linear", "conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT}
 STATUS_SLACK = {EXACT_MATH: 2.0 ** -20, SCALE_FOLDED: 2.0 ** -20, LOSSY: 2.0 ** -20}
 OUTPUT_NAME = {"adapterfmt": "out.safetensors", "peft": "out-peft", "gguf": "out.gguf",
                "kohya": "out.safetensors", "mlx": "out-mlx", "lycoris": "out.safetensors",
-               "diffusers": "out.safetensors"}
+               "diffusers": "out.safetensors", "bfl": "out.safetensors", "comfyui": "out.safetensors"}
 #: Storage dtype of the factors, rotated over the variants so that every writer and layer sees all three.
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 CASES = [(w, layer, v, list(DTYPES)[i % len(DTYPES)]) for w in WRITERS for layer in LAYERS
