@@ -57,6 +57,26 @@ def _component_base(base: BaseCheckpoint, component: str, adapter: Adapter, path
                             hint="pass the diffusers pipeline directory (with model_index.json) as --base")
 
 
+def shape_mismatch(name: str, shape, want, path: str | None) -> BaseMismatchError:
+    """The refusal for a base parameter whose shape is not the adapter's, naming the one common cause.
+
+    PEFT stores LoHa/LoKr/LoRA factors of a Conv2d flattened to 2-D, so a file read without ``--base``
+    records such a module as a Linear (out, in·kh·kw); the maths is the same, the layer kind is not.
+
+    Example:
+        >>> str(shape_mismatch("conv.weight", [8, 3, 7, 7], [8, 147], None)).startswith("base parameter")
+        True
+    """
+    shape, want = list(shape), list(want)
+    if len(shape) == 4 and len(want) == 2 and [shape[0], shape[1] * shape[2] * shape[3]] == want:
+        return BaseMismatchError(f"base parameter {name!r} is a convolution {shape}; the adapter holds it as a "
+                                 f"Linear {want} (its factors were read without the base)", path=path,
+                                 hint="convert the source adapter again with --base so that its convolutions "
+                                      "are recognised")
+    return BaseMismatchError(f"base parameter {name!r} has shape {shape}, the adapter expects {want}", path=path,
+                             hint="this adapter is for a different model")
+
+
 def _bind_single(adapter: Adapter, base: BaseCheckpoint, path: str | None, check_only: bool, force_hint: str) -> None:
     manifest = adapter.manifest
     recorded = manifest.base.architecture
@@ -72,8 +92,7 @@ def _bind_single(adapter: Adapter, base: BaseCheckpoint, path: str | None, check
     for name, want in expected.items():
         shape = base.shape(name)
         if list(shape) != list(want.shape):
-            raise BaseMismatchError(f"base parameter {name!r} has shape {shape}, the adapter expects "
-                                    f"{want.shape}", path=path, hint="this adapter is for a different model")
+            raise shape_mismatch(name, shape, want.shape, path)
         fingerprint = base.fingerprint(name)  # None: not comparable (a pre-quantized base's weights)
         if want.fingerprint and fingerprint is not None and want.fingerprint != fingerprint:
             raise BaseMismatchError(f"base parameter {name!r} has different content than the adapter's "

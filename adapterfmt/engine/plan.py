@@ -17,7 +17,7 @@ from ..checkpoint.bnb_checkpoint import BnbCheckpoint, PackedSpan, is_bnb_quanti
 from ..checkpoint.diffusers_checkpoint import (DiffusersComponent, is_component_dir, is_pipeline_dir,
                                               single_file_layout)
 from ..format.tensorio import TensorSpan
-from .base import bind_base
+from .base import bind_base, shape_mismatch
 from .writer import OutTensor
 
 OUT_DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
@@ -158,9 +158,8 @@ def check_adapters(adapters: list[tuple[Adapter, float]], base: StreamingCheckpo
             shape = base.shape(entry.base_weight)
             want = stored_shape(entry)
             if list(shape) != want:
-                raise BaseMismatchError(f"module {target!r}: base parameter {entry.base_weight!r} has shape "
-                                        f"{shape}, the adapter expects {want}", path=path or base.path,
-                                        hint="this adapter is for a different model")
+                error = shape_mismatch(entry.base_weight, shape, want, path or base.path)
+                raise type(error)(f"module {target!r}: {error.message}", path=error.path, hint=error.hint)
         if not force:
             bind_base(adapter, base, path, check_only=True,
                       force_hint="use the base the adapter was made for, or pass --force")

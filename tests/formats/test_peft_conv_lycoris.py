@@ -158,3 +158,18 @@ def test_conv1d_tucker_cores_are_refused_by_name(tmp_path):
     with pytest.raises(AdapterFmtError, match=r"Conv2d weight \[6, 4, 3, 1\], the base weight is \[6, 4, 3\]"):
         adapterfmt.convert(tmp_path / "peft", tmp_path / "a.safetensors", base=tmp_path / "base")
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_flattened_conv_read_without_base_is_refused_at_merge_by_name(bases, tmp_path):
+    """PEFT stores flattened conv factors in 2-D, so without --base the module is read as a Linear of the
+    flattened shape (exact as a matrix: PEFT reloads it). Merging it into the conv base says so and how to
+    fix it, instead of blaming a different model."""
+    from adapterfmt.errors import BaseMismatchError
+    base = bases[False]
+    peft_dir = make_peft(base, tmp_path / "peft", "loha")
+    adapterfmt.convert(peft_dir, tmp_path / "nobase.safetensors")
+    with pytest.raises(BaseMismatchError, match=r"is a convolution \[8, 3, 7, 7\]; the adapter holds it as a Linear "
+                                                r"\[8, 147\]") as caught:
+        adapterfmt.merge(base, [tmp_path / "nobase.safetensors"], tmp_path / "merged")
+    assert "--base" in caught.value.hint
+    assert not (tmp_path / "merged").exists()
