@@ -33,7 +33,8 @@ from ..methods.lora import lora_params
 from ..conversion_report import EXACT_MATH, LOSSLESS
 from ._lowrank import add_lowrank_module, most_common, require_linear
 from .base import AdapterFormat
-from .kohya_diffusion import FAMILIES, is_diffusion_file, unsupported_family
+from .kohya_diffusion import FAMILIES, unsupported_family
+from .kohya_modules import KNOWN_LEAVES
 from .kohya_pipeline import pipeline_kohya_state, read_pipeline_file
 
 READ_PREFIXES = ("lora_transformer", "lora_te", "lora_te1", "lora_te2", "lora_te3", "lora_unet", "lora_llm")
@@ -66,12 +67,15 @@ class KohyaFormat(AdapterFormat):
     name = "kohya"
     summary = "kohya / A1111 / ComfyUI LoRA safetensors (lora_down/lora_up/alpha, underscored names)"
     priority = 30
-    writes_methods = ("lora",)
+    #: dora, loha, lokr and full: diffusion pipeline files only (kohya_modules.py); others refuse them by name.
+    writes_methods = ("lora", "dora", "loha", "lokr", "full")
 
     def detect(self, path: Path) -> bool:
         if not (path.is_file() and path.suffix == ".safetensors"):
             return False
         found = safetensors_keys(path)
+        if found is not None and found[0] and group_leaves(dict.fromkeys(found[0])) is not None:
+            return True  # a diffusion pipeline file of any kohya/LyCORIS family
         # LyCORIS keys are claimed too, so that they are refused by name rather than "unknown format".
         return found is not None and any(k.endswith(".lora_down.weight") or
                                          (k.startswith("lora_") and unsupported_family(k)) for k in found[0])
@@ -79,9 +83,10 @@ class KohyaFormat(AdapterFormat):
     # ---------------------------------------------------------------- reading
     def read(self, path: Path, options, report) -> Adapter:
         state, metadata = load_safetensors(path)
+        by_leaf = group_leaves(state)
+        if NAMES_KEY not in metadata and _pipeline_base(options.base) and by_leaf is not None:
+            return read_pipeline_file(by_leaf, metadata, options.base, path, report)
         grouped = _group(state, path)
-        if NAMES_KEY not in metadata and _pipeline_base(options.base) and is_diffusion_file(list(grouped)):
-            return read_pipeline_file(grouped, metadata, options.base, path, report)
         _one_component(grouped, path)
         lookup = _name_table(metadata, options.base, path)
         manifest, tensors = Manifest(), {}
@@ -179,6 +184,26 @@ def _group(state: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, to
                                  hint=f"only plain LoRA (lora_down/lora_up/alpha) is supported; families tried: "
                                       f"{'; '.join(FAMILIES)}")
     return grouped
+
+
+PIPELINE_KEY_RE = re.compile(r"^(?P<name>lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(?P<leaf>[a-z0-9_.]+)$")
+
+
+def group_leaves(state: dict) -> dict[str, dict] | None:
+    """``{kohya name: {leaf: tensor}}`` when every key is ``<pipeline name>.<leaf>`` of a known
+    kohya/LyCORIS family (see kohya_modules.py), else None.
+
+    Example:
+        >>> group_leaves({"lora_te_x.diff": 1, "lora_te_x.diff_b": 2})
+        {'lora_te_x': {'diff': 1, 'diff_b': 2}}
+    """
+    grouped: dict[str, dict] = {}
+    for key, tensor in state.items():
+        match = PIPELINE_KEY_RE.match(key)
+        if not match or match["leaf"] not in KNOWN_LEAVES:
+            return None
+        grouped.setdefault(match["name"], {})[match["leaf"]] = tensor
+    return grouped or None
 
 
 def _pipeline_base(base) -> bool:

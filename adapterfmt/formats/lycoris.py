@@ -27,7 +27,8 @@ from ..methods.lora import lora_params
 from ._files import load_safetensors, safetensors_keys
 from ._lowrank import add_lowrank_module
 from .base import AdapterFormat
-from .kohya import NAMES_KEY, READ_PREFIXES, _alpha, _name_table, alpha_tensor, kohya_name
+from .kohya import (NAMES_KEY, READ_PREFIXES, KohyaFormat, _alpha, _name_table, _pipeline_base, alpha_tensor,
+                    group_leaves, kohya_name)
 
 PREFIX = "lycoris"
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -57,6 +58,8 @@ class LycorisFormat(AdapterFormat):
 
     def read(self, path: Path, options, report) -> Adapter:
         state, metadata = load_safetensors(path)
+        if NAMES_KEY not in metadata and _pipeline_base(options.base) and group_leaves(state) is not None:
+            return KohyaFormat().read(path, options, report)  # SD 1.x/SDXL pipeline names: kohya_pipeline.py
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
             match = KEY_RE.match(key)
