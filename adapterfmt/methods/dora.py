@@ -62,6 +62,22 @@ class DoRA(LoRA):
     delta = Method.delta
 
 
+def require_peft_axis(target: str, entry, consumer: str) -> None:
+    """Refuse a DoRA module that is not PEFT's (magnitude per output row, no eps) for ``consumer``.
+
+    Example:
+        >>> require_peft_axis("m", entry, "PEFT")  # doctest: +SKIP
+    """
+    from ..errors import UsageError
+    if entry.method != "dora":
+        return
+    axis, eps = entry.params.get("magnitude_axis"), float(entry.params.get("norm_eps", 0.0))
+    if axis != "out" or eps:
+        raise UsageError(f"module {target!r}: DoRA with magnitude_axis {axis!r} and norm_eps {eps!r} (kohya/LyCORIS "
+                         f"dora_scale) is not {consumer}'s DoRA (magnitude per output row, no eps); converting it "
+                         "is not exact", hint="merge it (adapterfmt merge), or keep the adapterfmt or kohya file")
+
+
 def dora_rescale(combined: torch.Tensor, magnitude: torch.Tensor, axis: str, eps: float = 0.0) -> torch.Tensor:
     """V rescaled to the magnitude along ``axis`` (fp32; PEFT's order: m / n first, then times V).
 

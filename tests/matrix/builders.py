@@ -123,9 +123,10 @@ VARIANTS = {"lora": ("lora", _lora), "rslora": ("lora", _rslora), "dora": ("dora
             "sorsa": ("sorsa", _sorsa), "nola": ("nola", None), "ia3": ("ia3", _ia3), "loha": ("loha", _loha),
             "lokr": ("lokr", None), "adalora": ("adalora", _adalora), "oft": ("oft", _oft("neumann", False, False)),
             "oft_exact": ("oft", _oft("exact", True, True)), "boft": ("boft", _boft),
-            "vera": ("vera", _vera), "fourierft": ("fourierft", _fourierft)}
+            "vera": ("vera", _vera), "fourierft": ("fourierft", _fourierft), "full": ("full", lambda r, a, rows: {}),
+            "dora_in": ("dora", lambda r, a, rows: {**lora_params(r, a, False), "magnitude_axis": "in"})}
 #: Methods whose optional roles stay absent (VeRA: stored projections only for unreproducible imports).
-REQUIRED_ROLES_ONLY = {"vera"}
+REQUIRED_ROLES_ONLY = {"vera", "full"}  # full: diff_b needs a base bias (tests/diffusion)
 
 
 def method_of(variant: str) -> str:
