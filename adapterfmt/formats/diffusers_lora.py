@@ -54,7 +54,8 @@ class DiffusersLoraFormat(AdapterFormat):
     summary = "diffusers / PEFT-style pipeline LoRA (unet./text_encoder./transformer. keys, lora_adapter_metadata)"
     priority = 28
     suffixes = (".safetensors",)
-    writes_methods = ("lora",)
+    #: dora and full are "written" only to be refused with diffusers' reason (loha/lokr convert exactly to LoRA)
+    writes_methods = ("lora", "dora", "full")
 
     def detect(self, path: Path) -> bool:
         found = safetensors_keys(path) if path.is_file() else None

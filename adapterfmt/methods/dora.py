@@ -86,8 +86,10 @@ def dora_rescale(combined: torch.Tensor, magnitude: torch.Tensor, axis: str, eps
         tensor([[6., 8.]])
     """
     keep = AXES[axis][1]
-    dims = tuple(d for d in range(combined.dim()) if d != keep)
-    norm = torch.linalg.vector_norm(combined, dim=dims)
+    if keep == 0:
+        norm = torch.linalg.vector_norm(combined, dim=tuple(range(1, combined.dim())))
+    else:  # LyCORIS's order: each input channel's (out, kh, kw) values as one contiguous row
+        norm = torch.linalg.vector_norm(combined.transpose(0, 1).reshape(combined.shape[1], -1), dim=1)
     if eps:
         norm = norm + eps
     shape = [1] * combined.dim()
