@@ -28,7 +28,7 @@ class Full(Method):
     row_separable = True
     layers = ("linear", CONV2D_LAYER)
     formula = "ΔW = diff; bias' = bias + diff_b (optional)"
-    spec_file = "methods-tuners.md"
+    spec_file = "methods-full.md"
 
     def roles_for(self, entry):
         return self.conv2d_roles if entry.layer == CONV2D_LAYER else self.roles
