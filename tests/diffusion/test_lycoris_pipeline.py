@@ -219,3 +219,15 @@ def test_loha_lokr_to_diffusers_convert_exactly_to_lora_and_load(family, made, r
     want = outputs("sd15", tiny_pipeline("sd15", reference))
     for component, value in outputs("sd15", loaded).items():
         torch.testing.assert_close(value, want[component], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,rule,severity", [("dora_in", "dora_scale_ignored", "ignored"),
+                                                  ("dora_out", "dora_scale_ignored", "ignored"),
+                                                  ("full", "dense_method", "refuse")])
+def test_check_target_diffusers_names_what_diffusers_ignores(family, rule, severity, made, request):
+    from adapterfmt.ops.check import check_adapter
+    pipe, models, src, names, mid, report = made("sd15", family, request)
+    findings = {f.rule: f for f in check_adapter(mid, ["diffusers"]).targets[0].findings}
+    assert findings[rule].severity == severity
+    if rule == "dora_scale_ignored":
+        assert "drops every dora_scale" in findings[rule].message
