@@ -13,7 +13,9 @@ and refuses modules that have no such name (any LLM adapter: use peft, gguf or m
 names span several pipeline components (``lora_te1_`` and ``lora_te2_``, ``lora_unet_`` and
 ``lora_te_``) is read as a multi-component adapter (kohya_pipeline.py): SD 1.x and SDXL names are
 mapped by diffusers' own conversion, with a diffusers pipeline or component as ``--base`` (or none
-for SD 1.x names). LyCORIS LoHa/LoKr, conv LoRA and DoRA are refused by name in this build.
+for SD 1.x names). Such pipeline files may hold every kohya/LyCORIS family (kohya_modules.py): LoCon on
+Conv2d (1x1 and 3x3), DoRA ``dora_scale`` (either axis), LoHa, LoKr and full ``diff``/``diff_b``.
+Outside pipeline files those families are refused by name.
 """
 from __future__ import annotations
 
