@@ -19,6 +19,8 @@ reader below; both return ``(method, params, tensors by role, shape, layer)``.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 from pathlib import Path
 
@@ -30,11 +32,14 @@ from ..methods.descriptor import CONV2D_LAYER
 from ..methods.lokr import lokr_scale
 from ..methods.lora import lora_params
 
-try:  # conv/Tucker LoHa, LoKr and LoCon (lycoris_modules.py) plug in here when present
-    from .lycoris_modules import module_state as lycoris_module_state
-    from .lycoris_modules import read_module as lycoris_read_module
-except ImportError:  # this build: Linear LoHa/LoKr and plain LoCon, below
-    lycoris_read_module = lycoris_module_state = None
+
+
+def lycoris_modules():
+    """The LyCORIS module reader/writer (conv and Tucker LoHa, LoKr, LoCon) when this build has it, else None
+    (then Linear LoHa/LoKr and plain LoCon are read below). Imported on use: it imports kohya.py itself."""
+    if importlib.util.find_spec(f"{__package__}.lycoris_modules") is None:
+        return None
+    return importlib.import_module(f"{__package__}.lycoris_modules")
 
 #: LyCORIS adds finfo(float32).eps to every DoRA norm (its dora_scale parameter is fp32).
 LYCORIS_DORA_EPS = float(torch.finfo(torch.float32).eps)
@@ -74,7 +79,8 @@ def read_module(name: str, parts: dict[str, torch.Tensor], alpha: float | None, 
     if "diff" in parts or "diff_b" in parts:
         return (*_full(name, parts, base_shape, path), {})
     dora_scale = parts.pop("dora_scale", None)
-    reader = lycoris_read_module or _linear_lycoris
+    plugged = lycoris_modules()
+    reader = plugged.read_module if plugged is not None else _linear_lycoris
     method, params, roles, shape, layer = reader(name, parts, alpha, base_shape, path)
     if dora_scale is None:
         return method, params, roles, shape, layer, {}
@@ -171,8 +177,9 @@ def module_state(name: str, key: str, entry, tensors: dict[str, torch.Tensor], l
     if method == "lora" and entry.layer in ("linear", CONV2D_LAYER):
         return {f"{name}.lora_down.weight": tensors["lora_A"].contiguous(),
                 f"{name}.lora_up.weight": tensors["lora_B"].contiguous()}, entry.params["scale"] * entry.params["rank"]
-    if lycoris_module_state is not None:
-        state = lycoris_module_state(name, key, entry, tensors, report)
+    plugged = lycoris_modules()
+    if plugged is not None:
+        state = plugged.module_state(name, key, entry, tensors, report)
         alpha = state.pop(f"{name}.alpha", None)
         return {k: v.contiguous() for k, v in state.items()}, None if alpha is None else float(alpha)
     if method in ("loha", "lokr") and entry.layer == "linear":
