@@ -103,7 +103,7 @@ def test_delta_equals_lycoris_functional(family, made, request):
         theirs = _lycoris_delta(family, leaves, alpha).reshape(ours.shape)
         torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=1e-7)
         worst = max(worst, _ulps(ours, theirs))
-    assert worst <= 4, worst  # fp32 products summed in another order: a few ulp at most
+    assert worst <= 1, worst  # measured 0: the same fp32 operations as lycoris.functional
 
 
 def _merge(pipe, adapter, component, out):
