@@ -142,7 +142,6 @@ def _linear_lycoris(name, parts, alpha, base_shape, path):
         alpha = alpha or float(rank)  # LyCORIS: missing or 0 means alpha = rank
         return ("loha", {"rank": rank, "alpha": alpha, "scale": alpha / rank}, roles,
                 [roles["w1_a"].shape[0], roles["w1_b"].shape[1]], "linear")
-    from .lycoris import _one_of
     if leaves and all(k.startswith("lokr_") for k in leaves) and _one_of(leaves, "w1") and _one_of(leaves, "w2"):
         roles = {k[len("lokr_"):]: v for k, v in parts.items()}
         low = roles.get("w1_b", roles.get("w2_b"))
@@ -155,8 +154,15 @@ def _linear_lycoris(name, parts, alpha, base_shape, path):
         params = {"w1_shape": [a, c], "w2_shape": [b, d], "rank": rank, "alpha": alpha, "convention": "lycoris",
                   "scale": lokr_scale("lycoris", rank, alpha, both_full)}
         return "lokr", params, roles, [a * b, c * d], "linear"
-    raise ForeignFormatError(f"{name!r} has {sorted(leaves)}: not one LoRA, LoHa, LoKr or full module", path=path,
+    raise ForeignFormatError(f"{name!r} has {sorted(leaves)} ({family(leaves)} leaves): not one LoRA, LoHa, LoKr "
+                             "or full module", path=path,
                              hint="the file is incomplete or mixes algorithms within a module")
+
+
+def _one_of(leaves: set[str], half: str) -> bool:
+    """Exactly the full matrix, or exactly both factors, of one Kronecker half."""
+    full, pair = f"lokr_{half}" in leaves, {f"lokr_{half}_a", f"lokr_{half}_b"} <= leaves
+    return full != pair and not (full and leaves & {f"lokr_{half}_a", f"lokr_{half}_b"})
 
 
 # ---------------------------------------------------------------------------- writing

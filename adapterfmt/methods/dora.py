@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..errors import UsageError
 from .descriptor import CONV2D_LAYER, Method, Role, take_rows
 from .lora import LoRA, LoraParams
 
@@ -53,7 +54,8 @@ class DoRA(LoRA):
     def merged(self, entry, tensors, base, rows=None):
         axis = entry.params["magnitude_axis"]
         if axis == "in" and rows is not None:
-            raise ValueError("an input-axis DoRA module merges whole tensors (separable_rows is False)")
+            raise UsageError("an input-axis DoRA module merges whole tensors, not row blocks",
+                             hint="this is a bug in the caller: ask separable_rows() first")
         combined = base + super().delta(entry, tensors, rows=rows)
         return dora_rescale(combined, take_rows(tensors["magnitude"], rows if axis == "out" else None),
                             axis, float(entry.params.get("norm_eps", 0.0)))
@@ -68,7 +70,6 @@ def require_peft_axis(target: str, entry, consumer: str) -> None:
     Example:
         >>> require_peft_axis("m", entry, "PEFT")  # doctest: +SKIP
     """
-    from ..errors import UsageError
     if entry.method != "dora":
         return
     axis, eps = entry.params.get("magnitude_axis"), float(entry.params.get("norm_eps", 0.0))
