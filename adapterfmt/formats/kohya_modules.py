@@ -4,7 +4,7 @@ A module is its kohya name plus leaves (``<name>.<leaf>``). The family follows f
 
 | family | leaves | method, layer |
 |---|---|---|
-| LoRA / LoCon | ``lora_down.weight`` (r, in[, kh, kw]), ``lora_up.weight`` (out, r[, 1, 1]) | ``lora``, linear or conv2d |
+| LoRA / LoCon | ``lora_down.weight`` (r, in[, kh, kw]), ``lora_up.weight`` (out, r[, 1, 1]) | ``lora``, linear/conv2d |
 | DoRA | the above + ``dora_scale`` (out, 1[, 1, 1]) or (1, in[, 1, 1]) | ``dora``, magnitude axis from the shape |
 | LoHa, LoKr | ``hada_*``, ``lokr_*`` (LyCORIS) | ``loha``, ``lokr`` |
 | full | ``diff`` (the weight's shape), optional ``diff_b`` (out) | ``full`` |

@@ -28,6 +28,9 @@ FAMILIES = {
 TE_BLOCKS = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
 PREFIXES = {"sd15": {"unet": "lora_unet", "text_encoder": "lora_te"},
             "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
+#: LycorisNetwork class attributes a preset sets
+PRESET_STATE = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "LORA_PREFIX", "MODULE_ALGO_MAP",
+                "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
 RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
           "conv_shortcut": "skip_connection"}
 
@@ -45,10 +48,17 @@ def network_state(model, prefix: str, family: str, work: Path, seed: int) -> tup
     algo, extra, unet_blocks = FAMILIES[family]
     blocks = unet_blocks if prefix == "lora_unet" else TE_BLOCKS
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    from lycoris.wrapper import LycorisNetwork
     torch.manual_seed(seed)
     model = copy.deepcopy(model)
-    net = create_lycoris(model, 1.0, 4, 2.0, algo=algo, conv_dim=2, conv_alpha=1.0,
-                         preset=_preset(work / f"{prefix}.toml", prefix, blocks), **extra)
+    # presets set class attributes of LycorisNetwork (the prefix too): restore them for other users
+    saved = {k: getattr(LycorisNetwork, k) for k in PRESET_STATE}
+    try:
+        net = create_lycoris(model, 1.0, 4, 2.0, algo=algo, conv_dim=2, conv_alpha=1.0,
+                             preset=_preset(work / f"{prefix}.toml", prefix, blocks), **extra)
+    finally:
+        for key, value in saved.items():
+            setattr(LycorisNetwork, key, value)
     net.apply_to()
     with torch.no_grad():
         for p in net.parameters():
@@ -64,12 +74,15 @@ def sgm_unet_path(path: str, layers_per_block: int, attention_blocks: set[int]) 
     def resnet(rest):
         head, _, tail = rest.partition(".")
         return RESNET.get(head, head) + (f".{tail}" if tail else "")
-    rules = ((r"^down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", lambda b, l, r: f"input_blocks.{1 + b * per + l}.0.{resnet(r)}"),
-             (r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$", lambda b, l, r: f"input_blocks.{1 + b * per + l}.1.{r}"),
+    rules = ((r"^down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$",
+              lambda b, l, r: f"input_blocks.{1 + b * per + l}.0.{resnet(r)}"),
+             (r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$",
+              lambda b, l, r: f"input_blocks.{1 + b * per + l}.1.{r}"),
              (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv$", lambda b: f"input_blocks.{(b + 1) * per}.0.op"),
              (r"^mid_block\.resnets\.(\d+)\.(.+)$", lambda i, r: f"middle_block.{2 * i}.{resnet(r)}"),
              (r"^mid_block\.attentions\.0\.(.+)$", lambda r: f"middle_block.1.{r}"),
-             (r"^up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", lambda b, l, r: f"output_blocks.{b * per + l}.0.{resnet(r)}"),
+             (r"^up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$",
+              lambda b, l, r: f"output_blocks.{b * per + l}.0.{resnet(r)}"),
              (r"^up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$", lambda b, l, r: f"output_blocks.{b * per + l}.1.{r}"),
              (r"^up_blocks\.(\d+)\.upsamplers\.0\.conv$",
               lambda b: f"output_blocks.{b * per + per - 1}.{2 if b in attention_blocks else 1}.conv"))
@@ -92,7 +105,8 @@ def lycoris_file(kind: str, family: str, models: dict, out: Path, *, seed: int =
             unet = models["unet"]
             attention = {i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t}
             for name, path in found.items():
-                rename[name] = "lora_unet_" + sgm_unet_path(path, unet.config.layers_per_block, attention).replace(".", "_")
+                sgm = sgm_unet_path(path, unet.config.layers_per_block, attention)
+                rename[name] = "lora_unet_" + sgm.replace(".", "_")
         for key, value in part.items():
             name, leaf = key.split(".", 1)
             state[f"{rename.get(name, name)}.{leaf}"] = value.to(dtype)
