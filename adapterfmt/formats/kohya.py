@@ -69,8 +69,9 @@ class KohyaFormat(AdapterFormat):
     name = "kohya"
     summary = "kohya / A1111 / ComfyUI LoRA safetensors (lora_down/lora_up/alpha, underscored names)"
     priority = 30
-    #: dora, loha, lokr and full: diffusion pipeline files only (kohya_modules.py); others refuse them by name.
-    writes_methods = ("lora", "dora", "loha", "lokr", "full")
+    #: dora, loha, lokr, full (and lora_tucker, LyCORIS's Tucker LoCon, where the LyCORIS conv modules exist):
+    #: diffusion pipeline files only (kohya_modules.py); other files refuse them by name.
+    writes_methods = ("lora", "dora", "loha", "lokr", "full", "lora_tucker")
 
     def detect(self, path: Path) -> bool:
         if not (path.is_file() and path.suffix == ".safetensors"):

@@ -25,6 +25,13 @@ FAMILIES = {
     "dora_out": ("lora", {"dora_wd": True, "wd_on_output": True}, ["Transformer2DModel", "ResnetBlock2D"]),
     "dora_in": ("lora", {"dora_wd": True, "wd_on_output": False}, ["Transformer2DModel", "ResnetBlock2D"]),
 }
+#: conv and Tucker forms (LoHa/LoKr on 1x1 and 3x3 convs, LoCon/LoHa with Tucker cores)
+CONV_FAMILIES = {
+    "loha_conv": ("loha", {}, CONV_BLOCKS),
+    "lokr_conv": ("lokr", {"factor": 4}, CONV_BLOCKS),
+    "locon_tucker": ("lora", {"use_tucker": True}, CONV_BLOCKS),
+    "loha_tucker": ("loha", {"use_tucker": True}, CONV_BLOCKS),
+}
 TE_BLOCKS = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
 PREFIXES = {"sd15": {"unet": "lora_unet", "text_encoder": "lora_te"},
             "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
@@ -45,7 +52,7 @@ def _preset(path: Path, prefix: str, modules: list[str]) -> str:
 def network_state(model, prefix: str, family: str, work: Path, seed: int) -> tuple[dict, dict[str, str]]:
     """(LyCORIS state dict, {kohya name: module path}) of one component."""
     from lycoris import create_lycoris
-    algo, extra, unet_blocks = FAMILIES[family]
+    algo, extra, unet_blocks = {**FAMILIES, **CONV_FAMILIES}[family]
     blocks = unet_blocks if prefix == "lora_unet" else TE_BLOCKS
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     from lycoris.wrapper import LycorisNetwork
@@ -111,7 +118,8 @@ def lycoris_file(kind: str, family: str, models: dict, out: Path, *, seed: int =
             name, leaf = key.split(".", 1)
             state[f"{rename.get(name, name)}.{leaf}"] = value.to(dtype)
         names.update({rename.get(n, n): f"{component}.{p}" for n, p in found.items()})
-    metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": f'{{"algo": "{FAMILIES[family][0]}"}}',
+    algo = {**FAMILIES, **CONV_FAMILIES}[family][0]
+    metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": f'{{"algo": "{algo}"}}',
                 "sshs_model_hash": "1" * 64, "modelspec.sai_model_spec": "1.0.0",
                 "modelspec.architecture": f"{kind}/lycoris-{family}"}
     save_file(state, str(out), metadata=metadata)

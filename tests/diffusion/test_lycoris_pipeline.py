@@ -15,7 +15,7 @@ from adapterfmt.errors import UsageError
 from adapterfmt.methods import get_method
 
 from .consumers import lora_layer_count, outputs, tiny_pipeline
-from .lycoris_files import FAMILIES, lycoris_file
+from .lycoris_files import CONV_FAMILIES, FAMILIES, lycoris_file
 
 FILES = {"unet": "diffusion_pytorch_model.safetensors"}
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -231,3 +231,23 @@ def test_check_target_diffusers_names_what_diffusers_ignores(family, rule, sever
     assert findings[rule].severity == severity
     if rule == "dora_scale_ignored":
         assert "drops every dora_scale" in findings[rule].message
+
+
+@pytest.mark.parametrize("family", sorted(CONV_FAMILIES))
+def test_conv_and_tucker_lycoris_modules_round_trip_or_are_refused_by_name(family, sd15, tmp_path):
+    """LoHa/LoKr on convs and Tucker cores need the LyCORIS conv modules (formats/lycoris_modules.py): with
+    them the file comes back bit for bit, without them the first such module is refused naming its family."""
+    from adapterfmt.errors import ForeignFormatError
+    from adapterfmt.formats.kohya_modules import lycoris_modules
+    pipe, models = sd15
+    src = tmp_path / "conv.safetensors"
+    names = lycoris_file("sd15", family, models, src)
+    mid, back = tmp_path / "af.safetensors", tmp_path / "back.safetensors"
+    if lycoris_modules() is None:
+        with pytest.raises(ForeignFormatError, match="(LoHa|LoKr|LoCon \\(Tucker\\)) on this layer"):
+            adapterfmt.convert(src, mid, base=pipe)
+        return
+    assert adapterfmt.convert(src, mid, base=pipe).worst == "lossless"
+    assert set(adapterfmt.read_adapter(mid).manifest.modules) == set(names.values())
+    assert adapterfmt.convert(mid, back, to="kohya").worst == "lossless"
+    assert _data(src) == _data(back)
