@@ -10,6 +10,7 @@ from ..checkpoint import BaseCheckpoint
 from ..errors import BaseMismatchError
 from ..format import Adapter
 from ..format.components import split_components
+from ..methods.full import bias_roles_as_payloads
 from ..format.manifest import ModuleEntry
 
 
@@ -116,7 +117,7 @@ def component_view(adapter: Adapter, base: BaseCheckpoint, path: str | None = No
         'UNet2DConditionModel'
     """
     if not adapter.manifest.components:
-        return adapter
+        return bias_roles_as_payloads(adapter)
     views = split_components(adapter)
     chosen = [c for c, v in views.items() if v.manifest.base.architecture and
               v.manifest.base.architecture == base.architecture]
@@ -126,7 +127,8 @@ def component_view(adapter: Adapter, base: BaseCheckpoint, path: str | None = No
         raise BaseMismatchError(f"cannot tell which of the adapter's components ({', '.join(views)}) this base "
                                 f"({base.architecture or 'unknown architecture'}) is", path=path,
                                 hint="merge into a component directory the adapter has modules for")
-    return views[chosen[0]]
+    # bias roles (full's diff_b) merge as bias deltas, the engine's one way of changing a bias
+    return bias_roles_as_payloads(views[chosen[0]])
 
 
 def _fingerprints_match(view: Adapter, base: BaseCheckpoint) -> bool:

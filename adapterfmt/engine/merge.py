@@ -133,7 +133,7 @@ def row_blocks(job: TensorJob, fan: bool) -> list[slice | None]:
     methods = [get_method(u.entry.method) for u in job.updates]
     shape = job.span.shape
     if fan or len(shape) != 2 or job.replacement is not None or not methods \
-            or not all(m.row_separable for m in methods):
+            or not all(m.separable_rows(u.entry) for m, u in zip(methods, job.updates)):
         return [None]
     out_rows, in_cols = shape
     step = max(1, ROW_BLOCK_BYTES // max(1, in_cols * 4))

@@ -11,7 +11,8 @@ FORMAT_VERSION = (1, 3)
 #: Methods added after 1.0, with the minor that introduced them. A file declaring an older minor is
 #: validated as that minor, where the method does not exist: UnknownMethodError (spec README §3).
 #: Writers write the oldest version that holds every method of the file, so files without them stay 1.1.
-METHOD_SINCE = {"vera": (1, 2), "fourierft": (1, 2), "trainable_tokens": (1, 3), "lora_tucker": (1, 3)}
+METHOD_SINCE = {"vera": (1, 2), "fourierft": (1, 2), "trainable_tokens": (1, 3), "lora_tucker": (1, 3),
+                "full": (1, 3)}
 OLDEST_WRITTEN = (1, 1)
 SUPPORTED_MAJORS = (1,)
 

@@ -6,7 +6,8 @@
 Scales are exact: each module's alpha is written as ``scale·rank`` (``alpha_pattern`` for modules
 off the component's most common value), and PEFT computes ``lora_alpha / r`` as we do. A file
 without metadata means scale 1 (diffusers' rule). DoRA magnitudes and keys of no known component
-are refused, never dropped.
+are refused, never dropped. Conv2d LoRA (LoCon) is held as PEFT holds it (A (r, in, kh, kw),
+B (out, r, 1, 1)); DoRA, LoHa, LoKr and full modules are refused by name (diffusers cannot load them).
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from safetensors.torch import save_file
 from ..atomic import atomic_file
 from ..conversion_report import EXACT_MATH, LOSSLESS
 from ..errors import ForeignFormatError, UsageError
-from ..format import Adapter, Manifest
+from ..format import Adapter, BaseWeight, Manifest, ModuleEntry, TensorRef
+from ..format.dtypes import dtype_name
+from ..methods.descriptor import CONV2D_LAYER
 from ..format.components import COMPONENTS, join_components, split_components
 from ..methods.lora import lora_params
 from ._files import load_safetensors, safetensors_keys
@@ -51,7 +54,8 @@ class DiffusersLoraFormat(AdapterFormat):
     summary = "diffusers / PEFT-style pipeline LoRA (unet./text_encoder./transformer. keys, lora_adapter_metadata)"
     priority = 28
     suffixes = (".safetensors",)
-    writes_methods = ("lora",)
+    #: dora and full are "written" only to be refused with diffusers' reason (loha/lokr convert exactly to LoRA)
+    writes_methods = ("lora", "dora", "full")
 
     def detect(self, path: Path) -> bool:
         found = safetensors_keys(path) if path.is_file() else None
@@ -79,13 +83,16 @@ class DiffusersLoraFormat(AdapterFormat):
                 raise ForeignFormatError(f"{component}.{module} lacks lora_A or lora_B", path=path,
                                          hint="the file is incomplete")
             a, b = pair["lora_A"], pair["lora_B"]
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            conv = a.dim() == 4 and b.dim() == 4 and tuple(b.shape[2:]) == (1, 1)
+            if not conv and (a.dim() != 2 or b.dim() != 2) or a.shape[0] != b.shape[1]:
                 raise ForeignFormatError(f"{component}.{module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} are "
-                                         "not a Linear low-rank pair (conv LoRA is not supported by this build)",
-                                         path=path, hint="only Linear targets are supported")
+                                         "not a Linear or Conv2d low-rank pair", path=path,
+                                         hint="only Linear and Conv2d (A (r, in, kh, kw), B (out, r, 1, 1)) targets "
+                                              "are supported")
             alpha = _alpha(config.get(component), module, a.shape[0], path)
             manifest, tensors = parts.setdefault(component, (Manifest(), {}))
-            add_lowrank_module(manifest, tensors, inner, a, b, lora_params(a.shape[0], alpha, False))
+            params = lora_params(a.shape[0], alpha, False)
+            (_add_conv if conv else add_lowrank_module)(manifest, tensors, inner, a, b, params)
             report.add(f"{component}.{inner}", LOSSLESS)
         if not parts:
             raise ForeignFormatError("no LoRA tensors found", path=path, hint="the file is empty")
@@ -105,9 +112,7 @@ class DiffusersLoraFormat(AdapterFormat):
         for component, view in split_components(adapter).items():
             ranks, alphas = {}, {}
             for inner, entry in view.manifest.modules.items():
-                if entry.method != "lora" or entry.layer != "linear":
-                    raise UsageError(f"module {component}.{inner} is {entry.layer} {entry.method}; this build writes "
-                                     "Linear LoRA to diffusers", hint="convert the method to LoRA first")
+                _require_loadable(f"{component}.{inner}", entry)
                 tensors = view.module_tensors(inner)
                 state[f"{component}.{inner}.lora_A.weight"] = tensors["lora_A"].contiguous()
                 state[f"{component}.{inner}.lora_B.weight"] = tensors["lora_B"].contiguous()
@@ -117,6 +122,39 @@ class DiffusersLoraFormat(AdapterFormat):
         with atomic_file(path, overwrite=options.overwrite) as tmp:
             save_file(state, str(tmp), metadata=metadata)
         return path
+
+
+#: method -> why diffusers' load_lora_weights cannot take it (measured with diffusers 0.42.1)
+NOT_LOADABLE = {
+    "dora": "diffusers drops kohya/LyCORIS dora_scale with a warning and loads PEFT DoRA only through "
+            "use_dora (magnitude per output row, no eps)",
+    "loha": "diffusers cannot load LoHa (hada_*): 'The following keys have not been correctly renamed'",
+    "lokr": "diffusers cannot load LoKr (lokr_*): 'The following keys have not been correctly renamed'",
+    "full": "diffusers cannot load a full ΔW (diff/diff_b): 'The following keys have not been correctly renamed'",
+}
+
+
+def _require_loadable(key: str, entry) -> None:
+    """Refuse by name what a diffusers LoRA file cannot carry (nothing is dropped silently)."""
+    if entry.method == "lora" and entry.layer in ("linear", CONV2D_LAYER):
+        return
+    why = NOT_LOADABLE.get(entry.method, f"this build writes Linear and Conv2d LoRA to diffusers, not {entry.layer} "
+                                         f"{entry.method}")
+    hint = ("convert the method to LoRA first (--method lora; exact for LoHa/LoKr at a higher rank), or merge it"
+            if entry.method in ("loha", "lokr") else "merge it (adapterfmt merge), or keep the kohya/adapterfmt file")
+    raise UsageError(f"module {key} is {entry.layer} {entry.method}: {why}", hint=hint)
+
+
+def _add_conv(manifest: Manifest, tensors: dict, target: str, a: torch.Tensor, b: torch.Tensor, params: dict) -> None:
+    """A Conv2d LoRA module: A (r, in, kh, kw), B (out, r, 1, 1), as PEFT stores it."""
+    refs = {}
+    for role, tensor in (("lora_A", a), ("lora_B", b)):
+        tensors[f"{target}.{role}"] = tensor.contiguous()
+        refs[role] = TensorRef(f"{target}.{role}", dtype_name(tensor.dtype), list(tensor.shape))
+    shape = [b.shape[0], *a.shape[1:]]
+    manifest.modules[target] = ModuleEntry(method="lora", base_weight=f"{target}.weight", shape=shape, params=params,
+                                           tensors=refs, layer=CONV2D_LAYER)
+    manifest.base.weights[f"{target}.weight"] = BaseWeight(shape=shape)
 
 
 def _metadata(metadata: dict[str, str], path: Path) -> dict[str, dict]:
@@ -157,9 +195,7 @@ def _exact_alpha(entry, tensors, key: str, report) -> tuple[int, float]:
     if alpha / rank == scale:  # PEFT computes scaling = lora_alpha / r
         report.add(key, LOSSLESS)
     else:
-        a, b = tensors["lora_A"].double(), tensors["lora_B"].double()
-        report.add(key, EXACT_MATH, f"scale {scale!r} -> {alpha / rank!r}", reference=(b @ a) * scale,
-                   result=(b @ a) * (alpha / rank))
+        report.add(key, EXACT_MATH, f"scale {scale!r} -> {alpha / rank!r}")
     return rank, alpha
 
 

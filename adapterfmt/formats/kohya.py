@@ -13,7 +13,9 @@ and refuses modules that have no such name (any LLM adapter: use peft, gguf or m
 names span several pipeline components (``lora_te1_`` and ``lora_te2_``, ``lora_unet_`` and
 ``lora_te_``) is read as a multi-component adapter (kohya_pipeline.py): SD 1.x and SDXL names are
 mapped by diffusers' own conversion, with a diffusers pipeline or component as ``--base`` (or none
-for SD 1.x names). LyCORIS LoHa/LoKr, conv LoRA and DoRA are refused by name in this build.
+for SD 1.x names). Such pipeline files may hold every kohya/LyCORIS family (kohya_modules.py): LoCon on
+Conv2d (1x1 and 3x3), DoRA ``dora_scale`` (either axis), LoHa, LoKr and full ``diff``/``diff_b``.
+Outside pipeline files those families are refused by name.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from ..methods.lora import lora_params
 from ..conversion_report import EXACT_MATH, LOSSLESS
 from ._lowrank import add_lowrank_module, most_common, require_linear
 from .base import AdapterFormat
-from .kohya_diffusion import FAMILIES, is_diffusion_file, unsupported_family
+from .kohya_diffusion import FAMILIES, unsupported_family
+from .kohya_modules import KNOWN_LEAVES
 from .kohya_pipeline import pipeline_kohya_state, read_pipeline_file
 from .kohya_flux import is_flux_adapter, is_kohya_flux, read_kohya_flux, write_kohya_flux
 
@@ -67,12 +70,16 @@ class KohyaFormat(AdapterFormat):
     name = "kohya"
     summary = "kohya / A1111 / ComfyUI LoRA safetensors (lora_down/lora_up/alpha, underscored names)"
     priority = 30
-    writes_methods = ("lora",)
+    #: dora, loha, lokr, full (and lora_tucker, LyCORIS's Tucker LoCon, where the LyCORIS conv modules exist):
+    #: diffusion pipeline files only (kohya_modules.py); other files refuse them by name.
+    writes_methods = ("lora", "dora", "loha", "lokr", "full", "lora_tucker")
 
     def detect(self, path: Path) -> bool:
         if not (path.is_file() and path.suffix == ".safetensors"):
             return False
         found = safetensors_keys(path)
+        if found is not None and found[0] and group_leaves(dict.fromkeys(found[0])) is not None:
+            return True  # a diffusion pipeline file of any kohya/LyCORIS family
         # LyCORIS keys are claimed too, so that they are refused by name rather than "unknown format".
         return found is not None and any(k.endswith(".lora_down.weight") or
                                          (k.startswith("lora_") and unsupported_family(k)) for k in found[0])
@@ -82,9 +89,10 @@ class KohyaFormat(AdapterFormat):
         state, metadata = load_safetensors(path)
         if is_kohya_flux(list(state)):  # kohya Flux: fused qkv/linear1 split by diffusers' own conversion
             return read_kohya_flux(state, metadata, path, options, report)
+        by_leaf = group_leaves(state)
+        if NAMES_KEY not in metadata and _pipeline_base(options.base) and by_leaf is not None:
+            return read_pipeline_file(by_leaf, metadata, options.base, path, report)
         grouped = _group(state, path)
-        if NAMES_KEY not in metadata and _pipeline_base(options.base) and is_diffusion_file(list(grouped)):
-            return read_pipeline_file(grouped, metadata, options.base, path, report)
         _one_component(grouped, path)
         lookup = _name_table(metadata, options.base, path)
         manifest, tensors = Manifest(), {}
@@ -184,6 +192,26 @@ def _group(state: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, to
                                  hint=f"only plain LoRA (lora_down/lora_up/alpha) is supported; families tried: "
                                       f"{'; '.join(FAMILIES)}")
     return grouped
+
+
+PIPELINE_KEY_RE = re.compile(r"^(?P<name>lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(?P<leaf>[a-z0-9_.]+)$")
+
+
+def group_leaves(state: dict) -> dict[str, dict] | None:
+    """``{kohya name: {leaf: tensor}}`` when every key is ``<pipeline name>.<leaf>`` of a known
+    kohya/LyCORIS family (see kohya_modules.py), else None.
+
+    Example:
+        >>> group_leaves({"lora_te_x.diff": 1, "lora_te_x.diff_b": 2})
+        {'lora_te_x': {'diff': 1, 'diff_b': 2}}
+    """
+    grouped: dict[str, dict] = {}
+    for key, tensor in state.items():
+        match = PIPELINE_KEY_RE.match(key)
+        if not match or match["leaf"] not in KNOWN_LEAVES:
+            return None
+        grouped.setdefault(match["name"], {})[match["leaf"]] = tensor
+    return grouped or None
 
 
 def _pipeline_base(base) -> bool:

@@ -22,7 +22,8 @@ DIFFUSION_PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1"
 FAMILIES = ("kohya SD 1.x (lora_unet_ on diffusers blocks, lora_te_)",
             "kohya SDXL (lora_unet_ on SGM blocks, lora_te1_/lora_te2_)")
 SGM_MARKERS = ("_input_blocks_", "_middle_block_", "_output_blocks_")
-#: Families this build recognises but does not read (they come with their own methods).
+#: Families named in refusals of files that are not SD 1.x/SDXL pipeline files (pipeline files read them all:
+#: kohya_modules.py), and the Flux names this reader does not map.
 NOT_SUPPORTED = {"hada_": "LyCORIS LoHa", "lokr_": "LyCORIS LoKr", "lora_mid": "LyCORIS LoCon (conv, Tucker)",
                  "dora_scale": "kohya/LyCORIS DoRA (dora_scale)", "oft_": "OFT", ".diff": "LyCORIS full diff",
                  "double_blocks": "kohya Flux", "single_blocks": "kohya Flux"}

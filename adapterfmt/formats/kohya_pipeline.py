@@ -3,8 +3,9 @@
 Reading maps every name with diffusers' own conversion (kohya_diffusion.py) and accounts for every
 tensor: a name that lands on no module of the base is refused, never dropped. What makes the file
 bit-exact on the way back is kept in ``manifest.source``: the kohya name of each module, the
-header metadata (``ss_*``, ``sshs_*``, ``modelspec.*``), and each alpha's dtype and shape when they
-are not kohya's usual 0-d float32, or its absence.
+header metadata (``ss_*``, ``sshs_*``, ``modelspec.*``), each alpha's dtype and shape when they
+are not kohya's usual 0-d float32, or its absence, and the ``dora_scale`` shapes. Modules of every
+kohya/LyCORIS family are read and written by kohya_modules.py.
 """
 from __future__ import annotations
 
@@ -14,26 +15,31 @@ from pathlib import Path
 import torch
 
 from ..conversion_report import EXACT_MATH, LOSSLESS
-from ..errors import ForeignFormatError, UsageError
-from ..format import Adapter, Manifest
+from ..errors import AdapterFmtError, ForeignFormatError, UsageError
+from ..format import Adapter, BaseWeight, Manifest, ModuleEntry, TensorRef
 from ..format.components import join_components, split_components
 from ..format.dtypes import dtype_name
-from ..methods.lora import lora_params
-from ._lowrank import add_lowrank_module
-from .kohya_diffusion import DIFFUSION_PREFIXES, FAMILIES, diffusers_modules, kohya_prefix, resolve_in_base
+from ..methods.registry import get_method
+from .kohya_diffusion import (DIFFUSION_PREFIXES, FAMILIES, _component_checkpoint, diffusers_modules, kohya_prefix,
+                              resolve_in_base)
+from .kohya_modules import family, module_state, read_module
 
 SOURCE_NAMES = "kohya_names"
 #: source key: {kohya name: [safetensors dtype, shape]} for alphas that are not 0-d F32.
 SOURCE_ALPHA = "kohya_alpha_layout"
 #: source key: kohya names stored without alpha (scale 1).
 SOURCE_NO_ALPHA = "kohya_no_alpha"
+#: source key: {kohya name: what the file stores differently (the dora_scale shape)}.
+SOURCE_LAYOUT = "kohya_layout"
 #: Header keys kept in the manifest and written back (adapterfmt's own keys are not provenance).
 KEPT_METADATA = ("ss_", "sshs_", "modelspec.", "format")
 
 
 def read_pipeline_file(grouped: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str], base, path: Path,
                        report) -> Adapter:
-    """A multi-component adapter from a kohya file's ``{name: {role: tensor}}``.
+    """A multi-component adapter from a kohya/LyCORIS file's ``{name: {leaf: tensor}}``.
+
+    Every family of kohya_modules.py (LoRA/LoCon, DoRA, LoHa, LoKr, full) is read.
 
     Example:
         >>> adapter = read_pipeline_file(grouped, metadata, DiffusersPipeline("sdxl"), path, report)  # doctest: +SKIP
@@ -50,46 +56,64 @@ def read_pipeline_file(grouped: dict[str, dict[str, torch.Tensor]], metadata: di
                                  f"{', '.join(unmatched[:3])})", path=path,
                                  hint=f"families tried: {'; '.join(FAMILIES)}; check --base")
     parts: dict[str, tuple[Manifest, dict]] = {}
-    source = {"format": "kohya", SOURCE_NAMES: {}, SOURCE_ALPHA: {}, SOURCE_NO_ALPHA: [],
+    source = {"format": "kohya", SOURCE_NAMES: {}, SOURCE_ALPHA: {}, SOURCE_NO_ALPHA: [], SOURCE_LAYOUT: {},
               "metadata": {k: v for k, v in metadata.items() if k.startswith(KEPT_METADATA)}}
     for name, (component, inner) in placed.items():
-        a, b, alpha = _pair(name, grouped[name], path, source, report)
         manifest, tensors = parts.setdefault(component, (Manifest(), {}))
         if inner in manifest.modules:
             raise ForeignFormatError(f"{name!r} and {source[SOURCE_NAMES][component + '.' + inner]!r} are the same "
                                      f"module {component}.{inner}", path=path, hint="the file is ambiguous")
-        add_lowrank_module(manifest, tensors, inner, a, b, lora_params(a.shape[0], alpha, False))
+        _add_module(manifest, tensors, name, dict(grouped[name]), _base_shape(base, component, inner), inner, path,
+                    source)
         source[SOURCE_NAMES][f"{component}.{inner}"] = name
         report.add(f"{component}.{inner}", LOSSLESS)
-    for key in (SOURCE_ALPHA, SOURCE_NO_ALPHA):
+    for key in (SOURCE_ALPHA, SOURCE_NO_ALPHA, SOURCE_LAYOUT):
         if not source[key]:
             source.pop(key)
     return join_components({c: Adapter(m, t) for c, (m, t) in sorted(parts.items())}, source)
 
 
-def _pair(name: str, parts: dict[str, torch.Tensor], path: Path, source: dict, report) -> tuple:
-    """(lora_down, lora_up, alpha) of one module, refusing what is not a Linear low-rank pair."""
-    if "lora_A" not in parts or "lora_B" not in parts:
-        raise ForeignFormatError(f"{name!r} lacks lora_down or lora_up", path=path, hint="the file is incomplete")
-    a, b = parts["lora_A"], parts["lora_B"]
-    if a.dim() == 4 or b.dim() == 4:
-        raise ForeignFormatError(f"{name!r}: conv LoRA (lora_down {list(a.shape)}) is not supported by this build",
-                                 path=path, hint="only Linear targets are supported; conv LoRA/LoCon comes with the "
-                                                 "conv-layer methods")
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-        raise ForeignFormatError(f"{name!r}: lora_down {list(a.shape)} / lora_up {list(b.shape)} are not a low-rank "
-                                 "pair", path=path, hint="the file is damaged")
-    if "alpha" not in parts:  # kohya, A1111, ComfyUI: no alpha means scale 1
+def _base_shape(base, component: str, inner: str) -> list[int] | None:
+    checkpoint = _component_checkpoint(base, component)
+    return None if checkpoint is None else list(checkpoint.shape(f"{inner}.weight"))
+
+
+def _add_module(manifest, tensors, name, parts, base_shape, inner, path, source) -> None:
+    """One module of any family, checked against its method's descriptor and the base's shape."""
+    alpha = _alpha(name, parts.pop("alpha", None), path, source)
+    if alpha is None and "diff" not in parts:  # kohya, A1111, ComfyUI, LyCORIS: no alpha means scale 1
         source[SOURCE_NO_ALPHA].append(name)
-        report.notes.append(f"{name}: no alpha, scale 1 (alpha = rank)")
-        return a, b, float(a.shape[0])
-    alpha = parts["alpha"]
+    method, params, roles, shape, layer, layout = read_module(name, parts, alpha, base_shape, path)
+    if base_shape is not None and list(shape) != list(base_shape):
+        raise ForeignFormatError(f"{name!r}: the {family(parts)} tensors give a {list(shape)} weight, the base's is "
+                                 f"{list(base_shape)}", path=path, hint="check --base (the model the file is for)")
+    refs = {}
+    for role, tensor in roles.items():
+        tensors[f"{inner}.{role}"] = tensor.contiguous()
+        refs[role] = TensorRef(f"{inner}.{role}", dtype_name(tensor.dtype), list(tensor.shape))
+    entry = ModuleEntry(method=method, base_weight=f"{inner}.weight", shape=list(shape), params=params,
+                        tensors=refs, layer=layer)
+    try:
+        get_method(method).check_entry(inner, entry)
+    except AdapterFmtError as exc:
+        raise ForeignFormatError(f"{name!r} ({family(parts)}, {layer}): {exc.message}", path=path,
+                                 hint="this build does not hold the module in that form") from None
+    manifest.modules[inner] = entry
+    manifest.base.weights[entry.base_weight] = BaseWeight(shape=list(shape))
+    if layout:
+        source[SOURCE_LAYOUT][name] = layout
+
+
+def _alpha(name: str, alpha: torch.Tensor | None, path: Path, source: dict) -> float | None:
+    """The module's alpha as a number (None when absent); a non-0-d-F32 layout is recorded."""
+    if alpha is None:
+        return None
     if alpha.numel() != 1 or not math.isfinite(float(alpha.double().reshape(()))):
         raise ForeignFormatError(f"{name!r}: alpha {list(alpha.shape)} is not one finite number", path=path,
                                  hint="the file is damaged")
     if alpha.dtype != torch.float32 or alpha.dim() != 0:
         source[SOURCE_ALPHA][name] = [dtype_name(alpha.dtype), list(alpha.shape)]
-    return a, b, float(alpha.double().reshape(()))
+    return float(alpha.double().reshape(()))
 
 
 def pipeline_kohya_state(adapter: Adapter, report) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -105,32 +129,34 @@ def pipeline_kohya_state(adapter: Adapter, report) -> tuple[dict[str, torch.Tens
     source = adapter.manifest.source
     known = source.get(SOURCE_NAMES) or {}
     layouts, no_alpha = source.get(SOURCE_ALPHA) or {}, set(source.get(SOURCE_NO_ALPHA) or [])
+    module_layouts = source.get(SOURCE_LAYOUT) or {}
     two_encoders = "text_encoder_2" in adapter.manifest.components
     state, names = {}, {}
     for component, view in split_components(adapter).items():
         for inner, entry in view.manifest.modules.items():
             key = f"{component}.{inner}"
             name = known.get(key) or _generated_name(component, inner, two_encoders)
-            if entry.method != "lora" or entry.layer != "linear":
-                raise UsageError(f"module {key!r} is {entry.layer} {entry.method}; this build writes Linear LoRA to "
-                                 "kohya", hint="merge it, or convert the method to LoRA first")
             if name in names:
                 raise UsageError(f"modules {names[name]!r} and {key!r} get the same kohya name {name!r}")
             names[name] = key
             tensors = view.module_tensors(inner)
-            state[f"{name}.lora_down.weight"] = tensors["lora_A"].contiguous()
-            state[f"{name}.lora_up.weight"] = tensors["lora_B"].contiguous()
-            _write_alpha(state, name, entry, tensors, layouts.get(name), name in no_alpha, key, report)
+            part, alpha = module_state(name, key, entry, tensors, module_layouts.get(name) or {}, report)
+            state.update(part)
+            if alpha is not None:
+                own = entry.method in ("lora", "dora")
+                _write_alpha(state, name, alpha, entry, layouts.get(name), name in no_alpha, key,
+                             report if own else None)
     if source.get("format") == "kohya":  # the header as read, nothing added: the file round-trips exactly
         return state, dict(source.get("metadata") or {})
     return state, {"format": "pt", "ss_network_module": "networks.lora"}
 
 
-def _write_alpha(state, name, entry, tensors, layout, absent, key, report) -> None:
-    rank, scale = int(entry.params["rank"]), float(entry.params["scale"])
-    alpha = scale * rank
-    if absent and scale == 1.0:
-        report.add(key, LOSSLESS, "no alpha (scale 1), as read")
+def _write_alpha(state, name, alpha, entry, layout, absent, key, report) -> None:
+    """The alpha as read (dtype, shape, or absent) when that holds the value exactly, else F32/F64."""
+    rank = int(entry.params["rank"])
+    if absent and alpha == float(rank):
+        if report is not None:
+            report.add(key, LOSSLESS, "no alpha (scale 1), as read")
         return
     stored = torch.tensor(alpha, dtype=torch.float32)
     if layout is not None:
@@ -141,12 +167,14 @@ def _write_alpha(state, name, entry, tensors, layout, absent, key, report) -> No
     if float(stored.double().reshape(())) != alpha:
         stored = torch.tensor(alpha, dtype=torch.float64)
     state[f"{name}.alpha"] = stored
+    if report is None:
+        return
+    scale = float(entry.params["scale"])
     back = float(stored.double().reshape(())) / rank
     if back == scale:
         report.add(key, LOSSLESS)
-    else:
-        a, b = tensors["lora_A"].double(), tensors["lora_B"].double()
-        report.add(key, EXACT_MATH, f"scale {scale!r} -> {back!r}", reference=(b @ a) * scale, result=(b @ a) * back)
+    else:  # scale·rank/rank need not round-trip in floating point
+        report.add(key, EXACT_MATH, f"scale {scale!r} -> {back!r}")
 
 
 #: component -> (kohya prefix with one text encoder, with two)

@@ -24,7 +24,8 @@ from ..format.dtypes import dtype_name
 from ..methods.descriptor import CONV2D_LAYER
 from ._files import load_safetensors, safetensors_keys
 from .base import AdapterFormat
-from .kohya import NAMES_KEY, READ_PREFIXES, _alpha, _name_table, kohya_name
+from .kohya import (NAMES_KEY, READ_PREFIXES, KohyaFormat, _alpha, _name_table, _pipeline_base, alpha_tensor,
+                    group_leaves, kohya_name)
 from .lycoris_modules import LEAVES, LOHA, LOHA_CORES, LOKR, LOKR_CORES, PLAIN_CORE, module_state, read_module
 
 PREFIX = "lycoris"
@@ -54,6 +55,8 @@ class LycorisFormat(AdapterFormat):
 
     def read(self, path: Path, options, report) -> Adapter:
         state, metadata = load_safetensors(path)
+        if NAMES_KEY not in metadata and _pipeline_base(options.base) and group_leaves(state) is not None:
+            return KohyaFormat().read(path, options, report)  # SD 1.x/SDXL pipeline names: kohya_pipeline.py
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
             match = KEY_RE.match(key)

@@ -26,6 +26,7 @@ from ..atomic import atomic_directory
 from ._files import load_safetensors
 from ..jsonio import read_json_file
 from ..errors import ForeignFormatError, LossyConversionError, UsageError
+from ..methods.dora import require_peft_axis
 from ..format import Adapter, Manifest
 from ..format.dtypes import dtype_name
 from ..conversion_report import LOSSLESS
@@ -234,6 +235,7 @@ def _places(adapter: Adapter, config: dict[str, Any]) -> dict[str, MlxPlace]:
         return {t: MlxPlace(t, BLOCK_RE.match(t)["key"], int(BLOCK_RE.match(t)["index"])) for t in modules}
     arch = find_architecture(arch_name)
     for target, entry in modules.items():
+        require_peft_axis(target, entry, "mlx-lm")
         if entry.method == "dora" and entry.layer == EMBEDDING:
             raise UsageError(f"module {target!r}: DoRA on an embedding is not exported to MLX: PEFT's magnitude "
                              "has one entry per embedding dimension, mlx-lm's DoRAEmbedding one per token",

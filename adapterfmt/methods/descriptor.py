@@ -107,6 +107,10 @@ class Method:
         """The roles (with shapes) of one module; default ``roles``. Stacked layers (experts) override it."""
         return self.roles
 
+    def separable_rows(self, entry: ModuleEntry) -> bool:
+        """Whether this module merges in row blocks; default ``row_separable`` (DoRA's input axis: no)."""
+        return self.row_separable
+
     def expected_scale(self, params: Params) -> float | None:
         """The scale the params imply (checked against ``params.scale``), or None for no rule."""
         return None

@@ -19,11 +19,13 @@ from .lokr import LOKR_METHOD
 from .oft import OFT_METHOD
 from .vera import VERA_METHOD
 from .fourierft import FOURIERFT_METHOD
+from .full import FULL_METHOD
 from .trainable_tokens import TRAINABLE_TOKENS_METHOD
 
 METHODS: tuple[Method, ...] = (LORA, DORA, OLORA, PISSA, SORSA_METHOD, NOLA_METHOD, IA3_METHOD, LOHA_METHOD,
                                LOKR_METHOD, ADALORA_METHOD, OFT_METHOD, BOFT_METHOD,
-                               VERA_METHOD, FOURIERFT_METHOD, TRAINABLE_TOKENS_METHOD, LORA_TUCKER)
+                               VERA_METHOD, FOURIERFT_METHOD, TRAINABLE_TOKENS_METHOD, LORA_TUCKER,
+                               FULL_METHOD)
 METHOD_BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
 assert len(METHOD_BY_NAME) == len(METHODS), "two methods share a name"
 

@@ -16,6 +16,8 @@ from ..format import Manifest
 #: ``<stack>.layers.<N>.<path>``: the transformer block index of a module, as PEFT and most loaders see it.
 BLOCK_RE = re.compile(r"^(?P<stack>.*?layers)\.(?P<index>\d+)\.(?P<path>.+)$")
 LORA_FAMILY = ("lora", "dora")
+#: Methods without any LoRA form (a dense ΔW): no export materialises them as LoRA.
+DENSE_METHODS = ("full",)
 
 
 def _known_methods():
@@ -65,16 +67,27 @@ class AdapterFacts:
 
     @property
     def non_lora_methods(self) -> list[str]:
-        """Methods other than LoRA/DoRA that convert exactly to LoRA."""
-        return [m for m in self.methods if m not in LORA_FAMILY and m not in self.no_lora_form_methods]
+        return [m for m in self.methods if m not in LORA_FAMILY + DENSE_METHODS and m not in self.no_lora_form_methods]
 
     @property
     def no_lora_form_methods(self) -> list[str]:
-        """Methods without an exact LoRA form (ΔW depends on the base or is full rank; replaced rows)."""
+        """Methods without an exact LoRA form (ΔW depends on the base, or replaces rows); dense ΔW methods
+        have their own rule."""
         from ..methods import get_method
         lora = get_method("lora")
-        return [m for m in self.methods if m not in LORA_FAMILY and m in {x.name for x in _known_methods()}
+        known = {x.name for x in _known_methods()}
+        return [m for m in self.methods if m not in LORA_FAMILY + DENSE_METHODS and m in known
                 and "lora" not in get_method(m).converts_to and m not in lora.converts_from]
+
+    @property
+    def dense_methods(self) -> list[str]:
+        return [m for m in self.methods if m in DENSE_METHODS]
+
+    @property
+    def kohya_dora(self) -> list[str]:
+        """DoRA modules that are not PEFT's: kohya/LyCORIS ``dora_scale`` (input axis, or a norm eps)."""
+        return [k for k, m in self.modules.items() if m["method"] == "dora"
+                and (m.get("magnitude_axis") != "out" or m.get("norm_eps"))]
 
     @property
     def tied_embeddings(self) -> bool:
@@ -154,7 +167,8 @@ def adapter_facts(manifest: Manifest) -> AdapterFacts:
         params = entry.params
         modules[name] = {"method": entry.method, "layer": entry.layer, "rank": int(params.get("rank", 0)),
                          "alpha": float(params.get("alpha", 0.0)), "use_rslora": bool(params.get("use_rslora")),
-                         "scale": float(params.get("scale", 0.0))}
+                         "scale": float(params.get("scale", 0.0)),
+                         "magnitude_axis": params.get("magnitude_axis"), "norm_eps": float(params.get("norm_eps", 0.0))}
     payloads: dict[str, list[str]] = {}
     for payload in manifest.payloads.values():
         payloads.setdefault(payload.kind, []).append(payload.target)

@@ -100,6 +100,13 @@ def no_lora_form_rule(target: str) -> Rule:
                 MERGE_FIX, exact_fix=False, source="adapterfmt method descriptors (converts_to)")
 
 
+def dense_rule(target: str) -> Rule:
+    return Rule("dense_method", REFUSE, lambda f: bool(f.dense_methods),
+                lambda f: f"method {', '.join(f.dense_methods)} (a dense ΔW) has no LoRA form and no place in a "
+                          f"{target} adapter", MERGE_FIX, exact_fix=False,
+                source="adapterfmt methods/full.py (no conversion to lora)")
+
+
 def fused_rule(target: str) -> Rule:
     return Rule("fused_block", REFUSE, lambda f: bool(f.fused),
                 lambda f: f"{some(f.fused)} adapt a block of a fused weight; {target} keys LoRA by module name",
@@ -125,7 +132,7 @@ PEFT_RULES = (
          len(f.conv1d) < len([m for m in f.modules.values() if m["layer"] != "embedding"]),
          lambda f: "one PEFT config has one fan_in_fan_out flag, but the adapter mixes Linear and Conv1D targets",
          MERGE_FIX, exact_fix=False, source="peft LoraConfig.fan_in_fan_out"),
-    non_lora_rule("peft", "adapterfmt convert {file} {out} --to peft"),
+    non_lora_rule("peft", "adapterfmt convert {file} {out} --to peft"), dense_rule("peft"),
     fused_rule("PEFT"),
     bias_rule("PEFT"),
 )
@@ -163,7 +170,8 @@ VLLM_RULES = (
     Rule("dtype", OK, lambda f: True,
          lambda f: "vLLM casts lora_A/lora_B to the model dtype and multiplies the scale into lora_B in that "
                    "dtype", VLLM_FIX, source="vllm/lora/lora_model.py from_lora_tensors; lora_weights.py optimize"),
-    non_lora_rule("vllm", VLLM_FIX), no_lora_form_rule("vllm"), fused_rule("vLLM"), bias_rule("vLLM"),
+    non_lora_rule("vllm", VLLM_FIX), dense_rule("vllm"),
+    no_lora_form_rule("vllm"), fused_rule("vLLM"), bias_rule("vLLM"),
 )
 
 # ------------------------------------------------------------------ SGLang
@@ -190,7 +198,8 @@ SGLANG_RULES = (
          lambda f: f"modules_to_save ({some(f.payload_kinds['modules_to_save'])}): only lora_A/lora_B of target "
                    "modules are copied into SGLang's LoRA memory pool; full weights are not applied",
          MERGE_FIX, exact_fix=False, source=f"{SGL}lora.py LoRAAdapter.initialize_weights; mem_pool.py"),
-    non_lora_rule("sglang", SGLANG_FIX), no_lora_form_rule("sglang"), fused_rule("SGLang"), bias_rule("SGLang"),
+    non_lora_rule("sglang", SGLANG_FIX), dense_rule("sglang"),
+    no_lora_form_rule("sglang"), fused_rule("SGLang"), bias_rule("SGLang"),
 )
 
 # ------------------------------------------------------------------ TGI
@@ -252,7 +261,8 @@ TGI_RULES = (
     Rule("rslora", OK, lambda f: bool(f.rslora_modules),
          lambda f: "use_rslora is honoured (lora_alpha/sqrt(r)) with the global r", TGI_FIX,
          source=f"{TGI}adapters/lora.py get_scaling_factor"),
-    non_lora_rule("tgi", TGI_FIX), no_lora_form_rule("tgi"), fused_rule("TGI"), bias_rule("TGI"),
+    non_lora_rule("tgi", TGI_FIX), dense_rule("tgi"),
+    no_lora_form_rule("tgi"), fused_rule("TGI"), bias_rule("TGI"),
 )
 
 # ------------------------------------------------------------------ llama.cpp
@@ -281,7 +291,8 @@ LLAMACPP_RULES = (
          lambda f: "adapterfmt's GGUF writer maps names per architecture and folds per-module scales into B "
                    "under one global alpha (fold error reported)", GGUF_FIX,
          source="adapterfmt formats/gguf_lora.py"),
-    non_lora_rule("llama.cpp", GGUF_FIX), no_lora_form_rule("llama.cpp"), fused_rule("llama.cpp"), bias_rule("llama.cpp"),
+    non_lora_rule("llama.cpp", GGUF_FIX), dense_rule("llama.cpp"),
+    no_lora_form_rule("llama.cpp"), fused_rule("llama.cpp"), bias_rule("llama.cpp"),
 )
 
 # ------------------------------------------------------------------ MLX-LM (mlx_lm 0.32.2, installed)
@@ -303,7 +314,8 @@ MLX_RULES = (
          source=MLX + "load_adapters; tuner/dora.py DoRALinear"),
     Rule("rslora", OK, lambda f: bool(f.rslora_modules),
          lambda f: "rsLoRA needs no flag: mlx-lm stores the absolute scale", MLX_FIX, source=MLX + "linear_to_lora_layers"),
-    non_lora_rule("mlx", MLX_FIX), no_lora_form_rule("mlx"), fused_rule("mlx-lm"), bias_rule("mlx-lm"),
+    non_lora_rule("mlx", MLX_FIX), dense_rule("mlx"),
+    no_lora_form_rule("mlx"), fused_rule("mlx-lm"), bias_rule("mlx-lm"),
 )
 
 # ------------------------------------------------------------------ diffusion loaders
@@ -329,9 +341,15 @@ DIFFUSERS_RULES = (
                    "text encoders) only; unmatched keys raise 'Incompatible keys' or warn 'No LoRA keys "
                    "associated' and change nothing", None, exact_fix=False,
          source=DIFFUSERS + "loaders/lora_pipeline.py load_lora_weights; loaders/peft.py load_lora_adapter"),
-    Rule("dora", REFUSE, lambda f: "dora" in f.methods,
-         lambda f: "DoRA: no adapterfmt export writes a diffusers DoRA file (kohya 'dora_scale' uses another axis)",
-         MERGE_FIX, exact_fix=False, source=DIFFUSERS + "loaders/lora_conversion_utils.py (dora_scale rename)"),
+    Rule("dora", REFUSE, lambda f: "dora" in f.methods and not f.kohya_dora,
+         lambda f: "DoRA: no adapterfmt export writes a diffusers DoRA file", MERGE_FIX, exact_fix=False,
+         source=DIFFUSERS + "loaders/lora_conversion_utils.py (dora_scale rename)"),
+    Rule("dora_scale_ignored", IGNORED, lambda f: bool(f.kohya_dora),
+         lambda f: f"kohya/LyCORIS dora_scale ({some(f.kohya_dora)}): diffusers drops every dora_scale key of an "
+                   "SD/SDXL file with a warning ('It seems like you are using a DoRA checkpoint that is not "
+                   "compatible') and applies the plain LoRA, so the weights differ; --to diffusers refuses it",
+         MERGE_FIX, exact_fix=False,
+         source=DIFFUSERS + "loaders/lora_conversion_utils.py _convert_non_diffusers_lora_to_diffusers"),
     Rule("payloads", REFUSE, lambda f: bool(f.payload_kinds) or bool(f.embeddings),
          lambda f: "modules_to_save / embedding LoRA: no place in a diffusers LoRA file", MERGE_FIX,
          exact_fix=False, source=DIFFUSERS + "utils/peft_utils.py get_peft_kwargs"),
@@ -346,7 +364,8 @@ DIFFUSERS_RULES = (
          lambda f: "one alpha for every module: diffusers reads it exactly (a file without alphas is read with "
                    "alpha = rank, scale 1)", "adapterfmt convert {file} {out} --to diffusers",
          source=DIFFUSERS + "utils/peft_utils.py get_peft_kwargs"),
-    non_lora_rule("diffusers", "adapterfmt convert {file} {out} --to diffusers"), no_lora_form_rule("diffusers"),
+    non_lora_rule("diffusers", "adapterfmt convert {file} {out} --to diffusers"), dense_rule("diffusers"),
+    no_lora_form_rule("diffusers"),
 )
 
 COMFY = "ComfyUI comfy/weight_adapter/"
@@ -367,6 +386,9 @@ COMFYUI_RULES = (
                    "per-module alpha survive as alpha = scale*rank", KOHYA_FOR + "comfyui",
          source=COMFY + "lora.py LoRAAdapter.load/calculate_weight (@6fd406f)"),
     non_lora_rule("comfyui", KOHYA_FOR + "comfyui"), no_lora_form_rule("comfyui"),
+    Rule("dense_method", OK, lambda f: bool(f.dense_methods),
+         lambda f: "full (dense ΔW): the kohya export writes <name>.diff / .diff_b, which ComfyUI applies as weight "
+                   "and bias patches", KOHYA_FOR + "comfyui", source="ComfyUI comfy/lora.py load_lora ('.diff')"),
 )
 
 RULES: dict[str, tuple[Rule, ...]] = {

@@ -94,6 +94,9 @@ def derived_adapter(method: str, lora_path, out):
                      "S_p0": torch.sort(torch.rand(r, generator=gen) + 0.5, descending=True).values,
                      "Vt_p0": torch.randn(a.shape, generator=gen) * 0.1}
             entry.method, entry.params = "sorsa", sorsa_params(r, 2.0 * r)
+        elif method == "full":  # a dense ΔW (LyCORIS full): the LoRA's product plus full-rank noise
+            roles = {"diff": b.float() @ a.float() + torch.randn(b.shape[0], a.shape[1], generator=gen) * 0.01}
+            entry.method, entry.params = "full", {}
         else:
             roles = {"lora_A": a, "lora_B": b, "lora_A0": torch.randn(a.shape, generator=gen) * 0.1,
                      "lora_B0": torch.randn(b.shape, generator=gen) * 0.1}

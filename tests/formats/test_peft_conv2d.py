@@ -145,12 +145,35 @@ def test_peft_conv2d_refuses_what_the_format_cannot_hold(vision, tmp_path):
     name, base, peft_dir, ours, _, _ = vision
     if name != "resnet":
         pytest.skip("one model is enough")
-    dora = make_adapter(base, tmp_path / "dora", ["convolution"], use_dora=True)
-    with pytest.raises(AdapterFmtError, match="DoRA on a Conv2d layer"):
-        adapterfmt.convert(dora, tmp_path / "d.safetensors", base=base)
     for to, suffix in (("gguf", "x.gguf"), ("mlx", "mlx_out"), ("kohya", "k.safetensors")):
         with pytest.raises(AdapterFmtError, match="conv2d"):
             adapterfmt.convert(ours, tmp_path / suffix, to=to, base=base)
+
+
+def test_peft_conv2d_dora_merges_like_peft_and_round_trips(tmp_path):
+    """DoRA on Conv2d (magnitude per output channel, norm over (in, kh, kw)): merge = merge_and_unload."""
+    base = tiny_resnet(tmp_path / "base")
+    peft_dir = make_adapter(base, tmp_path / "dora", ["convolution"], use_dora=True)
+    with torch.no_grad():  # a trained-looking magnitude, not the init (the row norms of W + ΔW)
+        state = load_file(peft_dir / "adapter_model.safetensors")
+        for key in [k for k in state if k.endswith("lora_magnitude_vector")]:
+            state[key] = state[key] * (1 + 0.1 * torch.randn(state[key].shape, generator=torch.Generator().manual_seed(3)))
+        from safetensors.torch import save_file
+        save_file(state, str(peft_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    ours = tmp_path / "a.safetensors"
+    assert adapterfmt.convert(peft_dir, ours, base=base).worst == "lossless"
+    adapter = adapterfmt.read_adapter(ours)
+    convs = [e for e in adapter.manifest.modules.values() if e.layer == "conv2d"]
+    assert convs and all(e.method == "dora" and e.tensors["magnitude"].shape == [e.shape[0]] for e in convs)
+    adapterfmt.merge(base, [(ours, 1.0)], tmp_path / "merged")
+    mine = load(tmp_path / "merged").state_dict()
+    reference = peft_model(base, peft_dir).merge_and_unload().state_dict()
+    worst = max(int(ulp_distance(mine[k], ref).max()) for k, ref in reference.items())
+    print(f"conv2d DoRA: max ulp vs PEFT merge_and_unload = {worst}")
+    assert worst <= 1
+    adapterfmt.convert(ours, tmp_path / "back", to="peft")
+    again = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert sorted(again) == sorted(state) and all(torch.equal(state[k], again[k]) for k in state)
 
 
 def test_peft_conv2d_unmerge_restores_the_base_and_inspect_counts_the_factors(vision):

@@ -129,14 +129,15 @@ VARIANTS = {"lora": ("lora", _lora), "rslora": ("lora", _rslora), "dora": ("dora
             "sorsa": ("sorsa", _sorsa), "nola": ("nola", None), "ia3": ("ia3", _ia3), "loha": ("loha", _loha),
             "lokr": ("lokr", None), "adalora": ("adalora", _adalora), "oft": ("oft", _oft("neumann", False, False)),
             "oft_exact": ("oft", _oft("exact", True, True)), "boft": ("boft", _boft),
-            "vera": ("vera", _vera), "fourierft": ("fourierft", _fourierft),
+            "vera": ("vera", _vera), "fourierft": ("fourierft", _fourierft), "full": ("full", lambda r, a, rows: {}),
+            "dora_in": ("dora", lambda r, a, rows: {**lora_params(r, a, False), "magnitude_axis": "in"}),
             "trainable_tokens": ("trainable_tokens", _trainable_tokens),
             "loha_tucker": ("loha", None), "lokr_tucker": ("lokr", None), "lora_tucker": ("lora_tucker", None)}
 #: Variants of convolution forms: only built on conv2d targets (elsewhere they are their plain variant).
 CONV_ONLY_VARIANTS = {"loha_tucker", "lokr_tucker", "lora_tucker"}
 #: Methods whose optional roles stay absent (VeRA: stored projections only for unreproducible imports;
 #: LoHa: the Tucker cores belong to another form, built by the loha_tucker variant).
-REQUIRED_ROLES_ONLY = {"vera", "loha"}
+REQUIRED_ROLES_ONLY = {"vera", "loha", "full"}  # full: diff_b needs a base bias (tests/diffusion)
 
 
 def method_of(variant: str) -> str:

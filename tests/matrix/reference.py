@@ -25,6 +25,7 @@ are exact in fp32, the reference in float64). |X| is the elementwise absolute va
 | sorsa | each ΔW_ij | ``(r + 4)·u·|s|·(|U|·|S|·|Vt| + |U0|·|S0|·|Vt0|)_ij`` (as olora, plus U·diag(S)) |
 | dora | max |ΔW − ΔW64| | ``4·(in + r + 8)·u·(max|W'| + max|W|)`` (row norm over ``in``, division, W' − W) |
 | nola | |ΔW − ΔW64| | max(``1e-5·max|ΔW64|`` (spec/nola.md §3), ``(k+l+r+6)·u32·s·(|B|·|A|)`` over absolute terms) |
+| full | each ΔW_ij | ``u·|diff|_ij`` (the conversion to fp32) |
 | ia3 | each ΔW_ij | ``4·u·(|W| + |W'|)_ij`` (one product, the subtraction W' − W) |
 | loha | each ΔW_ij | ``(2r + 6)·u·|s|·((|w1_a|·|w1_b|) ⊙ (|w2_a|·|w2_b|))_ij`` |
 | lokr | each ΔW_ij | ``(2r + 6)·u·|s|·(|W1| ⊗ |W2|)_ij`` (|Wk| = |wk_a|·|wk_b| when factored; r² for r with a Tucker W2) |
@@ -69,13 +70,24 @@ def lora_delta(params, shape, t, base=None):
 
 
 def dora_merged(params, shape, t, base):
-    """W' = diag(m / ‖V‖_row)·V with V = W + s·B·A, the row norm over ``in`` (canonical rows)."""
-    v = base + lora_rule(params) * (t["lora_B"] @ t["lora_A"])
-    return (t["magnitude"] / np.linalg.norm(v, axis=1))[:, None] * v
+    """V = W + ΔW_lora; axis out: W' = diag(m / (‖V‖_row + eps))·V (a conv2d row: out channel over in, kh, kw);
+    axis in: W' = V·diag(m / (‖V‖_col + eps)) (an in channel over out, kh, kw)."""
+    v = base + lora_delta(params, shape, t)
+    keep = {"out": 0, "in": 1}[params["magnitude_axis"]]
+    other = tuple(d for d in range(v.ndim) if d != keep)
+    norm = np.sqrt((v * v).sum(axis=other)) + params.get("norm_eps", 0.0)
+    view = [1] * v.ndim
+    view[keep] = -1
+    return (t["magnitude"] / norm).reshape(view) * v
 
 
 def dora_delta(params, shape, t, base):
     return dora_merged(params, shape, t, base) - base
+
+
+def full_delta(params, shape, t, base=None):
+    """full: ΔW = diff (diff_b is a bias delta, not part of ΔW)."""
+    return t["diff"]
 
 
 def init_relative_delta(params, shape, t, base=None):
@@ -283,7 +295,8 @@ ORIENTED = {"trainable_tokens": trainable_tokens_delta}
 DELTA = {"lora": lora_delta, "dora": dora_delta, "olora": init_relative_delta, "pissa": init_relative_delta,
          "sorsa": sorsa_delta, "nola": nola_delta, "ia3": ia3_delta, "loha": loha_delta, "lokr": lokr_delta,
          "adalora": adalora_delta, "oft": oft_delta, "boft": boft_delta,
-         "vera": vera_delta, "fourierft": fourierft_delta, "lora_tucker": lora_tucker_delta}
+         "vera": vera_delta, "fourierft": fourierft_delta, "lora_tucker": lora_tucker_delta,
+         "full": full_delta}
 #: Methods whose ΔW depends on the base weight.
 NEEDS_BASE = {"dora", "ia3", "oft", "boft", "trainable_tokens"}
 
@@ -355,6 +368,8 @@ def delta_bound(method: str, params: dict, tensors64: dict, reference: np.ndarra
         terms[start:stop] = abs(params["scale"]) * (b @ a)
         k, l = int(params["A"]["num_basis"]), int(params["B"]["num_basis"])
         return np.maximum(NOLA_RTOL * float(np.abs(reference).max()), (k + l + rank + 6) * U32 * terms)
+    if method == "full":  # fp32(diff): exact from F16/BF16/F32
+        return U32 * np.abs(reference)
     if method == "ia3":
         return 4 * U32 * (np.abs(base) + np.abs(reference + base))
     if method == "loha":

@@ -72,10 +72,16 @@ BASE_DEPENDENT = {"ia3", "oft", "boft"}
 BASE_DEPENDENT |= {"fourierft"}
 #: trainable_tokens: replaced rows of an embedding/head (PEFT trainable tokens); no LoRA form, held by adapterfmt/peft only.
 BASE_DEPENDENT |= {"trainable_tokens"}
-CANNOT_HOLD = {"adapterfmt": set(), "peft": set(), "gguf": {"conv1d", "conv2d", "dora"} | BASE_DEPENDENT,
+#: full (dense ΔW): no exact LoRA form and no place in PEFT/GGUF/MLX/diffusers files (kohya/LyCORIS pipeline
+#: files hold it: tests/diffusion). dora_in (kohya/LyCORIS input-axis dora_scale) is refused as "magnitude_axis 'in'".
+BASE_DEPENDENT |= {"full"}
+#: variant -> the reason a refusal names (variants of one method that only some writers hold)
+VARIANT_REASON = {"dora_in": "magnitude_axis 'in'"}
+CANNOT_HOLD = {"adapterfmt": set(), "peft": {"magnitude_axis 'in'", "full"},
+               "gguf": {"conv1d", "conv2d", "dora"} | BASE_DEPENDENT,
                # kohya: no consumer maps an LLM module name (diffusers/ComfyUI apply nothing), so it refuses.
                "kohya": {"linear", "conv1d", "embedding", "conv2d", "dora"} | BASE_DEPENDENT,
-               "mlx": {"conv2d", "dora on an embedding"} | BASE_DEPENDENT,
+               "mlx": {"conv2d", "dora on an embedding", "magnitude_axis 'in'"} | BASE_DEPENDENT,
                # lycoris: LyCORIS's own wrapper maps any module name (prefix "lycoris"); Linear and Conv2d layers.
                "lycoris": {"conv1d", "embedding", "dora"} | BASE_DEPENDENT,
                # diffusers pipeline files hold multi-component adapters only (tests/diffusion)
@@ -157,7 +163,7 @@ def test_round_trip_with_reported_status_or_refusal(tmp_path, bases, writer, lay
     src = adapterfmt.write_adapter(adapter, tmp_path / "src.safetensors")
     before = adapterfmt.read_adapter(src)
     out = tmp_path / OUTPUT_NAME[writer]
-    refusal_reasons = CANNOT_HOLD[writer] & {layer, method, f"{method} on an {layer}"}
+    refusal_reasons = CANNOT_HOLD[writer] & {layer, method, f"{method} on an {layer}", VARIANT_REASON.get(variant)}
     try:
         forward = adapterfmt.convert(src, out, to=writer, base=bases[model])
     except AdapterFmtError as exc:

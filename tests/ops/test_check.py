@@ -114,7 +114,17 @@ def mixed_rank_in_type(a):
     a.manifest.modules["model.layers.0.self_attn.q_proj"].params["rank"] = 2
 
 
-VARIANTS = {"mixed_methods": ("full", mixed_methods), "mixed_fifo": ("plain", mixed_fan_in_fan_out),
+def kohya_dora(a):
+    for entry in a.manifest.modules.values():
+        if entry.method == "dora":
+            entry.params.update(magnitude_axis="in", norm_eps=2.0 ** -23)
+
+
+def dense(a):
+    a.manifest.modules[_first(a)].method = "full"
+
+
+VARIANTS = {"kohya_dora": ("full", kohya_dora), "dense": ("plain", dense), "mixed_methods": ("full", mixed_methods), "mixed_fifo": ("plain", mixed_fan_in_fan_out),
             "fused": ("plain", fused), "bias": ("plain", bias_delta), "nola": ("plain", nola),
             "tied": ("embed", tied), "mixed_rank": ("plain", mixed_rank_in_type), "tokens": ("plain", tokens)}
 
@@ -156,6 +166,8 @@ EXPECTED = [
     ("patterns", "mlx", "rslora", OK),
     ("plain", "diffusers", "not_a_pipeline_adapter", "ignored"),
     ("full", "diffusers", "dora", "refuse"),
+    ("kohya_dora", "diffusers", "dora_scale_ignored", "ignored"),
+    ("dense", "comfyui", "dense_method", OK),
     ("full", "diffusers", "payloads", "refuse"),
     ("plain", "diffusers", "alphas", OK),
     ("patterns", "diffusers", "per_module_alphas", "mis-scaled"),
@@ -165,8 +177,9 @@ EXPECTED = [
     ("plain", "comfyui", "alphas", OK),
 ] + [(v, t, r, s) for t in TARGETS for v, r, s in
      (("nola", "non_lora_method", OK), ("fused", "fused_block", "refuse"), ("bias", "bias_delta", "refuse"),
-      ("tokens", "no_lora_form", "refuse"))
-     if any(rule.id == r for rule in RULES[t])]
+      ("tokens", "no_lora_form", "refuse"),
+      ("dense", "dense_method", "refuse"))
+     if any(rule.id == r and (t, r) != ("comfyui", "dense_method") for rule in RULES[t])]
 
 
 def load_case(adapters, case):

@@ -12,6 +12,7 @@ from ...conversion_report import EXACT_MATH, LOSSLESS
 from ...errors import ForeignFormatError, InputIOError, UsageError
 from ...format import Adapter, BaseWeight, Manifest, ModuleEntry, TensorRef
 from ...format.dtypes import dtype_name
+from ...methods.dora import require_peft_axis
 from ...methods.lora import lora_params
 from .._files import load_pickled_tensors, load_safetensors
 from .._lowrank import most_common
@@ -90,6 +91,8 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
         method = "dora"
         if use_dora:
             params["magnitude_axis"] = "out"
+            if conv2d:  # PEFT keeps a conv magnitude as (1, out, 1, 1)
+                roles["magnitude"] = roles["magnitude"].reshape(-1)
         else:
             method = "lora"
         entry_tensors = {}
@@ -125,8 +128,8 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
 def is_conv2d_pair(module: str, a: torch.Tensor, b: torch.Tensor, use_dora: bool, path: Path) -> bool:
     """Whether lora_A/lora_B are PEFT's Conv2d pair: A (r, in, kh, kw) and B (out, r, 1, 1).
 
-    Refuses by name the conv shapes the format does not hold: DoRA on a conv, and B kernels that are
-    not 1×1 (PEFT's grouped or other conv variants).
+    Refuses by name the conv shapes the format does not hold: B kernels that are not 1×1 (PEFT's
+    grouped or other conv variants). DoRA on a Conv2d is held (its magnitude (1, out, 1, 1) is stored as (out,)).
 
     Example:
         >>> is_conv2d_pair("m.conv", torch.zeros(2, 3, 3, 3), torch.zeros(4, 2, 1, 1), False, Path("."))
@@ -134,9 +137,6 @@ def is_conv2d_pair(module: str, a: torch.Tensor, b: torch.Tensor, use_dora: bool
     """
     if a.dim() != 4 or b.dim() != 4:
         return False
-    if use_dora:
-        raise ForeignFormatError(f"module {module!r}: DoRA on a Conv2d layer is not supported", path=path,
-                                 hint="only plain LoRA is supported on Conv2d layers")
     if b.shape[2:] != (1, 1) or a.shape[0] != b.shape[1]:
         raise ForeignFormatError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not "
                                  "a Conv2d low-rank pair (A (r, in, kh, kw), B (out, r, 1, 1))", path=path,
@@ -202,6 +202,7 @@ def adapter_to_peft(adapter: Adapter, report, base=None) -> tuple[dict[str, Any]
                          hint="convert other methods to LoRA first (adapterfmt convert ... --method lora)")
     entries = {t: e for t, e in manifest.modules.items() if e.method != TOKENS}
     for target, e in entries.items():
+        require_peft_axis(target, e, "PEFT")
         if e.base_weight != f"{target}.weight" and not is_param_module(target, e):
             # e.g. NOLA GPT-2 imports: q and v blocks of the fused c_attn are separate modules.
             raise UsageError(f"module {target!r} adapts {e.base_weight!r} under another name (a block of a fused "
@@ -257,7 +258,9 @@ def adapter_to_peft(adapter: Adapter, report, base=None) -> tuple[dict[str, Any]
         tensors[f"{PREFIX}{target}.{names[0]}"] = module_tensors["lora_A"]
         tensors[f"{PREFIX}{target}.{names[1]}"] = module_tensors["lora_B"]
         if "magnitude" in module_tensors:
-            tensors[f"{PREFIX}{target}.lora_magnitude_vector"] = module_tensors["magnitude"]
+            magnitude = module_tensors["magnitude"]
+            tensors[f"{PREFIX}{target}.lora_magnitude_vector"] = \
+                magnitude.reshape(1, -1, 1, 1) if e.layer == "conv2d" else magnitude
     biases, replaced = bias_state(adapter, PREFIX)
     if biases:
         if config["use_dora"]:
