@@ -85,7 +85,9 @@ class ComfyUiFormat(AdapterFormat):
         if options.base is None:
             raise UsageError("ComfyUI names are on the original LDM blocks; mapping them needs the UNet's config",
                              path=path, hint="pass --base (the diffusers pipeline or the single-file checkpoint)")
-        kohya = {kohya_spelling(name): roles for name, roles in grouped.items()}
+        # kohya_pipeline reads kohya leaves (``lora_down.weight``…): both ComfyUI spellings become those.
+        kohya = {kohya_spelling(name): {KOHYA_ROLES.get(role, role): t for role, t in roles.items()}
+                 for name, roles in grouped.items()}
         adapter = read_pipeline_file(kohya, metadata, options.base, path, report)
         adapter.manifest.source.update({"format": "comfyui", "metadata": kept_metadata(metadata),
                                         SOURCE_NAMES: {kohya_spelling(name): name for name in grouped},
