@@ -20,7 +20,8 @@ from .header import read_checked_header
 from .manifest import Manifest
 from .schema import validate_manifest_dict
 from .versions import (FORMAT_NAME, FORMAT_VERSION, KEY_FORMAT, KEY_MANIFEST, KEY_VERSION,
-                       parse_version, refuse_methods_newer_than, version_for_methods, version_string)
+                       parse_version, refuse_features_newer_than, refuse_methods_newer_than,
+                       version_for_manifest, version_string)
 
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
@@ -86,6 +87,7 @@ def parse_manifest(metadata: dict[str, str], path: str | None = None) -> tuple[M
         raise ManifestError(f"manifest is not valid JSON ({exc})", path=path,
                             hint="the file was damaged; re-export it") from None
     refuse_methods_newer_than(data, version, path)
+    refuse_features_newer_than(data, version, path)
     validate_manifest_dict(data, path, lenient=version[1] > FORMAT_VERSION[1])
     return Manifest.from_dict(data, path), version
 
@@ -216,7 +218,7 @@ def write_adapter(adapter: Adapter, path: Path | str, *, overwrite: bool = False
     validate_manifest_dict(data, str(path))
     check_tensors_against_manifest(manifest, refs_for(adapter.tensors), str(path))
     check_manifest_rules(manifest, str(path))
-    metadata = {KEY_FORMAT: FORMAT_NAME, KEY_VERSION: version_string(version_for_methods(manifest.methods())),
+    metadata = {KEY_FORMAT: FORMAT_NAME, KEY_VERSION: version_string(version_for_manifest(data)),
                 KEY_MANIFEST: manifest.to_json(),
                 "format": "pt"}
     tensors = {name: t.detach().contiguous().cpu() for name, t in adapter.tensors.items()}

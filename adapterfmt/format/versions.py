@@ -13,6 +13,17 @@ FORMAT_VERSION = (1, 3)
 #: Writers write the oldest version that holds every method of the file, so files without them stay 1.1.
 METHOD_SINCE = {"vera": (1, 2), "fourierft": (1, 2), "trainable_tokens": (1, 3), "lora_tucker": (1, 3),
                 "full": (1, 3)}
+#: Features of existing methods added after 1.0: (what, minor, predicate over a module entry dict). A file
+#: declaring an older minor is validated as that minor, whose closed schema lacks the feature:
+#: ManifestError (spec README §3, "Features by minor"). Writers stamp at least the feature's minor.
+FEATURE_SINCE = (
+    ("loha/lokr on a conv2d layer", (1, 3),
+     lambda e: e.get("method") in ("loha", "lokr") and e.get("layer") == "conv2d"),
+    ("DoRA magnitude_axis 'in'", (1, 3),
+     lambda e: e.get("method") == "dora" and _params(e).get("magnitude_axis") == "in"),
+    ("DoRA norm_eps", (1, 3), lambda e: e.get("method") == "dora" and "norm_eps" in _params(e)),
+    ("DoRA on a conv2d layer", (1, 3), lambda e: e.get("method") == "dora" and e.get("layer") == "conv2d"),
+)
 OLDEST_WRITTEN = (1, 1)
 SUPPORTED_MAJORS = (1,)
 
@@ -24,6 +35,26 @@ KEY_MANIFEST = "adapterfmt.manifest"
 
 # fullmatch: "1.1\n" is not a version ($ would match before the newline).
 _VERSION_RE = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
+
+
+def _params(entry: dict) -> dict:
+    params = entry.get("params")
+    return params if isinstance(params, dict) else {}
+
+
+def _module_entries(data) -> list[tuple[str, dict]]:
+    modules = data.get("modules") if isinstance(data, dict) else None
+    return [(t, e) for t, e in (modules.items() if isinstance(modules, dict) else ()) if isinstance(e, dict)]
+
+
+def features_of(entry: dict) -> list[tuple[str, tuple[int, int]]]:
+    """The post-1.0 features (FEATURE_SINCE) a module entry uses, with their minor.
+
+    Example:
+        >>> features_of({"method": "loha", "layer": "conv2d", "params": {}})
+        [('loha/lokr on a conv2d layer', (1, 3))]
+    """
+    return [(what, since) for what, since, uses in FEATURE_SINCE if uses(entry)]
 
 
 def version_string(version: tuple[int, int] = FORMAT_VERSION) -> str:
@@ -65,6 +96,32 @@ def version_for_methods(methods) -> tuple[int, int]:
         ((1, 1), (1, 2))
     """
     return max([OLDEST_WRITTEN] + [METHOD_SINCE.get(m, OLDEST_WRITTEN) for m in methods])
+
+
+def version_for_manifest(data: dict) -> tuple[int, int]:
+    """The version a writer stamps on a manifest (as a JSON dict): the oldest defining its methods and features.
+
+    Example:
+        >>> version_for_manifest({"modules": {"m": {"method": "dora", "layer": "conv2d", "params": {}}}})
+        (1, 3)
+    """
+    entries = [e for _, e in _module_entries(data)]
+    version = version_for_methods([e.get("method") for e in entries if isinstance(e.get("method"), str)])
+    return max([version] + [since for e in entries for _, since in features_of(e)])
+
+
+def refuse_features_newer_than(data, version: tuple[int, int], path: str | None = None) -> None:
+    """ManifestError for a module using a feature (FEATURE_SINCE) the file's declared minor does not define.
+
+    Example:
+        >>> refuse_features_newer_than({"modules": {"m": {"method": "lora", "layer": "conv2d"}}}, (1, 1))
+    """
+    for target, entry in _module_entries(data):
+        for what, since in features_of(entry):
+            if version[0] == since[0] and version < since:
+                raise ManifestError(f"module {target!r}: {what} is defined from format {version_string(since)}, "
+                                    f"but the file declares {version_string(version)}", path=path,
+                                    hint="the file was written by a broken tool; re-export it")
 
 
 def refuse_methods_newer_than(data, version: tuple[int, int], path: str | None = None) -> None:
