@@ -43,7 +43,9 @@ def token_axes(entry) -> tuple[int, int]:
         (64, 16)
     """
     out_f, in_f = entry.shape
-    return (in_f, out_f) if entry.fan_in_fan_out else (out_f, in_f)
+    # By layer, as the spec says (an embedding is stored (tokens, d) = transposed): a file whose
+    # fan_in_fan_out contradicts its layer is then refused by that rule, not by a role shape.
+    return (in_f, out_f) if entry.layer == "embedding" else (out_f, in_f)
 
 
 def check_indices(target: str, indices: torch.Tensor, tokens: int) -> None:

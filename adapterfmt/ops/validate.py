@@ -1,6 +1,8 @@
 """Validation: structure, schema, tensors vs manifest, finite values, ΔW for every module, base match."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,9 +86,9 @@ def validate(path: Path | str, base: Path | str | BaseCheckpoint | None = None) 
         if checkpoint is not None:
             weight = canonical_base(entry, checkpoint.get(stored_name(entry, checkpoint)))
         elif method.needs_base:
-            out_f, in_f = entry.shape
-            # Without a base, a DoRA ΔW can still be checked for finiteness on a stand-in base.
-            weight = torch.eye(out_f, in_f)
+            # Without a base, a DoRA ΔW can still be checked for finiteness on a stand-in base
+            # (any number of axes: a conv2d weight is the (out, in·kh·kw) identity, reshaped).
+            weight = torch.eye(entry.shape[0], math.prod(entry.shape[1:])).reshape(entry.shape)
         try:
             delta = method.delta(entry, tensors, weight)
         except (RuntimeError, ValueError, AdapterFmtError) as exc:
