@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 import independent_tuners as tuners
+import independent_v13 as v13
 from independent_reader import DTYPE_BYTES, FACTOR_DTYPES, Adapter, to_array, to_array64
 from spec_philox import basis_fingerprint, philox_basis
 
@@ -29,8 +30,12 @@ def delta(adapter: Adapter, module: str, base: np.ndarray | None = None) -> np.n
     ``base`` is the canonical fp32 base weight (needed by DoRA and the multiplicative methods only).
     """
     entry = adapter.manifest["modules"][module]
-    if entry["method"] in tuners.MERGED:
+    if entry["method"] in tuners.MERGED or entry["method"] in v13.MERGED or entry["method"] == "dora":
         return merged(adapter, module, base) - base
+    if entry["layer"] == "conv2d" and entry["method"] in v13.CONV_DELTAS:
+        return v13.CONV_DELTAS[entry["method"]](adapter, module, entry)
+    if entry["method"] in v13.DELTAS:
+        return v13.DELTAS[entry["method"]](adapter, module, entry)
     if entry["method"] in tuners.DELTAS:
         return tuners.DELTAS[entry["method"]](adapter, module, entry)
     if entry["layer"] == "conv2d":
@@ -44,25 +49,17 @@ def merged(adapter: Adapter, module: str, base: np.ndarray) -> np.ndarray:
     Multiplicative methods define W' directly (methods-tuners.md); every other method gives base + ΔW.
     """
     entry = adapter.manifest["modules"][module]
-    if entry["method"] in tuners.MERGED:
+    multiplicative = tuners.MERGED | v13.MERGED | {"dora": v13.dora}
+    if entry["method"] in multiplicative:
         if base is None:
             raise ValueError(f"{entry['method']} needs the base weight")
-        return tuners.MERGED[entry["method"]](adapter, module, entry, base)
+        return multiplicative[entry["method"]](adapter, module, entry, base)
     return base + delta(adapter, module, base)
 
 
 def _lora(adapter, module, entry, base):
     product = adapter.role(module, "lora_B") @ adapter.role(module, "lora_A")
     return product * fl32(entry["params"]["scale"])
-
-
-def _dora(adapter, module, entry, base):
-    if base is None:
-        raise ValueError("DoRA needs the base weight")
-    v = base + _lora(adapter, module, entry, base)
-    norm = np.sqrt((v * v).sum(axis=1, dtype=np.float32))
-    merged = (adapter.role(module, "magnitude") / norm)[:, None] * v
-    return merged - base
 
 
 def _init_relative(adapter, module, entry, base):
@@ -92,7 +89,7 @@ def _nola(adapter, module, entry, base):
     return full
 
 
-METHODS_KNOWN = {"lora": _lora, "dora": _dora, "olora": _init_relative, "pissa": _init_relative,
+METHODS_KNOWN = {"lora": _lora, "olora": _init_relative, "pissa": _init_relative,
                  "sorsa": _sorsa, "nola": _nola}
 
 
@@ -109,6 +106,11 @@ def nola_factor(seed: int, dims: tuple[int, int], coef: np.ndarray, basis_scale:
     acc = acc * fl32(basis_scale)
     factor = acc.reshape(rows, cols)
     return factor + offset if offset is not None else factor
+
+
+def bias_deltas(adapter: Adapter) -> dict[str, np.ndarray]:
+    """{bias parameter: Δbias} of the modules that change their layer's bias (methods-full.md `diff_b`)."""
+    return v13.bias_deltas(adapter)
 
 
 def weight_fingerprint(dtype: str, shape: list[int], raw: bytes) -> str:
@@ -128,6 +130,8 @@ def validate(adapter: Adapter, base_tensors: dict | None = None) -> list[str]:
         if dtype in FACTOR_DTYPES and not np.isfinite(to_array64(dtype, shape, raw)).all():
             problems.append(f"{name}: NaN/Inf")
     for module, entry in adapter.manifest["modules"].items():
+        if entry["method"] == "trainable_tokens":
+            problems += v13.token_problems(adapter, module, entry)
         if entry["method"] != "nola":
             continue
         p = entry["params"]

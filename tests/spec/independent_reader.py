@@ -1,10 +1,11 @@
-"""A second adapterfmt 1.2 reader, written from spec/ alone (numpy, json, struct, math, re).
+"""A second adapterfmt 1.3 reader, written from spec/ alone (numpy, json, struct, math, re).
 
 It imports nothing from adapterfmt, torch or safetensors: if it and the package disagree on a file,
 either the spec is ambiguous or one of them is wrong. This module parses the container and checks every
 rule of spec/README.md §9; independent_delta.py computes ΔW, spec_schema.py checks the JSON Schema,
 spec_philox.py regenerates NOLA bases, spec_torch_rng.py VeRA projections and FourierFT positions;
-method_rules.py holds the per-method rules of spec/methods-tuners.md.
+method_rules.py holds the per-method rules of spec/methods-tuners.md, rules_v13.py those of format 1.3
+(methods and features by minor, integer roles, convolution forms, trainable_tokens, full).
 
 Example:
     >>> adapter = read("spec/vectors/v1.1/lora_patterns.safetensors")  # doctest: +SKIP
@@ -22,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from method_rules import TUNER_METHODS, layer_rules, tuner_role_shapes, tuner_rules
+from rules_v13 import (INTEGER_ROLES, NEW_METHODS, conv_role_shapes, new_role_shapes, newer_than_declared,
+                       rules_v13)
 from spec_schema import Schema, load_schema
 
-READER_VERSION = (1, 2)
+READER_VERSION = (1, 3)
 MAX_HEADER = 100_000_000
 MAX_MANIFEST_CHARS = 67_108_864
 MAX_INT = 2**53 - 1
@@ -32,9 +35,7 @@ VERSION_RE = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
 INIT_RE = {"olora": re.compile(r"olora"), "pissa": re.compile(r"pissa|pissa_niter_[0-9]+")}
 NAME_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 SEED_RE = re.compile(r"0|[1-9][0-9]{0,19}")
-KNOWN_METHODS = ("lora", "dora", "olora", "pissa", "sorsa", "nola") + TUNER_METHODS
-#: README §3: methods added by a later minor do not exist in a file declaring an older one.
-METHOD_SINCE = {"vera": (1, 2), "fourierft": (1, 2)}
+KNOWN_METHODS = ("lora", "dora", "olora", "pissa", "sorsa", "nola") + TUNER_METHODS + NEW_METHODS
 
 
 class Refusal(Exception):
@@ -184,6 +185,11 @@ class Adapter:
         ref = self.manifest["modules"][module]["tensors"][role]
         return to_array(*self.tensors[ref["name"]])
 
+    def indices(self, module: str, role: str = "indices") -> np.ndarray:
+        """An I64 role's values as integers (README §6: never converted to float)."""
+        dtype, shape, raw = self.tensors[self.manifest["modules"][module]["tensors"][role]["name"]]
+        return np.frombuffer(raw, dtype="<i8").reshape(shape)
+
     def role64(self, module: str, role: str) -> np.ndarray:
         ref = self.manifest["modules"][module]["tensors"][role]
         return to_array64(*self.tensors[ref["name"]])
@@ -204,9 +210,14 @@ def read(path) -> Adapter:
     if text is None or len(text) > MAX_MANIFEST_CHARS:
         raise ManifestError("adapterfmt.manifest missing or over the limit")
     manifest = strict_json(text, ManifestError)
-    for module, entry in (manifest.get("modules") or {}).items() if isinstance(manifest, dict) else ():
-        if isinstance(entry, dict) and version < METHOD_SINCE.get(entry.get("method"), version):
-            raise UnknownMethodError(f"{module}: method {entry['method']!r} does not exist in {version}")
+    # README §3: a file is validated as the minor it declares; a later minor's method does not exist
+    # there (UnknownMethodError), a later minor's feature is outside its schema (ManifestError).
+    modules = manifest.get("modules") if isinstance(manifest, dict) else None
+    for module, entry in modules.items() if isinstance(modules, dict) else ():
+        newer = newer_than_declared(entry, version) if isinstance(entry, dict) else None
+        if newer is not None:
+            error = UnknownMethodError if newer[0] == "method" else ManifestError
+            raise error(f"{module}: {newer[0]} {newer[1]!r} does not exist in {version[0]}.{version[1]}")
     Schema(load_schema(), opened=version[1] > READER_VERSION[1], error=ManifestError).check(manifest)
     check_names(manifest)
     named = check_tensors(manifest, tensors)
@@ -270,7 +281,8 @@ def check_module_rules(manifest: dict, module: str, entry: dict) -> None:
     params, method = entry["params"], entry["method"]
     layer_rules(module, entry, ManifestError)
     tuner_rules(module, entry, ManifestError)
-    if method in ("lora", "dora", "olora", "pissa"):
+    rules_v13(module, entry, ManifestError)
+    if method in ("lora", "dora", "olora", "pissa", "lora_tucker"):  # lora_tucker: methods-tuners.md §6.2
         lora_scale_rule(params, module)
     if method in INIT_RE and not INIT_RE[method].fullmatch(params["init"]):
         raise ManifestError(f"{module}: init {params['init']!r} does not belong to method {method}")
@@ -311,17 +323,18 @@ def role_shapes(entry: dict) -> dict[str, list[int]]:
 
 def _matrix_role_shapes(entry: dict) -> dict[str, list[int]]:
     p, method = entry["params"], entry["method"]
+    if method in NEW_METHODS:
+        return new_role_shapes(entry)
+    if entry["layer"] == "conv2d":
+        return conv_role_shapes(entry)
     if method in TUNER_METHODS:
         return tuner_role_shapes(entry)
-    if entry["layer"] == "conv2d":
-        out, inn, kh, kw = entry["shape"]
-        return {"lora_A": [p["rank"], inn, kh, kw], "lora_B": [out, p["rank"], 1, 1]}
     out, inn = entry["shape"][-2:]
     r = p["rank"]
     if method in ("lora", "dora", "olora", "pissa"):
         shapes = {"lora_A": [r, inn], "lora_B": [out, r]}
-        if method == "dora":
-            shapes["magnitude"] = [out]
+        if method == "dora":  # README §6: out or in entries, by magnitude_axis
+            shapes["magnitude"] = [out if p["magnitude_axis"] == "out" else inn]
         if method in ("olora", "pissa"):
             shapes.update(lora_A0=[r, inn], lora_B0=[out, r])
         return shapes
@@ -339,7 +352,8 @@ def check_roles(module: str, entry: dict, named: dict) -> None:
     for role, ref in entry["tensors"].items():
         if role not in shapes:
             continue
-        if ref["dtype"] not in FACTOR_DTYPES:
-            raise TensorError(f"{module}: role {role} has dtype {ref['dtype']}")
+        allowed = (INTEGER_ROLES[entry["method"], role],) if (entry["method"], role) in INTEGER_ROLES else FACTOR_DTYPES
+        if ref["dtype"] not in allowed:
+            raise TensorError(f"{module}: role {role} has dtype {ref['dtype']}, not {'/'.join(allowed)}")
         if ref["shape"] != shapes[role]:
             raise TensorError(f"{module}: role {role} has shape {ref['shape']}, expected {shapes[role]}")
