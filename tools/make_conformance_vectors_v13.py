@@ -195,6 +195,13 @@ def loha_conv2d_declared(version):
     return make
 
 
+def lokr_core_with_full_w2():
+    b = Builder13()
+    lokr_conv2d_module(b, "model.conv4", (4, 2, 3, 3), (2, 1), (2, 2), 2, 3, w1_full=True, w2_form="full")
+    set_role(b, "model.conv4", "t2", Tensor("F32", rand("core with full w2", (2, 2, 3, 3))))
+    return written(b)
+
+
 def lora_tucker_linear():
     b = Builder13()
     lora_tucker_module(b, "model.conv3", (5, 3, 3, 3), 2, 3)
@@ -289,6 +296,8 @@ INVALID = {
                                      "README §3: trainable_tokens does not exist in 1.2"),
     "loha_tucker_core_on_1x1": (loha_tucker_1x1, "ManifestError", f"{TUNERS} §6.2: no core on a 1×1 kernel"),
     "loha_t1_without_t2": (loha_t1_without_t2, "ManifestError", f"{TUNERS} §6.2: cores come together"),
+    "lokr_tucker_core_with_full_w2": (lokr_core_with_full_w2, "ManifestError",
+                                      f"{TUNERS} §6.2: t2 comes with w2_a and w2_b, never with w2"),
     "loha_conv2d_in_1_2_file": (loha_conv2d_declared("1.2"), "ManifestError",
                                 "README §3: loha/lokr on conv2d is a 1.3 feature"),
     "lora_tucker_on_linear": (lora_tucker_linear, "ManifestError", "schema: lora_tucker layers (conv2d only)"),

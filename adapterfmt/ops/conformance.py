@@ -45,6 +45,11 @@ def check_vector(path: Path) -> list[str]:
     for key, payload in adapter.manifest.payloads.items():
         if payload.kind == "bias_delta" and key in base:  # spec §11: payload.<target> = base + delta
             values[f"payload.{key}"] = base[key].double() + adapter.tensors[payload.tensor.name].double()
+    for entry in adapter.manifest.modules.values():
+        if "diff_b" in entry.tensors:  # spec §11 (v1.3): bias.<bias parameter> = b + diff_b (methods-full.md)
+            bias = entry.base_weight.removesuffix(".weight") + ".bias"
+            if bias in base:
+                values[f"bias.{bias}"] = base[bias].double() + adapter.tensors[entry.tensors["diff_b"].name].double()
     for target, delta in values.items():
         want = expected.get(target)
         if want is None:
