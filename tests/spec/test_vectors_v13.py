@@ -201,3 +201,55 @@ def test_cli_refuses_v13_invalid_vectors_in_one_line(name):
     errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
     assert "Traceback" not in result.output and len(errors) == 1, result.stderr
     assert Path(name).name in errors[0]
+
+
+# ------------------------------------------------------------------ a real consumer: LyCORIS's functional ΔW
+def _lycoris_delta(entry, t):
+    """ΔW as lycoris-lora 4.1.3 computes it from the vector's tensors (its names: w*d = w*_b, w*u = w*_a)."""
+    import lycoris.functional.locon as locon
+    import lycoris.functional.loha as loha
+    import lycoris.functional.lokr as lokr
+    scale = entry.params["scale"]
+    if entry.method == "lora_tucker":
+        return locon.diff_weight(t["lora_A"], t["lora_B"], t["lora_mid"], gamma=scale, backend="torch")
+    if entry.method == "loha":
+        return loha.diff_weight(t["w1_b"], t["w1_a"], t["w2_b"], t["w2_a"], t.get("t1"), t.get("t2"), gamma=scale,
+                                backend="torch")
+    return lokr.kron_weight(*(t.get(r) for r in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")), scale=scale,
+                            backend="torch")
+
+
+@pytest.mark.parametrize("name", ["lora_tucker.safetensors", "loha_conv2d.safetensors",
+                                  "loha_conv2d_tucker.safetensors", "lokr_conv2d.safetensors",
+                                  "lokr_conv2d_tucker.safetensors"])
+def test_v13_convolution_vectors_match_lycoris(name):
+    """The expected ΔW of every convolution vector is what LyCORIS computes from the same tensors."""
+    entry, expected = POSITIVE[name], expected_values(POSITIVE[name])
+    adapter = read_adapter(V13 / name)
+    for target, module in adapter.manifest.modules.items():
+        got = _lycoris_delta(module, adapter.module_tensors(target)).double().numpy()
+        assert relative_error(got.reshape(module.shape), expected[target]) <= entry["rtol"], target
+
+
+def test_v13_dora_eps_vectors_match_lycoris_weight_decompose():
+    """Every DoRA module with norm_eps 2^-23 (both axes, linear and conv2d) merges as LyCORIS's
+    _weight_decompose (which adds fp32's eps to the norm) does on V = W + ΔW_lora."""
+    import torch
+    from lycoris.functional.general import _weight_decompose
+    base = load_file(str(V13 / "base.safetensors"))
+    checked = 0
+    for name in ("dora_in_eps.safetensors", "dora_conv2d.safetensors"):
+        entry, expected = POSITIVE[name], expected_values(POSITIVE[name])
+        adapter = read_adapter(V13 / name)
+        for target, module in adapter.manifest.modules.items():
+            if module.params.get("norm_eps") != 2.0**-23:
+                continue
+            t = adapter.module_tensors(target)
+            a, b = t["lora_A"].flatten(1), t["lora_B"].flatten(1)
+            v = base[module.base_weight].float() + (b @ a).reshape(module.shape) * module.params["scale"]
+            on_out = module.params["magnitude_axis"] == "out"
+            shape = [-1 if axis == (0 if on_out else 1) else 1 for axis in range(v.dim())]
+            got = _weight_decompose(v, t["magnitude"].reshape(shape), 1, on_out)
+            assert relative_error(got.double().numpy(), expected[target]) <= entry["rtol"], target
+            checked += 1
+    assert checked == 3
