@@ -253,3 +253,28 @@ def test_v13_dora_eps_vectors_match_lycoris_weight_decompose():
             assert relative_error(got.double().numpy(), expected[target]) <= entry["rtol"], target
             checked += 1
     assert checked == 3
+
+
+def test_v13_trainable_tokens_vector_matches_peft():
+    """PEFT's TrainableTokens on an nn.Embedding and an nn.Linear head, given the vector's indices and values,
+    merges (merge_and_unload) to the expected weights, rounded once to the base dtype."""
+    import torch
+    from peft import TrainableTokensConfig, get_peft_model
+    entry = POSITIVE["trainable_tokens.safetensors"]
+    adapter, expected = read_adapter(V13 / "trainable_tokens.safetensors"), expected_values(entry)
+    base = load_file(str(V13 / "base.safetensors"))
+    for target, module in adapter.manifest.modules.items():
+        stored = base[module.base_weight]
+        layer = (torch.nn.Embedding(*stored.shape) if module.layer == "embedding"
+                 else torch.nn.Linear(stored.shape[1], stored.shape[0], bias=False)).to(stored.dtype)
+        layer.weight.data = stored.clone()
+        wrapper = torch.nn.Module()
+        wrapper.layer = layer
+        tensors = adapter.module_tensors(target)
+        model = get_peft_model(wrapper, TrainableTokensConfig(target_modules=["layer"],
+                                                              token_indices=tensors["indices"].tolist()))
+        model.base_model.model.layer.trainable_tokens_delta["default"].data = tensors["values"].to(stored.dtype)
+        merged = model.merge_and_unload().layer.weight.detach().double().numpy()
+        want = expected[target].T if module.fan_in_fan_out else expected[target]
+        half_ulp = 2.0**-8 if stored.dtype.itemsize == 2 else 2.0**-24
+        assert (np.abs(merged - want) <= half_ulp * np.abs(want)).all(), target
