@@ -93,9 +93,12 @@ def run_comfy(facts: DiffusionKeys) -> ComfyOutcome:
     Example:
         >>> run_comfy(read_diffusion_keys("peft_unet.safetensors")).not_loaded  # doctest: +SKIP
     """
+    from .comfy_flux_keys import flux_mapped, is_bfl_control
     outcome = ComfyOutcome()
+    control = facts.kind == "flux" and is_bfl_control(facts.keys)
     for module, keys in facts.modules.items():
-        why = mapped(module, facts.kind)
+        # Flux files are matched against ComfyUI's key map for a Flux model (comfy_flux_keys.py).
+        why = flux_mapped(module, control) if facts.kind == "flux" else mapped(module, facts.kind)
         for suffix, key in keys.items():
             if why is not None:
                 outcome.not_loaded[key] = why
