@@ -47,6 +47,9 @@ class KeyView:
 
     @cached_property
     def comfy(self) -> ComfyOutcome:
+        if self.keys.kind == "flux":  # matched against ComfyUI's key map for a Flux model
+            from .comfy_flux_keys import flux_name_rule
+            return run_comfy(self.keys, flux_name_rule(self.keys.keys))
         return run_comfy(self.keys)
 
     @property

@@ -77,3 +77,14 @@ def flux_mapped(module: str, control: bool = False) -> str | None:
         return None if control else ("bare BFL names are prefixed with 'diffusion_model.' only in BFL control "
                                      "LoRAs (lora_convert.convert_lora); here they are not in the key map")
     return "no ComfyUI Flux name family has this prefix"
+
+
+def flux_name_rule(keys: list[str]):
+    """The ``name_rule`` for comfy_keys.run_comfy on a Flux file with these keys.
+
+    Example:
+        >>> flux_name_rule(["double_blocks.0.img_attn.qkv.lora_A.weight"])("double_blocks.0.img_attn.qkv") is None
+        False
+    """
+    control = is_bfl_control(keys)
+    return lambda module: flux_mapped(module, control)
