@@ -19,6 +19,7 @@ from .diffusion_keys import DiffusionKeys, peft_scales
 
 DIFFUSERS_RUN = f"diffusers {DIFFUSERS_VERSION_TESTED} loaders/lora_pipeline.py lora_state_dict + utils/state_dict_utils.py (run on the keys)"
 TE_COMPONENTS = ("text_encoder.", "text_encoder_2.")
+T5_PREFIXES = ("lora_te2_", "lora_te3_", "text_encoders.t5xxl.")
 COMFY_NOTE = "by our reimplementation of ComfyUI's key rules (ComfyUI itself not run)"
 
 
@@ -39,6 +40,17 @@ class KeyView:
         """Flux modules diffusers converts to a name ``load_lora_weights`` skips, whose down factor is
         spelled ``down`` (``.lora_down.weight``: kohya/ComfyUI; ``.lora_A.weight``: ai-toolkit/BFL)."""
         return {m: to for m, to in self.diffusers.outside.items() if down in self.keys.modules[m]}
+
+    def t5_dropped(self) -> list[str]:
+        """Flux T5-XXL modules diffusers drops (sd-scripts ``lora_te3_``, OneTrainer ``lora_te2_``, ComfyUI
+        ``text_encoders.t5xxl.``): its Flux pipeline has no T5 LoRA loader."""
+        if self.keys.kind != "flux":
+            return []
+        return [m for m in self.diffusers.dropped if m.startswith(T5_PREFIXES)]
+
+    def other_dropped(self) -> dict[str, list[str]]:
+        t5 = set(self.t5_dropped())
+        return {m: s for m, s in self.diffusers.dropped.items() if m not in t5}
 
     @property
     def layer_note(self) -> str:
@@ -128,14 +140,19 @@ DIFFUSERS_KEY_RULES = (
                    "lora_down/lora_up files, keeps these names and applies nothing from them (it only warns "
                    "that no LoRA keys match the transformer)",
          FLUX_TO_DIFFUSERS, source=FLUX_RUN + " + FluxLoraLoaderMixin.load_lora_weights ('transformer.' filter)"),
+    Rule("flux_t5_filtered", IGNORED, lambda v: v.diffusers.refused is None and bool(v.t5_dropped()),
+         lambda v: f"{len(v.t5_dropped())} T5-XXL text-encoder module(s) ({some(v.t5_dropped(), 1)}): diffusers' "
+                   "Flux loader has no T5 LoRA (it loads the transformer and CLIP-L only) and filters them out, "
+                   "logging at info level only (adapterfmt does not read T5 LoRAs either)", None, exact_fix=False,
+         source=FLUX_RUN + " (_convert_kohya_flux_lora_to_diffusers keeps lora_unet_/lora_te_/lora_te1_ only)"),
     Rule("keys_refused", REFUSE, lambda v: v.diffusers.refused is not None and not v.diffusers.fixed_rows,
          lambda v: f"diffusers refuses the file while converting its keys: {v.diffusers.refused}", MERGE_FIX,
          exact_fix=False, source=DIFFUSERS_RUN),
-    Rule("keys_dropped", IGNORED, lambda v: v.diffusers.refused is None and bool(v.diffusers.dropped),
-         lambda v: f"diffusers drops {sum(map(len, v.diffusers.dropped.values()))} key(s) of "
-                   f"{len(v.diffusers.dropped)} module(s) while converting "
-                   f"({', '.join(sorted({s for x in v.diffusers.dropped.values() for s in x}))}; e.g. "
-                   f"{some(list(v.diffusers.dropped), 1)})"
+    Rule("keys_dropped", IGNORED, lambda v: v.diffusers.refused is None and bool(v.other_dropped()),
+         lambda v: f"diffusers drops {sum(map(len, v.other_dropped().values()))} key(s) of "
+                   f"{len(v.other_dropped())} module(s) while converting "
+                   f"({', '.join(sorted({s for x in v.other_dropped().values() for s in x}))}; e.g. "
+                   f"{some(list(v.other_dropped()), 1)})"
                    + (f"; it warns: {v.diffusers.warnings[0]}" if v.diffusers.warnings else ""),
          MERGE_FIX, exact_fix=False, source=DIFFUSERS_RUN),
     Rule("te_dora_magnitude", IGNORED, lambda v: bool(v.te_magnitudes()),

@@ -71,3 +71,16 @@ def test_the_refused_file_makes_diffusers_raise_and_the_fix_loads_everything(mod
     # 10 double-block modules (each qkv as three layers) + 3 single-block (linear1 as q, k, v, proj_mlp): 14 + 6
     assert applied == _loaded_layers(models, tmp_path / "d.safetensors") == 20
     assert not [f for f in found.values() if f.severity != "ok"]
+
+
+def test_t5_modules_are_dropped_by_diffusers_as_the_check_says(models, tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = tmp_path / "lora.safetensors"
+    flux_lora_file(path, models[0], style="kohya", single=False)
+    state = load_file(str(path))
+    t5 = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"  # sd-scripts' T5-XXL prefix
+    state |= {f"{t5}.lora_down.weight": torch.ones(2, 16), f"{t5}.lora_up.weight": torch.ones(16, 2),
+              f"{t5}.alpha": torch.tensor(2.0)}
+    save_file(state, str(path))
+    applied, found = _applied_layers(path)
+    assert applied == _loaded_layers(models, path) == 14 and "flux_t5_filtered" in found

@@ -66,6 +66,7 @@ FIRES = [
     ("kohya_top", "diffusers", "keys_applied", OK, "applies 22 of the file's 30 modules, 26 diffusers layers"),
     ("flux1_linear1", "diffusers", "keys_applied", OK, "applies 1 of the file's 1 modules, 4 diffusers layers"),
     ("diffusers", "diffusers", "keys_applied", OK, "applies 3 of the file's 3 modules"),
+    ("t5", "diffusers", "flux_t5_filtered", "ignored", "1 T5-XXL text-encoder module(s) (lora_te3_"),
     ("bfl", "comfyui", "names_not_mapped", "ignored", "only in BFL control LoRAs"),
     ("kohya_top", "comfyui", "keys_applied", OK, "applies 30 of the file's 30 modules"),
     ("t5", "comfyui", "keys_applied", OK, "applies 2 of the file's 2 modules"),
@@ -77,6 +78,7 @@ SILENT = [
     ("kohya_blocks", "diffusers", "flux_top_level_not_loaded"), ("ai_toolkit", "diffusers", "flux_top_level_not_loaded"),
     ("kohya_top", "diffusers", "flux_lora_ab_not_loaded"), ("diffusers", "diffusers", "flux_lora_ab_not_loaded"),
     ("kohya_single", "diffusers", "keys_refused"), ("kohya_top", "diffusers", "keys_dropped"),
+    ("t5", "diffusers", "keys_dropped"), ("kohya_top", "diffusers", "flux_t5_filtered"),
     ("kohya_top", "diffusers", "per_module_alphas"),  # diffusers' Flux loader folds each .alpha in
     ("ai_toolkit", "comfyui", "names_not_mapped"), ("diffusers", "comfyui", "names_not_mapped"),
 ]
@@ -96,7 +98,7 @@ def test_flux_key_rule_is_silent(tmp_path, models, case, target, rule):
 
 
 def test_every_flux_rule_fires_and_is_silent():
-    flux_rules = {"flux_linear1_fixed_rows", "flux_top_level_not_loaded", "flux_lora_ab_not_loaded"}
+    flux_rules = {"flux_linear1_fixed_rows", "flux_top_level_not_loaded", "flux_lora_ab_not_loaded", "flux_t5_filtered"}
     assert flux_rules <= {r for _, _, r, *_ in FIRES} and flux_rules <= {r for _, _, r in SILENT}
 
 
@@ -105,3 +107,11 @@ def test_the_exact_route_is_named(tmp_path, models):
     for case in ("kohya_single", "kohya_top", "ai_toolkit"):
         report = check_adapter(write(tmp_path, models, case), ["diffusers"], out="out.safetensors")
         assert report.targets[0].fix.endswith("out.safetensors --to diffusers"), report.targets[0].verdict()
+
+
+def test_t5_modules_are_refused_by_the_reader_with_the_reason(tmp_path, models):
+    """sd-scripts' lora_te3_ (T5-XXL): diffusers has no T5 LoRA loader to map them, so nothing is read."""
+    import adapterfmt
+    from adapterfmt.errors import ForeignFormatError
+    with pytest.raises(ForeignFormatError, match="T5-XXL text-encoder LoRAs .*no T5 LoRA loader"):
+        adapterfmt.convert(write(tmp_path, models, "t5"), tmp_path / "out.safetensors")
