@@ -156,3 +156,29 @@ def test_a_file_the_flux_converter_cannot_map_exactly_is_refused_in_one_line(tra
     with pytest.raises(InputIOError, match="Flux converter refuses this file") as info:
         adapterfmt.merge(single, [tmp_path / "missing.safetensors"], tmp_path / "out.safetensors")
     assert "\n" not in str(info.value)
+
+
+def test_unmerge_from_the_flux_single_file_restores_within_one_ulp(transformer, tmp_path):
+    single = tmp_path / "flux.safetensors"
+    save_bfl_single_file(transformer, single, metadata=METADATA)
+    src = tmp_path / "lora.safetensors"
+    flux_lora_file(src, transformer, None, style="kohya", dtype=torch.float32, single=True, top=True)
+    adapterfmt.convert(src, tmp_path / "af.safetensors", base=single)
+    adapterfmt.merge(single, [tmp_path / "af.safetensors"], tmp_path / "merged.safetensors")
+    adapterfmt.unmerge(tmp_path / "merged.safetensors", [tmp_path / "af.safetensors"], tmp_path / "back.safetensors")
+    original, back = load_file(str(single)), load_file(str(tmp_path / "back.safetensors"))
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    for key, value in original.items():
+        # (W + ΔW rounded) − ΔW, rounded: the merge's rounding (1 ulp of the merged value) plus 1 ulp of W
+        assert bool(((back[key] - value).abs() <= _ulp(merged[key]) + _ulp(value)).all()), key
+
+
+def test_check_with_the_flux_single_file_as_base_finds_every_module(transformer, tmp_path):
+    """check --base on a BFL single file: diffusers' module names are looked up in the file's Flux map."""
+    from adapterfmt.ops.check import check_adapter
+    single = tmp_path / "flux.safetensors"
+    save_bfl_single_file(transformer, single, metadata=METADATA)
+    src = tmp_path / "lora.safetensors"
+    flux_lora_file(src, transformer, None, style="kohya", dtype=torch.float32, single=False)
+    found = {f.rule: f for f in check_adapter(src, ["diffusers"], base=str(single)).targets[0].findings}
+    assert "not_in_base" not in found and "applies 10 of the file's 10 modules" in found["keys_applied"].message
