@@ -6,8 +6,8 @@ The mapping is diffusers' own (``diffusers.loaders.single_file_utils``: ``conver
 what diffusers does with each probe says which stored rows each diffusers weight is, including the
 q/k/v row slices of OpenCLIP's fused ``in_proj_weight`` (SDXL ``text_encoder_2``, SD 2.x text encoder).
 Weights diffusers computes or transposes (OpenCLIP's ``text_projection``) are not placed and are refused
-by name when an adapter needs them. Flux files (BFL layout) are refused: diffusers' converter hard-codes
-the full-size model's dimensions, so it cannot be probed on an arbitrary file.
+by name when an adapter needs them. Flux files (BFL layout) are mapped by single_file_flux.py (diffusers'
+Flux converter on a FLUX.1-sized probe, rows scaled back to the file's).
 """
 from __future__ import annotations
 
@@ -22,11 +22,10 @@ from ..errors import BaseMismatchError, InputIOError
 from ..format.fingerprint import tensor_fingerprint
 from .diffusers_checkpoint import DiffusersPipeline
 from .safetensors_checkpoint import BaseCheckpoint
+from .single_file_flux import flux_keys, flux_transformer_map
 from .single_file_map import Probe, ProbeMap, Source
 
 UNET_PREFIX = "model.diffusion_model."
-#: Layouts we do not map (the whole file is refused as a base).
-NOT_MAPPED = {"double_blocks.": "Flux (BFL layout, fused qkv)"}
 #: OpenCLIP text encoders: stored prefix -> the pipeline component diffusers loads it as.
 OPEN_CLIP = {"conditioner.embedders.1.model.": "text_encoder_2", "cond_stage_model.model.": "text_encoder"}
 _LAYER = re.compile(r"\.resblocks\.(\d+)\.")
@@ -118,15 +117,15 @@ class SingleFilePipeline(DiffusersPipeline):
         stored = stored or BaseCheckpoint(path)
         self.path, self.root, self.stored = stored.path, stored.root, stored
         names = stored.names()
-        for prefix, what in NOT_MAPPED.items():
-            if any(n.startswith(prefix) for n in names):
-                raise InputIOError(f"single-file checkpoints with {what} are not supported as a base yet",
-                                   path=self.path, hint="load it with diffusers' from_single_file(...) and "
-                                                        "save_pretrained() it, then pass that directory as --base")
-        self.index = {"_class_name": "single-file checkpoint (LDM/SGM layout)"}
-        probe = Probe({n: tuple(stored.shape(n)) for n in names})
+        shapes = {n: tuple(stored.shape(n)) for n in names}
+        if flux_keys(names):  # BFL layout: the Flux transformer only (single_file_flux.py)
+            self.index = {"_class_name": "single-file checkpoint (Flux, BFL layout)"}
+            maps = {"transformer": flux_transformer_map(shapes, self.path)}
+        else:
+            self.index = {"_class_name": "single-file checkpoint (LDM/SGM layout)"}
+            maps = _component_maps(Probe(shapes), names)
         self.components = {name: SingleFileComponent(stored, probe_map, architecture, config)
-                           for name, (probe_map, architecture, config) in _component_maps(probe, names).items()}
+                           for name, (probe_map, architecture, config) in maps.items()}
         if not self.components:
             raise InputIOError("no UNet or CLIP text encoder found in the single-file checkpoint", path=self.path,
                                hint="pass a diffusers pipeline directory as --base")

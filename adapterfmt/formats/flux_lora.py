@@ -60,6 +60,10 @@ def group_keys(state: dict[str, torch.Tensor], path: Path, families=FLUX_FAMILIE
     return grouped, {role: next(iter(s)) for role, s in suffixes.items()}
 
 
+#: T5-XXL text-encoder names of Flux files: sd-scripts ``lora_te3_``, OneTrainer ``lora_te2_``, ComfyUI ``text_encoders.t5xxl.``.
+T5_PREFIXES = ("lora_te3_", "lora_te2_", "text_encoders.t5xxl.transformer.")
+
+
 def refuse_unmatched(unmatched: list[str], total: int, path: Path, families, why: str):
     more = f" and {len(unmatched) - 3} more" if len(unmatched) > 3 else ""
     raise ForeignFormatError(f"{len(unmatched)} of {total} keys {why}: {', '.join(unmatched[:3])}{more}", path=path,
@@ -76,6 +80,14 @@ def read_flux_state(state: dict[str, torch.Tensor], metadata: dict[str, str], ba
     grouped, suffixes = group_keys(state, path)
     placed = targets(list(grouped))
     unplaced = [name for name in grouped if name not in placed]
+    t5 = [name for name in unplaced if name.startswith(T5_PREFIXES)]
+    if t5:
+        raise ForeignFormatError(
+            f"{len(t5)} of {len(grouped)} modules are T5-XXL text-encoder LoRAs ({', '.join(t5[:2])}"
+            f"{' and more' if len(t5) > 2 else ''}): diffusers' Flux pipeline has no T5 LoRA loader (it filters "
+            "them out), so there is no diffusers module to read them onto", path=path,
+            hint=f"families tried: {'; '.join(FLUX_FAMILIES)}; adapterfmt does not read Flux T5 LoRAs yet "
+                 "(ComfyUI applies them); nothing was read")
     if unplaced:
         refuse_unmatched(unplaced, len(grouped), path, FLUX_FAMILIES, "name no Flux module diffusers knows")
     source = {"format": family, SOURCE_NAMES: list(grouped),

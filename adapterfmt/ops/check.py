@@ -150,7 +150,7 @@ def key_view(adapter_or_path, base: str):
     from .hub import resolve_path
     path = resolve_path(adapter_or_path)
     keys = read_diffusion_keys(path, base if base and Path(base).exists() else None)
-    if keys is None or keys.kind == "flux":  # the key rules model the SD 1.x / SDXL loaders only
+    if keys is None:
         return None
     try:
         if detect_format(Path(path)).name == "adapterfmt":

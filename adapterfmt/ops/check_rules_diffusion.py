@@ -13,11 +13,13 @@ from functools import cached_property
 from .check_model import IGNORED, MISSCALED, OK, REFUSE, Rule
 from .check_rules import KOHYA_FOR, MERGE_FIX, some
 from .comfy_keys import COMFY_SOURCE, ComfyOutcome, run_comfy
+from .diffusers_flux_keys import LINEAR1_ROWS
 from .diffusers_keys import DIFFUSERS_VERSION_TESTED, DiffusersOutcome, run_diffusers
 from .diffusion_keys import DiffusionKeys, peft_scales
 
 DIFFUSERS_RUN = f"diffusers {DIFFUSERS_VERSION_TESTED} loaders/lora_pipeline.py lora_state_dict + utils/state_dict_utils.py (run on the keys)"
 TE_COMPONENTS = ("text_encoder.", "text_encoder_2.")
+T5_PREFIXES = ("lora_te2_", "lora_te3_", "text_encoders.t5xxl.")
 COMFY_NOTE = "by our reimplementation of ComfyUI's key rules (ComfyUI itself not run)"
 
 
@@ -29,10 +31,37 @@ class KeyView:
 
     @cached_property
     def diffusers(self) -> DiffusersOutcome:
+        if self.keys.kind == "flux":
+            from .diffusers_flux_keys import run_diffusers_flux
+            return run_diffusers_flux(self.keys)
         return run_diffusers(self.keys)
+
+    def outside(self, down: str) -> dict[str, str]:
+        """Flux modules diffusers converts to a name ``load_lora_weights`` skips, whose down factor is
+        spelled ``down`` (``.lora_down.weight``: kohya/ComfyUI; ``.lora_A.weight``: ai-toolkit/BFL)."""
+        return {m: to for m, to in self.diffusers.outside.items() if down in self.keys.modules[m]}
+
+    def t5_dropped(self) -> list[str]:
+        """Flux T5-XXL modules diffusers drops (sd-scripts ``lora_te3_``, OneTrainer ``lora_te2_``, ComfyUI
+        ``text_encoders.t5xxl.``): its Flux pipeline has no T5 LoRA loader."""
+        if self.keys.kind != "flux":
+            return []
+        return [m for m in self.diffusers.dropped if m.startswith(T5_PREFIXES)]
+
+    def other_dropped(self) -> dict[str, list[str]]:
+        t5 = set(self.t5_dropped())
+        return {m: s for m, s in self.diffusers.dropped.items() if m not in t5}
+
+    @property
+    def layer_note(self) -> str:
+        layers = sum(map(len, self.diffusers.layers.values()))
+        return f", {layers} diffusers layers" if layers != len(self.diffusers.applied) else ""
 
     @cached_property
     def comfy(self) -> ComfyOutcome:
+        if self.keys.kind == "flux":  # matched against ComfyUI's key map for a Flux model
+            from .comfy_flux_keys import flux_name_rule
+            return run_comfy(self.keys, flux_name_rule(self.keys.keys))
         return run_comfy(self.keys)
 
     @property
@@ -46,7 +75,10 @@ class KeyView:
     def decided_by_keys(self, target: str) -> set[str]:
         """Manifest rules the file's own keys decide instead: a PEFT-format file (no ``.alpha`` keys) is not
         mis-scaled by diffusers (its lora_adapter_metadata is read), and ComfyUI's scale for it is
-        judged by ``peft_alpha_ignored``."""
+        judged by ``peft_alpha_ignored``. diffusers' Flux loader scales every kohya/ComfyUI module by its own
+        ``.alpha`` while converting (``_convert_kohya_flux_lora_to_diffusers``)."""
+        if self.keys.kind == "flux" and target == "diffusers":
+            return {"per_module_alphas"}  # its Flux loader folds each module's alpha/rank into the factors
         if self.has_alpha_keys:
             return set()
         return {"diffusers": {"per_module_alphas"}, "comfyui": {"alphas"}}.get(target, set())
@@ -85,15 +117,42 @@ def _keys_unread(v: KeyView) -> dict[str, str]:
     return {k: w for k, w in v.comfy.not_loaded.items() if w.startswith("'")}
 
 
+FLUX_RUN = f"diffusers {DIFFUSERS_VERSION_TESTED} FluxLoraLoaderMixin.lora_state_dict (run on the keys)"
+FLUX_TO_DIFFUSERS = "adapterfmt convert {file} {out} --to diffusers"
+
 DIFFUSERS_KEY_RULES = (
-    Rule("keys_refused", REFUSE, lambda v: v.diffusers.refused is not None,
+    Rule("flux_linear1_fixed_rows", REFUSE, lambda v: bool(v.diffusers.fixed_rows),
+         lambda v: f"diffusers' kohya-Flux loader splits single_blocks.N.linear1 at FLUX.1's fixed rows "
+                   f"{'/'.join(map(str, LINEAR1_ROWS))} ({sum(LINEAR1_ROWS)}); this file's linear1 LoRAs have "
+                   f"{sorted(set(v.diffusers.fixed_rows.values()))} rows (e.g. {some(list(v.diffusers.fixed_rows), 1)}), "
+                   "so load_lora_weights stops with an AssertionError",
+         FLUX_TO_DIFFUSERS, source=FLUX_RUN + " (_convert_kohya_flux_lora_to_diffusers dims=[3072, 3072, 3072, 12288])"),
+    Rule("flux_top_level_not_loaded", IGNORED, lambda v: bool(v.outside(".lora_down.weight")),
+         lambda v: f"{len(v.outside('.lora_down.weight'))} top-level Flux module(s) "
+                   f"({some(list(v.outside('.lora_down.weight')), 3)}) are converted to names without "
+                   f"'transformer.' (e.g. {some(list(v.outside('.lora_down.weight').values()), 1)}), which "
+                   "load_lora_weights skips without a warning",
+         FLUX_TO_DIFFUSERS, source=FLUX_RUN + " (_convert_sd_scripts_to_ai_toolkit: img_in, txt_in, time_in, "
+                                              "vector_in, guidance_in, final_layer)"),
+    Rule("flux_lora_ab_not_loaded", IGNORED, lambda v: bool(v.outside(".lora_A.weight")),
+         lambda v: f"{len(v.outside('.lora_A.weight'))} module(s) have lora_A/lora_B keys on BFL names "
+                   f"(e.g. {some(list(v.outside('.lora_A.weight')), 1)}): diffusers' Flux loader converts only "
+                   "lora_down/lora_up files, keeps these names and applies nothing from them (it only warns "
+                   "that no LoRA keys match the transformer)",
+         FLUX_TO_DIFFUSERS, source=FLUX_RUN + " + FluxLoraLoaderMixin.load_lora_weights ('transformer.' filter)"),
+    Rule("flux_t5_filtered", IGNORED, lambda v: v.diffusers.refused is None and bool(v.t5_dropped()),
+         lambda v: f"{len(v.t5_dropped())} T5-XXL text-encoder module(s) ({some(v.t5_dropped(), 1)}): diffusers' "
+                   "Flux loader has no T5 LoRA (it loads the transformer and CLIP-L only) and filters them out, "
+                   "logging at info level only (adapterfmt does not read T5 LoRAs either)", None, exact_fix=False,
+         source=FLUX_RUN + " (_convert_kohya_flux_lora_to_diffusers keeps lora_unet_/lora_te_/lora_te1_ only)"),
+    Rule("keys_refused", REFUSE, lambda v: v.diffusers.refused is not None and not v.diffusers.fixed_rows,
          lambda v: f"diffusers refuses the file while converting its keys: {v.diffusers.refused}", MERGE_FIX,
          exact_fix=False, source=DIFFUSERS_RUN),
-    Rule("keys_dropped", IGNORED, lambda v: v.diffusers.refused is None and bool(v.diffusers.dropped),
-         lambda v: f"diffusers drops {sum(map(len, v.diffusers.dropped.values()))} key(s) of "
-                   f"{len(v.diffusers.dropped)} module(s) while converting "
-                   f"({', '.join(sorted({s for x in v.diffusers.dropped.values() for s in x}))}; e.g. "
-                   f"{some(list(v.diffusers.dropped), 1)})"
+    Rule("keys_dropped", IGNORED, lambda v: v.diffusers.refused is None and bool(v.other_dropped()),
+         lambda v: f"diffusers drops {sum(map(len, v.other_dropped().values()))} key(s) of "
+                   f"{len(v.other_dropped())} module(s) while converting "
+                   f"({', '.join(sorted({s for x in v.other_dropped().values() for s in x}))}; e.g. "
+                   f"{some(list(v.other_dropped()), 1)})"
                    + (f"; it warns: {v.diffusers.warnings[0]}" if v.diffusers.warnings else ""),
          MERGE_FIX, exact_fix=False, source=DIFFUSERS_RUN),
     Rule("te_dora_magnitude", IGNORED, lambda v: bool(v.te_magnitudes()),
@@ -109,7 +168,7 @@ DIFFUSERS_KEY_RULES = (
          lambda v: v.diffusers.assumed, None,
          source=DIFFUSERS_RUN + " (_maybe_map_sgm_blocks_to_diffusers)"),
     Rule("keys_applied", OK, lambda v: v.diffusers.refused is None,
-         lambda v: f"diffusers applies {len(v.diffusers.applied)} of the file's {v.module_count} modules "
+         lambda v: f"diffusers applies {len(v.diffusers.applied)} of the file's {v.module_count} modules{v.layer_note} "
                    f"(diffusers {DIFFUSERS_VERSION_TESTED}'s own key conversion run on this file's keys)"
                    + (f"; not applied: {some(v.not_applied_by_diffusers(), 3)}" if v.not_applied_by_diffusers() else ""),
          "adapterfmt convert {file} {out} --to diffusers", source=DIFFUSERS_RUN),

@@ -87,15 +87,17 @@ class ComfyOutcome:
     nothing_applied: list[str] = field(default_factory=list)  # mapped, but no weight family in its keys
 
 
-def run_comfy(facts: DiffusionKeys) -> ComfyOutcome:
-    """Our reimplementation of ComfyUI's ``load_lora`` over the file's keys for an SD 1.x / SDXL model.
+def run_comfy(facts: DiffusionKeys, name_rule=None) -> ComfyOutcome:
+    """Our reimplementation of ComfyUI's ``load_lora`` over the file's keys for an SD 1.x / SDXL model, or
+    for another model when ``name_rule(module)`` (None when mapped, else why not) gives its key map
+    (comfy_flux_keys.flux_name_rule for Flux).
 
     Example:
         >>> run_comfy(read_diffusion_keys("peft_unet.safetensors")).not_loaded  # doctest: +SKIP
     """
     outcome = ComfyOutcome()
     for module, keys in facts.modules.items():
-        why = mapped(module, facts.kind)
+        why = name_rule(module) if name_rule is not None else mapped(module, facts.kind)
         for suffix, key in keys.items():
             if why is not None:
                 outcome.not_loaded[key] = why

@@ -32,6 +32,11 @@ class DiffusersOutcome:
     refused: str | None = None
     warnings: list[str] = field(default_factory=list)
     assumed: str | None = None  # an assumption the mapping needed (no --base)
+    # Flux (diffusers_flux_keys.py): the diffusers layers each module feeds (a fused qkv feeds three),
+    # modules converted to a name load_lora_weights skips, and linear1 LoRAs off FLUX.1's fixed rows.
+    layers: dict[str, list[str]] = field(default_factory=dict)
+    outside: dict[str, str] = field(default_factory=dict)
+    fixed_rows: dict[str, int] = field(default_factory=dict)
 
 
 class _Collect(logging.Handler):

@@ -8,6 +8,7 @@ diffusers_keys.py (diffusers, run for real) and comfy_keys.py (ComfyUI, reimplem
 from __future__ import annotations
 
 import json
+import re
 
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,10 +26,17 @@ SUFFIXES = (
     ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight", ".w_norm", ".b_norm", ".diff_b", ".diff",
     ".set_weight",
 )
+#: A Flux (BFL) block or top-level module in any spelling (kohya underscores, ComfyUI dots).
+_FLUX_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks)[._]\d|^(lora_unet_|diffusion_model\.)"
+                        r"(img_in|txt_in|time_in|vector_in|guidance_in|final_layer)")
 _BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
 #: Module-name prefixes of diffusion pipelines (SD 1.x / SDXL / Flux), in every family we know.
-DIFFUSION_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_", "unet.", "text_encoder.",
-                      "text_encoder_2.", "transformer.", "lora_transformer_", "diffusion_model.", "text_encoders.")
+DIFFUSION_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_", "unet.",
+                      "text_encoder.", "text_encoder_2.", "transformer.", "lora_transformer_", "diffusion_model.",
+                      "text_encoders.")
+#: Flux's original (BFL) top-level module roots: BFL's own files use them bare (no ``diffusion_model.``).
+BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.",
+             "final_layer.")
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -66,19 +74,20 @@ class DiffusionKeys:
     @property
     def kind(self) -> str:
         """``sdxl`` when the names say two text encoders (``lora_te1_``/``lora_te2_``, ``text_encoder_2.``),
-        ``flux`` for transformer names, else ``sd15``."""
+        ``flux`` for transformer names (checked first: kohya-Flux files carry CLIP-L as ``lora_te1_``), else ``sd15``."""
         names = list(self.modules)
+        if any(n.startswith(("transformer.", "lora_transformer_") + BFL_ROOTS) or _FLUX_NAME.search(n) for n in names):
+            return "flux"
         if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in names):
             return "sdxl"
-        if any(n.startswith(("transformer.", "lora_transformer_")) or "double_blocks" in n for n in names):
-            return "flux"
         return "sd15"
 
 
 def is_diffusion_key_file(keys: list[str]) -> bool:
-    """Every module name has a diffusion pipeline prefix (and the file is not an adapterfmt file)."""
+    """Every module name has a diffusion pipeline prefix or is a bare BFL Flux name (and the file is not an
+    adapterfmt file)."""
     modules = {split_key(k)[0] for k in keys}
-    return bool(modules) and all(m.startswith(DIFFUSION_PREFIXES) for m in modules)
+    return bool(modules) and all(m.startswith(DIFFUSION_PREFIXES + BFL_ROOTS) for m in modules)
 
 
 def read_diffusion_keys(path: Path | str, base: str | None = None) -> DiffusionKeys | None:

@@ -111,10 +111,11 @@ def test_key_rule_is_silent(tmp_path, sd15_pipe, case, target, rule, with_base):
 
 
 def test_every_key_rule_fires_and_is_silent_somewhere():
+    from tests.ops.test_check_flux import FIRES as FLUX_FIRES, SILENT as FLUX_SILENT
     rules = {(t, r.id) for t, table in KEY_RULES.items() for r in table}
-    assert {(t, r) for _, t, r, *_ in FIRES} == rules
+    assert {(t, r) for _, t, r, *_ in FIRES + FLUX_FIRES} == rules
     # keys_applied (comfyui) is the closing count: it is there for every diffusion file, never for others.
-    assert {(t, r) for _, t, r, _ in SILENT} | {("comfyui", "keys_applied")} == rules
+    assert {(t, r) for _, t, r, _ in SILENT} | ({(t, r) for _, t, r in FLUX_SILENT} & rules) | {("comfyui", "keys_applied")} == rules
 
 
 def test_closing_count_is_absent_for_files_judged_by_their_manifest(tmp_path):
