@@ -7,8 +7,10 @@ Only core dependencies are used (no PEFT, sd-scripts, MLX or LyCORIS).
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -35,8 +37,25 @@ def run_demo(out_dir: Path | str | None = None, *, overwrite: bool = False) -> I
     start = time.perf_counter()
     step = Steps()
     yield f"demo directory: {work}"
-    yield "LLM: a tiny Llama, PEFT-layout adapters of five methods, NOLA"
-    yield from llm_steps(work / "llm", step)
-    yield "diffusion: a tiny SD 1.x pipeline, an sd-scripts kohya LoRA/LoCon file"
-    yield from diffusion_steps(work / "diffusion", step)
+    with _quiet_libraries():
+        yield "LLM: a tiny Llama, PEFT-layout adapters of five methods, NOLA"
+        yield from llm_steps(work / "llm", step)
+        yield "diffusion: a tiny SD 1.x pipeline, an sd-scripts kohya LoRA/LoCon file"
+        yield from diffusion_steps(work / "diffusion", step)
     yield f"done: {step.count} steps ran offline on CPU in {time.perf_counter() - start:.0f} s"
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Keep the demo's output to its own lines: no transformers progress bars, no library deprecation notes."""
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from .demo_measure import Steps, merge_error, worst_merge_error
+from .demo_measure import Steps, merge_error, verdicts, worst_merge_error
 from .demo_sd_files import diffusers_view_of_single_file, kohya_delta, save_single_file, tiny_sd15, write_kohya_lora
 
 #: component -> its weights file in a diffusers pipeline directory
@@ -65,8 +65,7 @@ def _checks(pipe: Path, files: dict[str, Path], step: Steps) -> Iterator[str]:
     from .check import check_adapter
     for label, path in files.items():
         report = check_adapter(path, ["diffusers", "comfyui"], base=str(pipe))
-        verdicts = ", ".join(f"{t.target} {t.severity}" for t in report.targets)
-        yield step(f"check {path.name} -t diffusers -t comfyui", f"as is {verdicts}")
+        yield step(f"check {path.name} -t diffusers -t comfyui", f"as is {verdicts(report)}")
 
 
 def _merge_pipeline(pipe: Path, ours: Path, kohya: Path, targets: dict[str, str], work: Path, models: dict,

@@ -7,7 +7,8 @@ from typing import Iterator
 import torch
 
 from .demo_llm_files import make_nola, peft_delta, peft_ia3, peft_loha, peft_lora, tiny_base
-from .demo_measure import Steps, describe_error, max_error, max_rel_error, merge_error, worst_merge_error
+from .demo_measure import (Steps, describe_error, max_error, max_rel_error, merge_error, verdicts,
+                           worst_merge_error)
 
 
 def llm_steps(work: Path, step: Steps) -> Iterator[str]:
@@ -44,10 +45,9 @@ def _lora_family(work: Path, base: Path, step: Steps) -> Iterator[str]:
         yield step(f"lora.safetensors -> {fmt} -> adapterfmt", f"{there.worst} / {again.worst}, "
                                                                f"max ΔW error {describe_error(max_error(there, again))}")
     check = check_adapter(adapters["rslora"], ["vllm", "llama.cpp"], out="OUT", base=str(base))
-    verdicts = ", ".join(f"{t.target} {t.severity}" for t in check.targets)
     fixes = sum(t.fix is not None for t in check.targets)
     yield step("check rslora.safetensors -t vllm -t llama.cpp",
-               f"as is {verdicts}; {fixes} exact fix command(s) (adapterfmt check prints them)")
+               f"as is {verdicts(check)}; {fixes} exact fix command(s) (adapterfmt check prints them)")
     return adapters
 
 

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from .check_model import IGNORED, MISSCALED, OK, REFUSE
+
+#: A check verdict in the demo's words (what the consumer does with the file as is).
+AS_IS = {OK: "our ΔW", MISSCALED: "mis-scaled", IGNORED: "ignores part", REFUSE: "refuses it"}
+
 
 class Steps:
     """Numbers the demo's lines: ``steps("what", "result")`` -> `` 3. what: result``.
@@ -67,3 +72,8 @@ def worst_merge_error(errors: list[tuple[float, float]]) -> str:
 def describe_error(value: float) -> str:
     """``0`` or ``1.2e-08``: a measured error, short."""
     return "0" if value == 0 else f"{value:.2g}"
+
+
+def verdicts(report) -> str:
+    """``vllm mis-scaled, llama.cpp our ΔW``: what each target of a check report does with the file as is."""
+    return ", ".join(f"{t.target} {AS_IS[t.severity]}" for t in report.targets)

@@ -69,8 +69,15 @@ def kohya_targets(models: dict) -> dict[str, str]:
     return targets
 
 
+def _rank_alpha(path: str, layer: torch.nn.Module) -> tuple[int, float]:
+    """Block-wise dims as sd-scripts' ``network_args`` allow: rank 4 / alpha 2, cross-attention (``attn2``)
+    rank 2 / alpha 1, LoCon 3x3 convs (``conv_dim``/``conv_alpha``) rank 2 / alpha 1."""
+    small = ".attn2." in path or (isinstance(layer, torch.nn.Conv2d) and layer.kernel_size != (1, 1))
+    return (2, 1.0) if small else (4, 2.0)
+
+
 def write_kohya_lora(models: dict, out: Path, *, seed: int = 7) -> dict[str, str]:
-    """An sd-scripts-style LoRA/LoCon file (fp16, rank 4, alpha 2; LoCon convs rank 2, alpha 1).
+    """An sd-scripts-style LoRA/LoCon file (fp16; rank and alpha per block: :func:`_rank_alpha`).
 
     LoCon: ``lora_down`` is the layer's own kernel (r, in, kh, kw), ``lora_up`` a 1x1 conv (out, r, 1, 1).
     Returns {kohya name: "component.module path"}.
@@ -83,7 +90,7 @@ def write_kohya_lora(models: dict, out: Path, *, seed: int = 7) -> dict[str, str
         component, path = target.split(".", 1)
         layer = models[component].get_submodule(path)
         conv = isinstance(layer, torch.nn.Conv2d)
-        rank, alpha = (2, 1.0) if conv and layer.kernel_size != (1, 1) else (4, 2.0)
+        rank, alpha = _rank_alpha(path, layer)
         weight = layer.weight
         down_shape = (rank, *weight.shape[1:]) if conv else (rank, weight.shape[1])
         up_shape = (weight.shape[0], rank, 1, 1) if conv else (weight.shape[0], rank)
