@@ -1,31 +1,66 @@
-"""``adapterfmt demo`` end to end (run once through the CLI), its printed numbers, and its files checked with
-the real consumers: PEFT merges the demo's PEFT-layout LoHa/IA³ directories bit for bit like our merge, PEFT runs
-the LoRA made from the LoHa like the LoHa, and diffusers (with PEFT) loads the demo's diffusers LoRA like the merged
-pipeline computes (and the kohya file as is computes something else, as the demo's check says)."""
+"""``adapterfmt demo`` end to end, run once with PEFT, MLX, LyCORIS and bitsandbytes hidden (the demo needs only
+core dependencies): its printed numbers, and its files checked with the real consumers: PEFT merges the demo's
+PEFT-layout LoHa/IA³ directories bit for bit like our merge, PEFT runs the LoRA made from the LoHa like the LoHa,
+and diffusers (with PEFT) loads the demo's diffusers LoRA like the merged pipeline computes (and the kohya file
+as is computes something else, as the demo's check says)."""
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from adapterfmt.cli import main
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 STEP = re.compile(r"^\s*(\d+)\. (.+?): (.+)$")
 
 
+#: Not core dependencies: the demo must run without them (.ci/run proves it in a fresh venv; this hides them here).
+OPTIONAL = ("peft", "mlx", "mlx_lm", "lycoris", "bitsandbytes")
+#: Every finder answers "not installed" for OPTIONAL (importlib.util.find_spec too, which diffusers and
+#: transformers use to decide what is available), then the CLI runs.
+HIDDEN_RUN = """
+import sys
+class Hidden:
+    def __init__(self, finder): self.finder = finder
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {optional!r}: return None
+        return self.finder.find_spec(name, path, target) if hasattr(self.finder, 'find_spec') else None
+    def __getattr__(self, attr): return getattr(self.finder, attr)
+sys.meta_path[:] = [Hidden(f) for f in sys.meta_path]
+from adapterfmt.cli import main
+main()
+"""
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """(output text, {step text: result}, demo directory)."""
+    """(output text, {step text: result}, demo directory) of ``adapterfmt demo`` run in a subprocess in which
+    the optional packages are not importable."""
     out_dir = tmp_path_factory.mktemp("demo") / "out"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out_dir)])
-    assert result.exit_code == 0, result.output
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, "-c", HIDDEN_RUN.format(optional=OPTIONAL), "demo", "--out", str(out_dir)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
     steps = {}
-    for line in result.output.splitlines():
+    for line in output.splitlines():
         if (match := STEP.match(line)):
             steps[match[2]] = match[3]
-    return result.output, steps, out_dir
+    return output, steps, out_dir
+
+
+def test_the_optional_packages_are_hidden_in_the_demo_run():
+    code = HIDDEN_RUN.format(optional=OPTIONAL).replace("from adapterfmt.cli import main\nmain()\n", "")
+    probe = code + "import importlib.util\nprint([importlib.util.find_spec(m) is None for m in {!r}])".format(OPTIONAL)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == str([True] * len(OPTIONAL)), out.stderr
+    failed = subprocess.run([sys.executable, "-c", code + "import peft"], capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and "No module named 'peft'" in failed.stderr
 
 
 def _result(steps, prefix):
