@@ -38,7 +38,7 @@ def run_demo(out_dir: Path | str | None = None, *, overwrite: bool = False) -> I
     step = Steps()
     yield f"demo directory: {work}"
     with _quiet_libraries():
-        yield "LLM: a tiny Llama, PEFT-layout adapters of five methods, NOLA"
+        yield "LLM: a tiny Llama; PEFT-layout LoRA, rsLoRA, DoRA, LoHa, IA³ files; a NOLA adapter"
         yield from llm_steps(work / "llm", step)
         yield "diffusion: a tiny SD 1.x pipeline, an sd-scripts kohya LoRA/LoCon file"
         yield from diffusion_steps(work / "diffusion", step)

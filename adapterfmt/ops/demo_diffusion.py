@@ -102,7 +102,7 @@ def _weight_key(state: dict, path: str) -> str:
 
 def _run_merged_unet(merged: Path, models: dict, step: Steps) -> Iterator[str]:
     from diffusers import UNet2DConditionModel
-    unet = UNet2DConditionModel.from_pretrained(str(merged / "unet")).eval()
+    unet = UNet2DConditionModel.from_pretrained(str(merged / "unet"), low_cpu_mem_usage=False).eval()
     gen = torch.Generator().manual_seed(0)
     x, context = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 16, generator=gen)
     with torch.no_grad():
