@@ -405,9 +405,13 @@ def unmerge(merged, adapters, out, base, device, shard_size, force, overwrite, a
               help="Keep the demo's files here (default: a temporary directory).")
 @click.option("--overwrite", is_flag=True, help="Replace the demo's files in a non-empty --out directory.")
 def demo(out_dir, overwrite):
-    """Run the whole job on a tiny random model: make adapters, convert, merge, validate.
+    """Run the whole job on tiny random models: make adapters, convert, merge, validate.
 
-    Needs no network: the model is built from a config on the spot.
+    An LLM half (a tiny Llama; PEFT LoRA/rsLoRA/DoRA, LoHa, IA³ files and NOLA; GGUF/MLX/PEFT exports;
+    LoHa -> LoRA exactly, IA³ -> LoRA at --rank 2 and 16 with the measured error) and a diffusion half (a
+    tiny SD 1.x pipeline; a kohya LoRA/LoCon file; diffusers/kohya exports; merges into the pipeline and
+    into a single-file checkpoint). Each step prints one line with what it measured. Needs no network
+    and no optional dependency: the models are built from configs on the spot.
 
     \b
     Example:

@@ -127,7 +127,7 @@ def peft_scales(facts: DiffusionKeys) -> dict[str, float]:
     """
     import math
 
-    from peft.utils.other import get_pattern_key
+    from ..formats.peft.config import pattern_key  # PEFT's get_pattern_key, ours (PEFT is not a core dependency)
     try:
         config = json.loads(facts.metadata.get("lora_adapter_metadata") or "{}")
     except ValueError:
@@ -142,8 +142,8 @@ def peft_scales(facts: DiffusionKeys) -> dict[str, float]:
         if alpha is None:
             continue
         patterns = config.get(f"{component}.alpha_pattern") or {}
-        if patterns:
-            alpha = patterns.get(get_pattern_key(list(patterns), inner), alpha)
+        key = pattern_key(patterns, inner)
+        alpha = patterns[key] if key is not None else alpha
         root = math.sqrt(rank) if config.get(f"{component}.use_rslora") else rank
         out[module] = float(alpha) / root
     return out
