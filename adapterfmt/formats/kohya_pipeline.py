@@ -58,11 +58,15 @@ def read_pipeline_file(grouped: dict[str, dict[str, torch.Tensor]], metadata: di
     parts: dict[str, tuple[Manifest, dict]] = {}
     source = {"format": "kohya", SOURCE_NAMES: {}, SOURCE_ALPHA: {}, SOURCE_NO_ALPHA: [], SOURCE_LAYOUT: {},
               "metadata": {k: v for k, v in metadata.items() if k.startswith(KEPT_METADATA)}}
+    seen: dict[tuple[str, str], str] = {}
     for name, (component, inner) in placed.items():
         manifest, tensors = parts.setdefault(component, (Manifest(), {}))
-        if inner in manifest.modules:
-            raise ForeignFormatError(f"{name!r} and {source[SOURCE_NAMES][component + '.' + inner]!r} are the same "
-                                     f"module {component}.{inner}", path=path, hint="the file is ambiguous")
+        # Without a base both CLIP spellings (lora_te_text_model_… and lora_te_encoder_…) stay as written,
+        # yet they are one module of every CLIP text encoder: compare them without 'text_model.'.
+        same = seen.setdefault((component, inner.removeprefix("text_model.")), name)
+        if same != name:
+            raise ForeignFormatError(f"{name!r} and {same!r} are the same module {component}.{inner}", path=path,
+                                     hint="the file is ambiguous")
         _add_module(manifest, tensors, name, dict(grouped[name]), _base_shape(base, component, inner), inner, path,
                     source)
         source[SOURCE_NAMES][f"{component}.{inner}"] = name
