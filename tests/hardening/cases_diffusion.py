@@ -178,6 +178,30 @@ def diffusers_unknown_component(env: Env):
     return ["convert", dif, env.tmp / "out.safetensors", "--base", cache() / "sd15"]
 
 
+CQ = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+
+
+def comfyui_edit(edit):
+    def build(env: Env):
+        from tests.diffusion.comfyui_files import comfyui_lora
+        path = env.tmp / "c.safetensors"
+        comfyui_lora(_sd15_models(), path)
+        tensors = load_file(str(path))
+        edit(tensors)
+        save_file(tensors, str(path), metadata={"software": "ComfyUI"})
+        return ["convert", path, env.tmp / "out.safetensors", "--base", cache() / "sd15"]
+    return build
+
+
+def comfyui_twin(t):
+    for leaf in ("lora_down.weight", "lora_up.weight", "alpha"):
+        t[f"{CQ.replace('blocks.0', 'blocks_0')}.{leaf}"] = t[f"{CQ}.{leaf}"].clone()
+
+
+def comfyui_rank(t):
+    t[f"{CQ}.lora_up.weight"] = r((8, 5)).half()
+
+
 def comfyui_unknown_key(env: Env):
     from tests.diffusion.comfyui_files import comfyui_lora
     path = env.tmp / "c.safetensors"
@@ -283,8 +307,15 @@ CASES = [
     Case("diffusers file with an unknown component", diffusers_unknown_component, 1,
          r"sd15: the base pipeline has no component 'text_encoder_3' \(it has text_encoder, unet\)"),
     Case("ComfyUI key matching no module", comfyui_unknown_key, 1,
-         r"c\.safetensors: 1 kohya name\(s\) match no module of the base \(first: lora_unet_input_blocks_1_1_"
-         r"transformer_blocks_0_attn1_to_qq\)"),
+         r"c\.safetensors: 1 name\(s\) match no module of the base \(first: diffusion_model\.input_blocks\.1\.1\."
+         r"transformer_blocks\.0\.attn1\.to_qq\)"),
+    Case("ComfyUI names equal once dots become underscores", comfyui_edit(comfyui_twin), 1,
+         r"c\.safetensors: 'diffusion_model\.input_blocks\.1\.1\.transformer_blocks\.0\.attn1\.to_q' and "
+         r"'diffusion_model\.input_blocks\.1\.1\.transformer_blocks_0\.attn1\.to_q' are the same module once dots "
+         "become underscores; the file is ambiguous"),
+    Case("ComfyUI rank mismatch names the file's key", comfyui_edit(comfyui_rank), 1,
+         r"c\.safetensors: 'diffusion_model\.input_blocks\.1\.1\.transformer_blocks\.0\.attn1\.to_q' \(LoRA / LoCon, "
+         r"linear\): .*lora_B has shape \[8, 5\], expected \[8, 4\]"),
     Case("single-file merge: SDXL LoRA into an SD 1.5 file", merge_case("sdxl", "sdxl", "sd15-single.safetensors"), 1,
          r"sd15-single\.safetensors: the base pipeline has no component 'text_encoder_2' \(it has text_encoder, "
          r"unet\); the adapter was made for another kind of pipeline"),
