@@ -142,7 +142,7 @@ def _pair(name: str, roles: dict[str, torch.Tensor], path: Path, source: dict, r
         raise ForeignFormatError(f"{name!r} lacks its down (A) or up (B) matrix", path=path,
                                  hint="the file is incomplete")
     a, b = roles["lora_A"], roles["lora_B"]
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.numel() == 0 or b.numel() == 0:
         raise ForeignFormatError(f"{name!r}: down {list(a.shape)} / up {list(b.shape)} are not a Linear low-rank pair",
                                  path=path, hint="only Linear LoRA is supported for Flux")
     if "alpha" not in roles:  # kohya, ComfyUI, BFL: no alpha means scale 1

@@ -260,6 +260,18 @@ CASES = [
         **lora_leaves(r((2, 8, 1, 1)), r((8, 2, 1, 1))), "lora_mid.weight": r((2, 2, 1, 1)).half()}})), 1,
          rf"{K}: '{PROJ_IN}' \(LyCORIS LoCon \(Tucker\), conv2d\): .*Tucker cores need a conv2d layer with a kernel "
          r"larger than 1x1"),
+    Case("LoCon lora_mid on a Linear layer", kohya_edit(put(**{Q: {
+        **lora_leaves(r((2, 8)), r((8, 2))), "lora_mid.weight": r((2, 2)).half()}})), 1,
+         rf"{K}: '{Q}': lora_down\.weight \[2, 8\], lora_mid\.weight \[2, 2\], lora_up\.weight \[8, 2\] are neither a "
+         r"Linear \(all 2-D\) nor a Conv2d"),
+    Case("LoKr half that is 1-D (no --base)", kohya_edit(put(**{Q: {
+        **no_lora(), "lokr_w1": r((2,)).half(), "lokr_w2": r((4, 4)).half()}}), base=None), 1,
+         rf"{K}: '{Q}': lokr_w1 float16 \[2\] is neither 2-D \(Linear\) nor 4-D \(Conv2d\); the file is damaged"),
+    Case("diffusion LoRA of rank 0", kohya_edit(put(**{Q: lora_leaves(r((0, 8)), r((8, 0)))})), 1,
+         rf"{K}: '{Q}': lora_down\.weight float16 \[0, 8\] has an empty dimension \(rank 0\?\)"),
+    Case("diffusion LoRA with integer factors", kohya_edit(put(**{Q: {
+        "lora_down.weight": torch.ones(4, 8, dtype=torch.int32), "lora_up.weight": torch.ones(8, 4, dtype=torch.int32)}})),
+         1, rf"{K}: '{Q}': lora_down\.weight int32 \[4, 8\] is not floating point"),
     Case("diffusion LoRA rank mismatch down/up", kohya_edit(put(**{Q: lora_leaves(r((4, 8)), r((8, 5)))})), 1,
          rf"{K}: '{Q}' \(LoRA / LoCon, linear\): .*lora_B has shape \[8, 5\], expected \[8, 4\]"),
     Case("diffusion LoRA wider than the base weight", kohya_edit(put(**{Q: lora_leaves(r((4, 11)), r((8, 4)))})), 1,
@@ -299,6 +311,9 @@ CASES = [
          rf"f\.safetensors: '{FQKV}': lora_up has 47 rows, which do not split into .*to_q, .*to_k, .*to_v"),
     Case("Flux file with one part missing", flux_edit(lambda t: t.pop(f"{FQKV}.lora_up.weight")), 1,
          rf"f\.safetensors: '{FQKV}' lacks its down \(A\) or up \(B\) matrix; the file is incomplete"),
+    Case("Flux LoRA of rank 0", flux_edit(lambda t: t.update({
+        f"{FQKV}.lora_down.weight": torch.zeros(0, 16).bfloat16(), f"{FQKV}.lora_up.weight": torch.zeros(48, 0).bfloat16()})),
+         1, rf"f\.safetensors: '{FQKV}': down \[0, 16\] / up \[48, 0\] are not a Linear low-rank pair"),
     Case("Flux alpha 0", flux_edit(lambda t: t.__setitem__(f"{FQKV}.alpha", torch.tensor(0.0).bfloat16())), 1,
          rf"f\.safetensors: '{FQKV}': alpha is 0, which sd-scripts reads as alpha = rank"),
     Case("Flux block the base does not have", flux_edit(flux_other_block), 1,
