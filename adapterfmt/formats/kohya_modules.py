@@ -76,7 +76,7 @@ def read_module(name: str, parts: dict[str, torch.Tensor], alpha: float | None, 
         'full'
     """
     parts = dict(parts)
-    _check_leaves(name, parts, path)
+    check_leaves(name, parts, path)
     if "diff" in parts or "diff_b" in parts:
         return (*_full(name, parts, base_shape, path), {})
     dora_scale = parts.pop("dora_scale", None)
@@ -98,8 +98,12 @@ def read_module(name: str, parts: dict[str, torch.Tensor], alpha: float | None, 
 ANY_RANK_LEAVES = ("diff_b", "dora_scale")
 
 
-def _check_leaves(name: str, parts: dict[str, torch.Tensor], path: Path) -> None:
-    """Every leaf a non-empty floating-point tensor, every factor 2-D or 4-D, before any family reads it."""
+def check_leaves(name: str, parts: dict[str, torch.Tensor], path: Path) -> None:
+    """Every leaf a non-empty floating-point tensor, every factor 2-D or 4-D, before any family reads it.
+
+    Example:
+        >>> check_leaves("m", {"lora_down.weight": torch.zeros(2, 4), "lora_up.weight": torch.zeros(4, 2)}, Path("f"))
+    """
     for leaf, tensor in sorted(parts.items()):
         problem = ("is not floating point" if not tensor.is_floating_point() else
                    "has an empty dimension (rank 0?)" if tensor.numel() == 0 else
