@@ -202,6 +202,27 @@ def comfyui_rank(t):
     t[f"{CQ}.lora_up.weight"] = r((8, 5)).half()
 
 
+def diffusers_metadata(edit):
+    """The SD 1.5 LoRA written by our diffusers writer, its ``lora_adapter_metadata`` edited."""
+    def build(env: Env):
+        import adapterfmt
+        from safetensors import safe_open
+        src = env.tmp / "src.safetensors"
+        shutil.copy(cache() / "sd15.safetensors", src)
+        mid, dif = env.tmp / "mid.safetensors", env.tmp / "d.safetensors"
+        adapterfmt.convert(src, mid, base=cache() / "sd15")
+        adapterfmt.convert(mid, dif, to="diffusers")
+        with safe_open(str(dif), framework="pt") as handle:
+            metadata = dict(handle.metadata())
+        flat = json.loads(metadata["lora_adapter_metadata"])
+        edit(flat)
+        metadata["lora_adapter_metadata"] = json.dumps(flat).replace('"NAN"', "NaN")
+        save_file(load_file(str(dif)), str(dif), metadata=metadata)
+        src.unlink(), mid.unlink()
+        return ["convert", dif, env.tmp / "out.safetensors", "--base", cache() / "sd15"]
+    return build
+
+
 def comfyui_unknown_key(env: Env):
     from tests.diffusion.comfyui_files import comfyui_lora
     path = env.tmp / "c.safetensors"
@@ -321,6 +342,14 @@ CASES = [
          r"\[16, 16\] here, the base has no transformer_blocks\.7\.attn\.to_out\.0"),
     Case("diffusers file with an unknown component", diffusers_unknown_component, 1,
          r"sd15: the base pipeline has no component 'text_encoder_3' \(it has text_encoder, unet\)"),
+    Case("diffusers lora_alpha NaN", diffusers_metadata(lambda m: m.update({"unet.lora_alpha": "NAN"})), 1,
+         r"d\.safetensors: .*: lora_alpha nan in lora_adapter_metadata is not a finite number; the file is damaged"),
+    Case("diffusers lora_alpha a string", diffusers_metadata(lambda m: m.update({"unet.lora_alpha": "abc"})), 1,
+         r"d\.safetensors: .*: lora_alpha 'abc' in lora_adapter_metadata is not a finite number"),
+    Case("diffusers rank_pattern a list", diffusers_metadata(lambda m: m.update({"unet.rank_pattern": [1]})), 1,
+         r"d\.safetensors: lora_adapter_metadata field unet\.rank_pattern is list, not an object"),
+    Case("diffusers alpha_pattern bad regex", diffusers_metadata(lambda m: m.update({"unet.alpha_pattern": {"q(": 2}})),
+         1, r"d\.safetensors: lora_adapter_metadata field unet\.alpha_pattern: 'q\(' is not a regular expression"),
     Case("ComfyUI key matching no module", comfyui_unknown_key, 1,
          r"c\.safetensors: 1 name\(s\) match no module of the base \(first: diffusion_model\.input_blocks\.1\.1\."
          r"transformer_blocks\.0\.attn1\.to_qq\)"),
