@@ -126,7 +126,10 @@ def component_view(adapter: Adapter, base: BaseCheckpoint, path: str | None = No
     if len(chosen) != 1:
         raise BaseMismatchError(f"cannot tell which of the adapter's components ({', '.join(views)}) this base "
                                 f"({base.architecture or 'unknown architecture'}) is", path=path,
-                                hint="merge into a component directory the adapter has modules for")
+                                hint="merge into a component directory the adapter has modules for" if any(
+                                    v.manifest.base.architecture for v in views.values()) else
+                                "the adapter records no base (converted without --base); convert it again with "
+                                "--base pointing at the pipeline, then merge")
     # bias roles (full's diff_b) merge as bias deltas, the engine's one way of changing a bias
     return bias_roles_as_payloads(views[chosen[0]])
 

@@ -21,6 +21,7 @@ from ..format.tensorio import mapped_tensor, read_spans
 from ..methods import get_method
 from ..methods.descriptor import Method
 from .devices import exact_math, resolve_device
+from .finite import SINGLE_FILE_HINT, check_result
 from .merge import MathContext, adapter_paths, check_weights, delta_sum, load_adapters
 from .single_file_plan import SliceJob, slice_jobs, stored_paths
 from .stream import StreamStats, peak_rss_bytes
@@ -99,7 +100,9 @@ def _stream(pipeline: SingleFilePipeline, jobs: dict[str, list[SliceJob]], out: 
                     with mapped_tensor(span) as stored:
                         full = ctx.on_device(stored).float()  # a fresh fp32 copy: the one working tensor
                         result = apply(full, jobs[span.name], ctx)
-                        writer.write_tensor(span.name, result.to(stored.dtype).cpu())
+                        rounded = check_result(span.name, stored, result.to(stored.dtype).cpu(), pipeline.path,
+                                               SINGLE_FILE_HINT)
+                        writer.write_tensor(span.name, rounded)
                     stats.tensors_changed += 1
                 stats.bytes_read += span.nbytes
                 stats.tensors_total += 1

@@ -66,8 +66,16 @@ def slice_jobs(adapters: list[tuple[Adapter, float]], pipeline: SingleFilePipeli
     for (adapter, weight), path in zip(adapters, paths):
         for component, view in component_views(adapter, pipeline, path).items():
             checkpoint = pipeline.component(component)
+            mine: dict[tuple, str] = {}
             for target, entry in view.manifest.modules.items():
                 source = _placed(checkpoint, component, target, entry, path)
+                # Two modules of one adapter on one weight ('text_model.encoder…' and 'encoder…' both resolve
+                # in a single file) would both be added: the adapter is ambiguous, not a sum.
+                other = mine.setdefault(_rows_key(source), target)
+                if other != target:
+                    raise UsageError(f"modules {component}.{other} and {component}.{target} both target "
+                                     f"{component}.{entry.base_weight}", path=path,
+                                     hint="the adapter is ambiguous (one weight, two modules); nothing was written")
                 job = by_weight.setdefault(_rows_key(source), SliceJob(f"{component}.{entry.base_weight}", source))
                 job.updates.append(Update(view, weight, target))
             if not force:

@@ -20,6 +20,7 @@ from ..atomic import atomic_directory
 from ..format.dtypes import config_dtype_name
 from .plan import Plan, StreamingCheckpoint, TensorJob, index_json
 from ..format.tensorio import mapped_tensor
+from .finite import check_result, checked_blocks
 from .writer import StreamingWriter
 
 # Never copied next to the merged weights: other weight files and pickles.
@@ -145,10 +146,11 @@ def execute(plan: Plan, base: StreamingCheckpoint, out_dir: Path, compute: Compu
                         opener = getattr(job.span, "open", None)
                         with (opener() if opener else mapped_tensor(job.span)) as stored:
                             result = compute(job, stored)
+                            # W + ΔW beyond the output dtype's range would be written as inf: refuse.
                             if isinstance(result, torch.Tensor):
-                                writer.write_tensor(job.out.name, result)
+                                writer.write_tensor(job.out.name, check_result(job.out.name, stored, result))
                             else:
-                                writer.write_blocks(job.out.name, result)
+                                writer.write_blocks(job.out.name, checked_blocks(job.out.name, stored, result))
                     stats.bytes_read += job.span.nbytes
                     stats.tensors_changed += job.changed
                     stats.tensors_total += 1

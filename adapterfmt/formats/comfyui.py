@@ -12,6 +12,7 @@ alpha layout, header).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -47,6 +48,17 @@ def kohya_spelling(name: str) -> str | None:
         if name.startswith(prefix):
             return kohya + name[len(prefix):].replace(".", "_")
     return None
+
+
+def _file_spelling(message: str, file_names: dict[str, str]) -> str:
+    """``message`` with every kohya spelling replaced by the ComfyUI name the file has.
+
+    Example:
+        >>> _file_spelling("'lora_unet_a_b' is bad", {"lora_unet_a_b": "diffusion_model.a.b"})
+        "'diffusion_model.a.b' is bad"
+    """
+    pattern = re.compile(r"(?<![A-Za-z0-9_])(lora_(?:unet|te1|te2)_[A-Za-z0-9_]+)")
+    return pattern.sub(lambda m: file_names.get(m.group(1), m.group(1)), message).replace("kohya name(s)", "name(s)")
 
 
 def _is_ldm_name(name: str) -> bool:
@@ -86,9 +98,18 @@ class ComfyUiFormat(AdapterFormat):
             raise UsageError("ComfyUI names are on the original LDM blocks; mapping them needs the UNet's config",
                              path=path, hint="pass --base (the diffusers pipeline or the single-file checkpoint)")
         # kohya_pipeline reads kohya leaves (``lora_down.weight``…): both ComfyUI spellings become those.
-        kohya = {kohya_spelling(name): {KOHYA_ROLES.get(role, role): t for role, t in roles.items()}
-                 for name, roles in grouped.items()}
-        adapter = read_pipeline_file(kohya, metadata, options.base, path, report)
+        kohya, file_names = {}, {}
+        for name, roles in grouped.items():
+            spelled = kohya_spelling(name)
+            if spelled in file_names:  # dots -> underscores can merge two names; one would be dropped
+                raise ForeignFormatError(f"{file_names[spelled]!r} and {name!r} are the same module once dots "
+                                         "become underscores", path=path, hint="the file is ambiguous; nothing was read")
+            file_names[spelled] = name
+            kohya[spelled] = {KOHYA_ROLES.get(role, role): t for role, t in roles.items()}
+        try:
+            adapter = read_pipeline_file(kohya, metadata, options.base, path, report)
+        except ForeignFormatError as exc:  # name the modules as the file spells them
+            raise ForeignFormatError(_file_spelling(exc.message, file_names), path=path, hint=exc.hint) from None
         adapter.manifest.source.update({"format": "comfyui", "metadata": kept_metadata(metadata),
                                         SOURCE_NAMES: {kohya_spelling(name): name for name in grouped},
                                         SOURCE_ROLES: [suffixes.get("lora_A"), suffixes.get("lora_B")]})

@@ -12,6 +12,7 @@ B (out, r, 1, 1)); DoRA, LoHa, LoKr and full modules are refused by name (diffus
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -171,8 +172,28 @@ def _metadata(metadata: dict[str, str], path: Path) -> dict[str, dict]:
     config: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")
+        if field in PATTERN_FIELDS:
+            _check_patterns(key, value, path)
         config.setdefault(component, {})[field] = value
     return config
+
+
+PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")
+
+
+def _check_patterns(key: str, value, path: Path) -> None:
+    """A pattern field is a JSON object of regular expressions (PEFT matches them against module paths)."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ForeignFormatError(f"{METADATA_KEY} field {key} is {type(value).__name__}, not an object", path=path,
+                                 hint="the file is damaged")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ForeignFormatError(f"{METADATA_KEY} field {key}: {pattern!r} is not a regular expression ({exc})",
+                                     path=path, hint="the file is damaged") from None
 
 
 def _alpha(config: dict | None, module: str, rank: int, path: Path) -> float:
@@ -186,7 +207,11 @@ def _alpha(config: dict | None, module: str, rank: int, path: Path) -> float:
     if want != rank:
         raise ForeignFormatError(f"{module}: lora_A has rank {rank}, the metadata says {want}", path=path,
                                  hint="the file contradicts itself; diffusers would refuse it too")
-    return float(pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ForeignFormatError(f"{module}: lora_alpha {alpha!r} in lora_adapter_metadata is not a finite number",
+                                 path=path, hint="the file is damaged")
+    return float(alpha)
 
 
 def _exact_alpha(entry, tensors, key: str, report) -> tuple[int, float]:

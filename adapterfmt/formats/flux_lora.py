@@ -131,8 +131,9 @@ def _placed_rows(name: str, target: Target, rows: int, in_features: int, base, p
         module = resolve_in_base("transformer", part.module, base)
         shape = _base_shape(base, part.module)
         if module is None or (shape is not None and shape != [len(index), in_features]):
+            has = f"has {shape}" if module is not None else f"has no {part.module}"
             raise BaseMismatchError(f"{name!r}: part {part.module} is {[len(index), in_features]} here, the base "
-                                    f"has {shape}", path=path,
+                                    f"{has}", path=path,
                                     hint="check --base (the Flux model the LoRA was made for)")
         whole = len(target.parts) == 1 and torch.equal(index, torch.arange(rows))
         out.append((module, None if whole else index))
@@ -153,7 +154,7 @@ def _pair(name: str, roles: dict[str, torch.Tensor], path: Path, source: dict, r
         raise ForeignFormatError(f"{name!r} lacks its down (A) or up (B) matrix", path=path,
                                  hint="the file is incomplete")
     a, b = roles["lora_A"], roles["lora_B"]
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.numel() == 0 or b.numel() == 0:
         raise ForeignFormatError(f"{name!r}: down {list(a.shape)} / up {list(b.shape)} are not a Linear low-rank pair",
                                  path=path, hint="only Linear LoRA is supported for Flux")
     if "alpha" not in roles:  # kohya, ComfyUI, BFL: no alpha means scale 1
@@ -165,6 +166,11 @@ def _pair(name: str, roles: dict[str, torch.Tensor], path: Path, source: dict, r
     if not math.isfinite(value):
         raise ForeignFormatError(f"{name!r}: alpha {list(alpha.shape)} is not one finite number", path=path,
                                  hint="the file is damaged")
+    if value == 0:
+        raise ForeignFormatError(f"{name!r}: alpha is 0, which sd-scripts reads as alpha = rank (scale 1) and "
+                                 "diffusers and ComfyUI as scale 0", path=path,
+                                 hint="the consumers disagree; set the module's alpha to the rank it was trained "
+                                      "with, or remove the module")
     if alpha.dtype != torch.float32 or alpha.dim() != 0:
         source[SOURCE_ALPHA][name] = [dtype_name(alpha.dtype), list(alpha.shape)]
     return a, b, value

@@ -104,7 +104,7 @@ class KohyaFormat(AdapterFormat):
             if "lora_A" not in parts or "lora_B" not in parts:
                 raise ForeignFormatError(f"{name!r} lacks lora_down or lora_up", path=path, hint="the file is incomplete")
             a, b = parts["lora_A"], parts["lora_B"]
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.numel() == 0 or b.numel() == 0:
                 raise ForeignFormatError(f"{name!r}: lora_down {list(a.shape)} / lora_up {list(b.shape)} are not a "
                                          "linear low-rank pair (conv LoRA is not supported)", path=path,
                                          hint="only Linear targets are supported")

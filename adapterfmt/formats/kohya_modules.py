@@ -76,6 +76,7 @@ def read_module(name: str, parts: dict[str, torch.Tensor], alpha: float | None, 
         'full'
     """
     parts = dict(parts)
+    check_leaves(name, parts, path)
     if "diff" in parts or "diff_b" in parts:
         return (*_full(name, parts, base_shape, path), {})
     dora_scale = parts.pop("dora_scale", None)
@@ -91,6 +92,26 @@ def read_module(name: str, parts: dict[str, torch.Tensor], alpha: float | None, 
     params = dict(params, magnitude_axis=axis, norm_eps=LYCORIS_DORA_EPS)
     roles["magnitude"] = dora_scale.reshape(-1)
     return "dora", params, roles, shape, layer, {"dora_scale": list(dora_scale.shape)}
+
+
+#: leaves that are not a Linear (2-D) or Conv2d (4-D) factor: a bias delta and the DoRA magnitude
+ANY_RANK_LEAVES = ("diff_b", "dora_scale")
+
+
+def check_leaves(name: str, parts: dict[str, torch.Tensor], path: Path) -> None:
+    """Every leaf a non-empty floating-point tensor, every factor 2-D or 4-D, before any family reads it.
+
+    Example:
+        >>> check_leaves("m", {"lora_down.weight": torch.zeros(2, 4), "lora_up.weight": torch.zeros(4, 2)}, Path("f"))
+    """
+    for leaf, tensor in sorted(parts.items()):
+        problem = ("is not floating point" if not tensor.is_floating_point() else
+                   "has an empty dimension (rank 0?)" if tensor.numel() == 0 else
+                   "is neither 2-D (Linear) nor 4-D (Conv2d)" if leaf not in ANY_RANK_LEAVES and
+                   tensor.dim() not in (2, 4) else None)
+        if problem:
+            raise ForeignFormatError(f"{name!r}: {leaf} {str(tensor.dtype).removeprefix('torch.')} "
+                                     f"{list(tensor.shape)} {problem}", path=path, hint="the file is damaged")
 
 
 def _dora_axis(name: str, scale: torch.Tensor, shape: list[int], path: Path) -> str:

@@ -58,11 +58,15 @@ def read_pipeline_file(grouped: dict[str, dict[str, torch.Tensor]], metadata: di
     parts: dict[str, tuple[Manifest, dict]] = {}
     source = {"format": "kohya", SOURCE_NAMES: {}, SOURCE_ALPHA: {}, SOURCE_NO_ALPHA: [], SOURCE_LAYOUT: {},
               "metadata": {k: v for k, v in metadata.items() if k.startswith(KEPT_METADATA)}}
+    seen: dict[tuple[str, str], str] = {}
     for name, (component, inner) in placed.items():
         manifest, tensors = parts.setdefault(component, (Manifest(), {}))
-        if inner in manifest.modules:
-            raise ForeignFormatError(f"{name!r} and {source[SOURCE_NAMES][component + '.' + inner]!r} are the same "
-                                     f"module {component}.{inner}", path=path, hint="the file is ambiguous")
+        # Without a base both CLIP spellings (lora_te_text_model_… and lora_te_encoder_…) stay as written,
+        # yet they are one module of every CLIP text encoder: compare them without 'text_model.'.
+        same = seen.setdefault((component, inner.removeprefix("text_model.")), name)
+        if same != name:
+            raise ForeignFormatError(f"{name!r} and {same!r} are the same module {component}.{inner}", path=path,
+                                     hint="the file is ambiguous")
         _add_module(manifest, tensors, name, dict(grouped[name]), _base_shape(base, component, inner), inner, path,
                     source)
         source[SOURCE_NAMES][f"{component}.{inner}"] = name
@@ -73,6 +77,10 @@ def read_pipeline_file(grouped: dict[str, dict[str, torch.Tensor]], metadata: di
     return join_components({c: Adapter(m, t) for c, (m, t) in sorted(parts.items())}, source)
 
 
+#: leaves whose module is scaled by alpha / rank (a LoKr of two full halves and a full diff ignore alpha)
+SCALED_LEAVES = ("lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b")
+
+
 def _base_shape(base, component: str, inner: str) -> list[int] | None:
     checkpoint = _component_checkpoint(base, component)
     return None if checkpoint is None else list(checkpoint.shape(f"{inner}.weight"))
@@ -81,6 +89,11 @@ def _base_shape(base, component: str, inner: str) -> list[int] | None:
 def _add_module(manifest, tensors, name, parts, base_shape, inner, path, source) -> None:
     """One module of any family, checked against its method's descriptor and the base's shape."""
     alpha = _alpha(name, parts.pop("alpha", None), path, source)
+    if alpha == 0 and any(leaf.endswith(SCALED_LEAVES) for leaf in parts):
+        raise ForeignFormatError(f"{name!r}: alpha is 0, which sd-scripts and LyCORIS read as alpha = rank (scale 1) "
+                                 "and diffusers, ComfyUI and A1111 as scale 0", path=path,
+                                 hint="the consumers disagree; set the module's alpha to the rank it was trained "
+                                      "with, or remove the module")
     if alpha is None and "diff" not in parts:  # kohya, A1111, ComfyUI, LyCORIS: no alpha means scale 1
         source[SOURCE_NO_ALPHA].append(name)
     method, params, roles, shape, layer, layout = read_module(name, parts, alpha, base_shape, path)

@@ -26,6 +26,7 @@ from ._files import load_safetensors, safetensors_keys
 from .base import AdapterFormat
 from .kohya import (NAMES_KEY, READ_PREFIXES, KohyaFormat, _alpha, _name_table, _pipeline_base, alpha_tensor,
                     group_leaves, kohya_name)
+from .kohya_modules import check_leaves
 from .lycoris_modules import LEAVES, LOHA, LOHA_CORES, LOKR, LOKR_CORES, PLAIN_CORE, module_state, read_module
 
 PREFIX = "lycoris"
@@ -77,6 +78,7 @@ class LycorisFormat(AdapterFormat):
                                          hint="pass the base model the adapter was trained on with --base")
             alpha = _alpha(name, parts.pop("alpha"), path) if "alpha" in parts else None
             base_shape = conv_shapes.get(name) or _base_shape(options.base, module)
+            check_leaves(name, parts, path)  # rank 0, 1-D halves, integer factors: refused by name
             method, params, roles, shape, layer = read_module(name, parts, alpha, base_shape, path)
             _check_conv_shape(name, shape, layer, base_shape, path)
             _add_entry(manifest, tensors, module, method, params, roles, shape, layer)

@@ -49,7 +49,7 @@ def read_module(name: str, parts: dict[str, torch.Tensor], alpha: float | None, 
     leaves = set(parts)
     conv = base_shape if base_shape is not None and len(base_shape) == 4 else None
     if leaves <= set(PLAIN + PLAIN_CORE) and set(PLAIN) <= leaves:
-        return _plain(parts, alpha)
+        return _plain(name, parts, alpha, path)
     if leaves <= set(LOHA + LOHA_CORES) and set(LOHA) <= leaves and _cores_complete(leaves, LOHA_CORES):
         return _loha(name, parts, alpha, conv, path)
     if leaves <= set(LOKR + LOKR_CORES) and _one_of(leaves, "w1") and _one_of(leaves, "w2") and \
@@ -69,9 +69,15 @@ def _one_of(leaves: set[str], half: str) -> bool:
     return full != pair and not (full and leaves & {f"lokr_{half}_a", f"lokr_{half}_b"})
 
 
-def _plain(parts, alpha):
+def _plain(name, parts, alpha, path):
     roles = {PLAIN_ROLES[k]: v for k, v in parts.items()}
     down, up = roles["lora_A"], roles["lora_B"]
+    # Linear: every leaf 2-D; Conv2d: every leaf 4-D (a Tucker lora_mid only there). Anything else has no layer.
+    dims = {t.dim() for t in roles.values()}
+    if dims not in ({2}, {4}) or ("lora_mid" in roles and dims != {4}):
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(parts.items()))
+        raise ForeignFormatError(f"{name!r}: {shapes} are neither a Linear (all 2-D) nor a Conv2d (all 4-D, "
+                                 "lora_mid only there) LoCon module", path=path, hint="the file is damaged")
     rank = down.shape[0]
     params = lora_params(rank, alpha or rank, False)
     if "lora_mid" in roles:

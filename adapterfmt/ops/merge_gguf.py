@@ -24,7 +24,7 @@ from ..atomic import atomic_file, check_output_path
 from ..engine.merge import MathContext, check_weights, delta_sum, load_adapters
 from ..engine.plan import Update
 from ..engine.stream import StreamStats, peak_rss_bytes
-from ..errors import BaseMismatchError, InputIOError, UsageError
+from ..errors import BaseMismatchError, InputIOError, TensorError, UsageError
 from ..formats.gguf_arch import ARCHITECTURES, default_hf_arch, row_layout, row_permutation
 from ..formats.gguf_lora import hf_to_gguf
 FLOAT_TYPES = ("F32", "F16")
@@ -263,6 +263,7 @@ def _write(reader, out: Path, targets, outputs, ctx, rows: list, overwrite: bool
             kind = outputs[tensor.name]
             merged, delta_norm = merged_tensor(reader, tensor, targets[tensor.name], ctx, hf_arch)
             encoded, decoded = _encode(merged, kind)
+            _refuse_overflow(tensor.name, merged, decoded, kind, out)
             error = float(np.linalg.norm((decoded - merged).ravel()))
             rows.append({"tensor": tensor.name, "type": kind, "requant_error_norm": error, "delta_norm": delta_norm,
                          "ratio": error / delta_norm if delta_norm else (math.inf if error else 0.0)})
@@ -270,6 +271,16 @@ def _write(reader, out: Path, targets, outputs, ctx, rows: list, overwrite: bool
         writer.close()
         _refuse_lost(rows, force)
         return tmp.stat().st_size
+
+
+def _refuse_overflow(name: str, merged: np.ndarray, decoded: np.ndarray, kind: str, out: Path) -> None:
+    """W + ΔW beyond the output type's range is written as inf, which llama.cpp loads silently: refuse
+    (as the safetensors merges do, engine/finite.py)."""
+    gained = int((~np.isfinite(decoded)).sum()) - int((~np.isfinite(merged)).sum())
+    if gained > 0:
+        raise TensorError(f"merged tensor {name!r} has {gained} inf/NaN value(s) once written as {kind} "
+                          "(|W + ΔW| beyond its range); nothing was written", path=out,
+                          hint="merge with --gguf-type F32, or with a smaller adapter weight (--adapter FILE:WEIGHT)")
 
 
 def _planned(tensor, kind: str) -> tuple:

@@ -80,6 +80,9 @@ def peft_to_adapter(config: dict[str, Any], state: dict[str, torch.Tensor], path
                                      "are not a low-rank pair (of Conv layers only Conv2d is supported)", path=path,
                                      hint="only Linear, Conv1D, Conv2d and Embedding LoRA are supported")
         rank = a.shape[0]
+        if rank == 0 or a.numel() == 0 or b.numel() == 0:  # scale = alpha / 0
+            raise ForeignFormatError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} have an "
+                                     "empty dimension (rank 0)", path=path, hint="the adapter is damaged")
         cfg_rank, alpha = resolve_rank_alpha(config, module)
         if cfg_rank != rank:
             raise ForeignFormatError(f"module {module!r} has rank {rank} but the config resolves to {cfg_rank}",
