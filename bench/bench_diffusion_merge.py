@@ -218,8 +218,9 @@ def _ulps(a, b):
 
 
 def compare(work: Path, kept: dict[str, Path], count: int) -> dict:
-    """Ours (dir) vs diffusers (ulp statistics), ours (single file, via diffusers' names) vs ours (dir)
-    (bit-identical expected), and ours vs the exact merge (float64) rounded once, on changed tensors."""
+    """Ours (dir) vs diffusers and both vs the exact merge (float64 W + Σ w·alpha/r·up@down, rounded once),
+    elementwise in ulps, on every changed tensor; ours (single file, read back under diffusers' names) vs
+    ours (dir), expected bit-identical; untouched tensors expected bit-identical to diffusers'."""
     import torch
     from safetensors import safe_open
     from tests.diffusion.ldm_files import ldm_unet_name
@@ -234,37 +235,36 @@ def compare(work: Path, kept: dict[str, Path], count: int) -> dict:
     by_weight = {f"{path}.weight": k for k, path in modules.items()}
     loras = [(safe_open(str(work / f"lora{i}.safetensors"), "pt"), WEIGHTS[i] if count > 1 else 1.0)
              for i in range(count)]
-    stats = {"tensors": 0, "changed": 0, "elements": 0, "equal_diffusers": 0, "within_1ulp_diffusers": 0,
-             "max_ulp_diffusers": 0.0, "single_vs_dir_differ": 0, "exact_checked": 0, "exact_equal": 0,
-             "max_ulp_exact": 0.0, "names_differ": len(set(ours.keys()) ^ set(theirs.keys()))}
+    stats = {"tensors": 0, "changed": 0, "untouched_differ": 0, "elements": 0, "ours_eq_exact": 0,
+             "ours_max_ulp_exact": 0.0, "theirs_eq_exact": 0, "theirs_max_ulp_exact": 0.0, "ours_eq_theirs": 0,
+             "ours_1ulp_theirs": 0, "ours_max_ulp_theirs": 0.0, "tolerance_ok": 0, "single_vs_dir_differ": 0,
+             "names_differ": len(set(ours.keys()) ^ set(theirs.keys()))}
     for name in ours.keys():
         a, b = ours.get_tensor(name), theirs.get_tensor(name)
         ldm = "model.diffusion_model." + ldm_unet_name(name, config["layers_per_block"], with_attention)
         stats["single_vs_dir_differ"] += not torch.equal(single.get_tensor(ldm), a)
         stats["tensors"] += 1
         if name not in by_weight:
-            stats["equal_diffusers"] += a.numel() * torch.equal(a, b)
-            stats["within_1ulp_diffusers"] += a.numel() * torch.equal(a, b)
-            stats["elements"] += a.numel()
+            stats["untouched_differ"] += not torch.equal(a, b)
             continue
+        k = by_weight[name]
+        exact = base.get_tensor(name).double()
+        for handle, weight in loras:
+            down = handle.get_tensor(f"{k}.lora_down.weight").double()
+            up = handle.get_tensor(f"{k}.lora_up.weight").double()
+            exact += (weight * float(handle.get_tensor(f"{k}.alpha")) / down.shape[0] * (up @ down)).reshape(exact.shape)
+        exact = exact.to(a.dtype)
+        ours_exact, theirs_exact, ours_theirs = _ulps(a, exact), _ulps(b, exact), _ulps(a, b)
         stats["changed"] += 1
-        u = _ulps(a, b)
         stats["elements"] += a.numel()
-        stats["equal_diffusers"] += int((u == 0).sum())
-        stats["within_1ulp_diffusers"] += int((u <= 1).sum())
-        stats["max_ulp_diffusers"] = max(stats["max_ulp_diffusers"], float(u.max()))
-        if stats["exact_checked"] < 24:  # float64 reference on a sample of changed tensors
-            k = by_weight[name]
-            exact = base.get_tensor(name).double()
-            for handle, weight in loras:
-                down, up = handle.get_tensor(f"{k}.lora_down.weight").double(), handle.get_tensor(f"{k}.lora_up.weight").double()
-                delta = weight * float(handle.get_tensor(f"{k}.alpha")) / down.shape[0] * (up @ down)
-                exact = exact + delta.reshape(exact.shape)
-            exact = exact.to(a.dtype)
-            ue = _ulps(a, exact)
-            stats["exact_checked"] += 1
-            stats["exact_equal"] += int(torch.equal(a, exact))
-            stats["max_ulp_exact"] = max(stats["max_ulp_exact"], float(ue.max()))
+        stats["ours_eq_exact"] += int((ours_exact == 0).sum())
+        stats["theirs_eq_exact"] += int((theirs_exact == 0).sum())
+        stats["ours_eq_theirs"] += int((ours_theirs == 0).sum())
+        stats["ours_1ulp_theirs"] += int((ours_theirs <= 1).sum())
+        stats["tolerance_ok"] += int(((ours_theirs <= 1) | (ours_exact <= 1)).sum())  # issue 14's tolerance
+        for key, u in (("ours_max_ulp_exact", ours_exact), ("theirs_max_ulp_exact", theirs_exact),
+                       ("ours_max_ulp_theirs", ours_theirs)):
+            stats[key] = max(stats[key], float(u.max()))
     return stats
 
 
@@ -300,13 +300,14 @@ def main() -> None:
         runs.update(pipelines(args.work, args.device, count))
     results = {name: [] for name in runs}
     kept = {}
-    timed(["cat", str(args.work / "unet" / UNET_FILE), str(args.work / "sdxl.safetensors")])  # warm cache for all
     names = list(runs)
     for rep in range(args.reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate: the disk throttles after bursts
             shutil.rmtree(result, ignore_errors=True)
             result_file.unlink(missing_ok=True)
             os.sync()
+            # Every pipeline reads a warm base: a big writer before it may have evicted it from the cache.
+            timed(["cat", str(args.work / "unet" / UNET_FILE), str(args.work / "sdxl.safetensors")])
             results[name].append(timed(runs[name], env))
             print(f"rep {rep + 1} {name:34s} {results[name][-1][0]:7.2f} s  "
                   f"peak RSS {results[name][-1][1] / 2**20:7.0f} MiB", flush=True)
@@ -341,11 +342,14 @@ def main() -> None:
             print(f"  {tag}, {kind:6s}: diffusers / adapterfmt time {ref_t / t:5.2f}x, RSS {ref_m / m:5.2f}x; "
                   f"adapterfmt / cp {t / med['cp + sync (floor)'][0]:5.2f}x")
         c = checks[count]
-        print(f"  {tag} outputs: {c['tensors']} tensors ({c['changed']} changed), names differ {c['names_differ']}; "
-              f"vs diffusers: {100 * c['equal_diffusers'] / c['elements']:.3f}% equal, "
-              f"{100 * c['within_1ulp_diffusers'] / c['elements']:.4f}% within 1 ulp, max {c['max_ulp_diffusers']:.0f} ulp; "
-              f"single file vs dir: {c['single_vs_dir_differ']} tensors differ; exact float64 rounded once: "
-              f"{c['exact_equal']}/{c['exact_checked']} tensors equal, max {c['max_ulp_exact']:.0f} ulp")
+        pct = lambda k: 100 * c[k] / c["elements"]  # noqa: E731
+        print(f"  {tag} outputs: {c['tensors']} tensors, {c['changed']} changed ({c['elements'] / 1e6:.0f} M elements), "
+              f"names differ {c['names_differ']}, untouched tensors differing from diffusers' {c['untouched_differ']}, "
+              f"single file vs dir {c['single_vs_dir_differ']} tensors differ")
+        print(f"    equal to exact rounded once: adapterfmt {pct('ours_eq_exact'):.4f}% (max {c['ours_max_ulp_exact']:.0f} ulp), "
+              f"diffusers {pct('theirs_eq_exact'):.4f}% (max {c['theirs_max_ulp_exact']:.0f} ulp)")
+        print(f"    adapterfmt vs diffusers: {pct('ours_eq_theirs'):.4f}% equal, {pct('ours_1ulp_theirs'):.4f}% within 1 ulp "
+              f"(max {c['ours_max_ulp_theirs']:.0f}); within 1 ulp of diffusers or of exact: {pct('tolerance_ok'):.4f}%")
 
 
 if __name__ == "__main__":
