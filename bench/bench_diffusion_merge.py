@@ -85,9 +85,12 @@ def unet_config(scale: float) -> dict:
 
 def write_safetensors(path: Path, specs: list[tuple[str, str, tuple]], tensors, metadata: dict) -> None:
     """Header first, then each tensor's bytes as ``tensors`` yields them (one in memory at a time)."""
+    import math
+
+    import torch
     header, offset = {"__metadata__": metadata}, 0
     for name, dtype, shape in specs:
-        nbytes = 2 * int(__import__("math").prod(shape))
+        nbytes = 2 * math.prod(shape)  # F16 / BF16
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header).encode()
@@ -95,11 +98,13 @@ def write_safetensors(path: Path, specs: list[tuple[str, str, tuple]], tensors, 
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for tensor in tensors:
-            f.write(tensor.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+            f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
 
 def build(work: Path, scale: float, dtype: str) -> None:
     """The UNet (diffusers directory + SGM single file), three kohya LoRAs and their conversions."""
+    import math
+
     import torch
     from diffusers import UNet2DConditionModel
     from tests.diffusion.kohya_files import sgm_path, unet_linear_targets
@@ -158,13 +163,13 @@ def build(work: Path, scale: float, dtype: str) -> None:
             "ss_network_module": "networks.lora", "ss_network_dim": str(RANK), "ss_network_alpha": str(ALPHA),
             "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
     (work / "lora_modules.json").write_text(json.dumps(modules))
-    params = sum(__import__("math").prod(s) for s in shapes.values())
+    params = sum(math.prod(s) for s in shapes.values())
     (work / "info.json").write_text(json.dumps({"params": params, "tensors": len(shapes), "lora_modules": len(modules),
                                                 "transformer_layers_per_block": config["transformer_layers_per_block"]}))
     stamp.touch()
 
 
-def convert(work: Path, me: list[str], env: dict) -> dict:
+def convert(work: Path, env: dict) -> dict:
     """Each kohya LoRA converted to adapterfmt against the single file and the directory (timed once)."""
     times = {}
     for seed in range(len(WEIGHTS)):
@@ -290,7 +295,7 @@ def main() -> None:
     start = time.perf_counter()
     subprocess.run(me + ["--child", "build"], check=True, env=env)
     print(f"built in {time.perf_counter() - start:.1f} s", flush=True)
-    conversions = convert(args.work, me, env)
+    conversions = convert(args.work, env)
     info = json.loads((args.work / "info.json").read_text())
     size = (args.work / "unet" / UNET_FILE).stat().st_size
     result, result_file = args.work / "result", args.work / "result.safetensors"
