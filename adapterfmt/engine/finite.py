@@ -56,12 +56,12 @@ def check_result(name: str, stored: torch.Tensor, result: torch.Tensor, path=Non
     return result
 
 
-def checked_blocks(name: str, stored: torch.Tensor, blocks: Iterable[torch.Tensor], path=None
-                   ) -> Iterator[torch.Tensor]:
+def checked_blocks(name: str, stored: torch.Tensor, blocks: Iterable[torch.Tensor], path=None,
+                   hint: str = HINT) -> Iterator[torch.Tensor]:
     """The row blocks of one result, refusing after the last one if together they gained inf/NaN."""
     bad, dtype = 0, stored.dtype
     for block in blocks:
         bad += nonfinite_count(block)
         dtype = block.dtype
         yield block
-    refuse_overflow(name, stored, bad, dtype, path)
+    refuse_overflow(name, stored, bad, dtype, path, hint)

@@ -5,9 +5,16 @@ A stored tensor no module touches is copied byte for byte; a touched one is upca
 adapted diffusers weight's rows get Σ wᵢ·ΔWᵢ (or the method's own merge), and the tensor is rounded
 once back to its dtype. One stored tensor is in memory at a time; the file is written to a temporary
 name, fsynced and renamed.
+
+A stored tensor that is exactly one adapted weight (every UNet and CLIP Linear/1x1-conv) goes through the
+directory merge's row-block path (engine/merge.py ``merge_tensor``): a few MiB of fp32 at a time, each
+block written while the next is computed. Only fused tensors (OpenCLIP's ``in_proj_weight``) are
+merged whole.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,12 +24,13 @@ import torch
 from ..atomic import atomic_file, check_output_path
 from ..checkpoint.single_file import SingleFilePipeline
 from ..errors import UsageError
-from ..format.tensorio import mapped_tensor, read_spans
+from ..format.tensorio import TensorSpan, mapped_tensor, read_spans
 from ..methods import get_method
 from ..methods.descriptor import Method
 from .devices import exact_math, resolve_device
-from .finite import SINGLE_FILE_HINT, check_result
-from .merge import MathContext, adapter_paths, check_weights, delta_sum, load_adapters
+from .finite import SINGLE_FILE_HINT, check_result, checked_blocks
+from .merge import MathContext, adapter_paths, check_weights, delta_sum, load_adapters, merge_tensor
+from .plan import TensorJob
 from .single_file_plan import SliceJob, slice_jobs, stored_paths
 from .stream import StreamStats, peak_rss_bytes
 from .writer import OutTensor, StreamingWriter
@@ -86,6 +94,21 @@ def apply_unmerge(full: torch.Tensor, jobs: list[SliceJob], ctx: MathContext) ->
     return full
 
 
+def whole_weight_job(span: TensorSpan, jobs: list[SliceJob]) -> TensorJob | None:
+    """The directory engine's job for a stored tensor that is one whole adapted weight, viewed in the
+    weight's own shape (a 1x1 conv as (out, in)); None when the tensor holds several weights or part of one.
+
+    Example:
+        >>> whole_weight_job(span, jobs).span.shape  # doctest: +SKIP
+        (1280, 1280)
+    """
+    if len(jobs) != 1 or not jobs[0].source.whole or math.prod(jobs[0].source.shape) != math.prod(span.shape):
+        return None
+    shape = tuple(jobs[0].source.shape)
+    return TensorJob(dataclasses.replace(span, shape=shape), OutTensor(span.name, span.dtype, shape),
+                     list(jobs[0].updates))
+
+
 def _stream(pipeline: SingleFilePipeline, jobs: dict[str, list[SliceJob]], out: Path, apply: Apply,
             ctx: MathContext, stats: StreamStats, overwrite: bool) -> None:
     spans, metadata = read_spans(pipeline.path)
@@ -94,8 +117,15 @@ def _stream(pipeline: SingleFilePipeline, jobs: dict[str, list[SliceJob]], out: 
     with atomic_file(out, overwrite=overwrite) as tmp:
         with StreamingWriter(tmp, planned, metadata) as writer:
             for span in order:
+                job = whole_weight_job(span, jobs[span.name]) if apply is apply_merge and span.name in jobs else None
                 if span.name not in jobs:
                     writer.copy_span(span.name, span)
+                elif job is not None:
+                    with mapped_tensor(span) as stored:
+                        blocks = merge_tensor(job, stored.reshape(job.span.shape), ctx)
+                        writer.write_blocks(span.name, checked_blocks(span.name, stored, blocks, pipeline.path,
+                                                                      SINGLE_FILE_HINT))
+                    stats.tensors_changed += 1
                 else:
                     with mapped_tensor(span) as stored:
                         full = ctx.on_device(stored).float()  # a fresh fp32 copy: the one working tensor
