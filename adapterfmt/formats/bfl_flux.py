@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from ..atomic import atomic_file
 from ..errors import UsageError
 from ..format import Adapter
-from ._files import load_safetensors, safetensors_keys
+from ._files import load_safetensors
 from .base import AdapterFormat
-from .flux_keys import COMFY_TE, split_key
+from .flux_keys import COMFY_TE, module_names
 from .flux_names import COMFY_UNET, flux_table
 from .flux_lora import flux_state, read_flux_state, refuse_single_model
 
@@ -34,10 +34,7 @@ class BflFluxFormat(AdapterFormat):
     writes_methods = ("lora",)
 
     def detect(self, path: Path) -> bool:
-        found = safetensors_keys(path) if path.is_file() else None
-        if not found or not found[0]:
-            return False
-        names = {split[0] for key in found[0] if (split := split_key(key))}
+        names = module_names(path)
         # One Flux transformer name in BFL spelling claims the file; the reader refuses the rest by name.
         return any(_dotted_flux_name(n) and not n.startswith(COMFY_TE) for n in names)
 

@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from ..atomic import atomic_file
 from ..errors import ForeignFormatError, UsageError
 from ..format import Adapter
-from ._files import load_safetensors, safetensors_keys
+from ._files import load_safetensors
 from .base import AdapterFormat
-from .flux_keys import split_key
+from .flux_keys import module_names, split_key
 from .flux_lora import group_keys, kept_metadata, refuse_single_model
 from .flux_names import COMFY_UNET, flux_table
 from .kohya_pipeline import pipeline_kohya_state, read_pipeline_file
@@ -75,10 +75,7 @@ class ComfyUiFormat(AdapterFormat):
     writes_methods = ("lora",)
 
     def detect(self, path: Path) -> bool:
-        found = safetensors_keys(path) if path.is_file() else None
-        if not found or not found[0]:
-            return False
-        names = {split[0] for key in found[0] if (split := split_key(key))}
+        names = module_names(path)
         # One UNet name on LDM blocks claims the file (Flux names belong to bfl); the reader refuses the rest.
         if not any(_is_ldm_name(n) and n.startswith(COMFY_UNET) for n in names):
             return False

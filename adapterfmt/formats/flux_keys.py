@@ -12,11 +12,11 @@ text-encoder names by the same conversion plus the PEFT key conversion ``load_lo
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-
+from ._files import safetensors_keys
+from .diffusers_probe import index_probe, quiet_diffusers
 from .flux_names import COMFY_UNET, KOHYA_UNET, Part, flux_table, kohya_name
 
 #: role suffix -> role
@@ -66,6 +66,20 @@ def split_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+def module_names(path: Path) -> set[str]:
+    """For format detection: the module names of a safetensors file's LoRA keys (split_key); empty for a
+    folder, a file that is no safetensors file, or one without tensors.
+
+    Example:
+        >>> module_names(Path("no-such-file.safetensors"))
+        set()
+    """
+    found = safetensors_keys(path) if path.is_file() else None
+    if not found or not found[0]:
+        return set()
+    return {split[0] for key in found[0] if (split := split_key(key))}
+
+
 def kohya_spelling(name: str) -> str:
     """The kohya spelling diffusers gives a name (its ComfyUI replacement), bare BFL names prefixed.
 
@@ -111,18 +125,12 @@ def _text_encoder_modules(spelled: dict[str, str]) -> dict[str, str]:
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from diffusers.utils.state_dict_utils import StateDictType
     names = list(spelled)
-    probe = {}
-    for index, name in enumerate(names):
-        value = torch.full((1, 1), float(index))
-        probe[f"{spelled[name]}.lora_down.weight"], probe[f"{spelled[name]}.lora_up.weight"] = value, value
-    quiet = logging.getLogger("diffusers")
-    level, _ = quiet.level, quiet.setLevel(logging.ERROR)
+    probe = index_probe([spelled[name] for name in names])
     try:
-        converted = _convert_kohya_flux_lora_to_diffusers(probe)
+        with quiet_diffusers():
+            converted = _convert_kohya_flux_lora_to_diffusers(probe)
     except ValueError:
         return {}
-    finally:
-        quiet.setLevel(level)
     inner = {k.removeprefix("text_encoder."): v for k, v in converted.items() if k.startswith("text_encoder.")}
     if not inner:
         return {}

@@ -8,12 +8,12 @@ name's index, so where each value lands says which module diffusers puts that na
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
 from ..errors import ForeignFormatError, UsageError
+from .diffusers_probe import index_probe, quiet_diffusers
 
 #: kohya prefix -> diffusers pipeline component.
 DIFFUSION_PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
@@ -80,20 +80,14 @@ def diffusers_modules(names: list[str], base, path: Path) -> dict[str, tuple[str
     if sgm and unet_config is None:
         raise UsageError("the UNet names are on the original SGM block layout (SDXL); mapping them needs the UNet's "
                          "config", path=path, hint="pass --base (the diffusers pipeline the LoRA was trained for)")
-    probe = {}
-    for index, name in enumerate(names):
-        value = torch.full((1, 1), float(index))
-        probe[f"{name}.lora_down.weight"], probe[f"{name}.lora_up.weight"] = value, value
-    quiet = logging.getLogger("diffusers")
-    level, _ = quiet.level, quiet.setLevel(logging.ERROR)
+    probe = index_probe(names)
     try:
-        state, _alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(
-            probe, unet_config=unet_config if sgm else None)
+        with quiet_diffusers():
+            state, _alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(
+                probe, unet_config=unet_config if sgm else None)
     except (ValueError, KeyError, IndexError, AttributeError) as exc:
         raise ForeignFormatError(f"diffusers cannot map these kohya names ({str(exc).splitlines()[0][:200]})",
                                  path=path, hint=f"families tried: {'; '.join(FAMILIES)}") from None
-    finally:
-        quiet.setLevel(level)
     found: dict[str, tuple[str, str]] = {}
     for component in dict.fromkeys(DIFFUSION_PREFIXES.values()):
         for key, value in _peft_names(state, component).items():

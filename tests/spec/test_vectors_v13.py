@@ -9,63 +9,30 @@
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import independent_delta as idl
 import independent_reader as ir
-from adapterfmt import merge, read_adapter
-from adapterfmt.cli import main
-from adapterfmt.errors import AdapterFmtError
-from adapterfmt.methods import get_method
+import package_checks as checks
+from adapterfmt import read_adapter
 
-ROOT = Path(__file__).resolve().parents[2]
-V13 = ROOT / "spec" / "vectors" / "v1.3"
-INDEX = json.loads((V13 / "INDEX.json").read_text())
-POSITIVE = {e["file"]: e for e in INDEX["positive"]}
-INVALID = {e["file"]: e for e in INDEX["invalid"]}
-BIAS = "bias."
-
-
-def pinned(version: str = "1.3") -> dict[str, str]:
-    lines = Path(__file__).with_name(f"v{version}.sha256").read_text().splitlines()
-    return {name: digest for digest, name in (line.split("  ", 1) for line in lines)}
+VECTORS = checks.VectorSet("1.3", "bias.")
+V13, POSITIVE, INVALID, BIAS = VECTORS.directory, VECTORS.positive, VECTORS.invalid, VECTORS.prefix
+relative_error = checks.relative_error
 
 
 def test_v13_vectors_are_pinned_and_indexed():
-    files = {str(p.relative_to(V13)) for p in V13.rglob("*") if p.is_file()}
-    pins = pinned()
-    assert files == set(pins), files ^ set(pins)
-    for name, digest in pins.items():
-        assert hashlib.sha256((V13 / name).read_bytes()).hexdigest() == digest, \
-            f"{name} changed: released vectors are frozen"
-    listed = set(POSITIVE) | set(INVALID) | {e["expected"] for e in POSITIVE.values()} | {"base.safetensors"}
-    assert files - {"INDEX.json"} == listed
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    checks.pinned_and_indexed(VECTORS)
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 def test_generators_reproduce_the_committed_vectors(version, tmp_path):
     """v1.3's generator reuses v1.2's builders: both keep producing their committed bytes."""
-    tool = _tool(f"make_conformance_vectors_v{version.replace('.', '')}")
-    tool.main(tmp_path / version)
-    for name, digest in pinned(version).items():
-        assert hashlib.sha256((tmp_path / version / name).read_bytes()).hexdigest() == digest, name
+    checks.generator_reproduces(version, tmp_path)
 
 
 def test_v13_vectors_cover_every_1_3_method_and_feature():
@@ -77,23 +44,13 @@ def test_v13_vectors_cover_every_1_3_method_and_feature():
 
 
 # ------------------------------------------------------------------ the second reader
-def base_tensors() -> dict:
-    return ir.parse_container((V13 / "base.safetensors").read_bytes())[1]
-
-
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    assert got.shape == want.shape
-    return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
-
-
 def expected_values(entry: dict) -> dict[str, np.ndarray]:
-    tensors = ir.parse_container((V13 / entry["expected"]).read_bytes())[1]
-    return {name: ir.to_array64(*t) for name, t in tensors.items()}
+    return checks.expected_values(VECTORS, entry)
 
 
 @pytest.mark.parametrize("name", sorted(POSITIVE))
 def test_independent_reader_accepts_v13_positive_vectors(name):
-    entry, base = POSITIVE[name], base_tensors()
+    entry, base = POSITIVE[name], checks.base_tensors(VECTORS)
     adapter = ir.read(V13 / name)
     assert adapter.version == tuple(int(v) for v in entry["version"].split("."))
     value = idl.merged if entry["expected_kind"] == "merged" else idl.delta
@@ -112,7 +69,7 @@ def test_independent_reader_accepts_v13_positive_vectors(name):
 @pytest.mark.parametrize("name", sorted(INVALID))
 def test_independent_reader_refuses_v13_invalid_vectors(name):
     """Refused on reading, or (trainable_tokens' index rules) when the merged weight is computed."""
-    base = base_tensors()
+    base = checks.base_tensors(VECTORS)
     with pytest.raises(ir.Refusal) as caught:
         adapter = ir.read(V13 / name)
         for module in adapter.manifest["modules"]:
@@ -121,86 +78,34 @@ def test_independent_reader_refuses_v13_invalid_vectors(name):
 
 
 # ------------------------------------------------------------------ the package
-def package_values(path: Path, kind: str) -> dict[str, np.ndarray]:
-    """Per module: ΔW (kind "delta") or the merged weight (kind "merged"), from read_adapter + the method."""
-    base = load_file(str(V13 / "base.safetensors"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        adapter = read_adapter(path)
-    values = {}
-    for target, entry in adapter.manifest.modules.items():
-        method, tensors = get_method(entry.method), adapter.module_tensors(target)
-        canon = entry.canonical(base[entry.base_weight].float())
-        value = method.merged(entry, tensors, canon) if kind == "merged" else method.delta(entry, tensors, canon)
-        values[target] = value.double().numpy()
-        if "diff_b" in tensors:  # methods-full.md: the layer's bias is <base_weight without .weight>.bias
-            bias = entry.base_weight.removesuffix(".weight") + ".bias"
-            values[BIAS + bias] = (base[bias].double() + tensors["diff_b"].double()).numpy()
-    return values
-
-
 @pytest.mark.parametrize("name", sorted(POSITIVE))
 def test_package_agrees_on_v13_positive_vectors(name):
-    entry = POSITIVE[name]
-    got, expected = package_values(V13 / name, entry["expected_kind"]), expected_values(entry)
-    assert set(got) == set(expected)
-    for key in expected:
-        assert relative_error(got[key], expected[key]) <= entry["rtol"], key
+    checks.package_agrees(VECTORS, name)
 
 
 @pytest.mark.parametrize("name", sorted(INVALID))
 def test_package_refuses_v13_invalid_vectors_with_the_same_class(name):
-    with pytest.raises(AdapterFmtError) as caught:
-        package_values(V13 / name, "delta")
-    assert type(caught.value).__name__ == INVALID[name]["refusal"], caught.value
+    checks.package_refuses(VECTORS, name)
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("v13-base")
-    shutil.copy(V13 / "base.safetensors", directory / "model.safetensors")
-    return directory
+    return checks.base_model_dir(VECTORS, tmp_path_factory.mktemp("v13-base"))
 
 
 @pytest.mark.parametrize("name", sorted(POSITIVE))
 def test_merge_engine_applies_v13_positive_vectors(name, base_dir, tmp_path):
-    """adapterfmt.merge: every base tensor the vector changes equals the expected value, rounded once."""
-    entry = POSITIVE[name]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merge(base_dir, [V13 / name], tmp_path / "out")
-        manifest = read_adapter(V13 / name).manifest
-    merged, base = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(V13 / "base.safetensors"))
-    for key, want in expected_values(entry).items():
-        if key.startswith(BIAS):
-            target, fifo, start = key[len(BIAS):], False, 0.0
-        else:
-            module = manifest.modules[key]
-            target, fifo = module.base_weight, module.fan_in_fan_out
-            start = 0.0 if entry["expected_kind"] == "merged" else base[target].double().numpy()
-            start = start.T if fifo and entry["expected_kind"] == "delta" else start
-        got = merged[target].double().numpy()
-        got = got.T if fifo else got
-        want = want + start
-        # one rounding to the base dtype: half an ulp, at most 2^-8 of the value for BF16, 2^-24 for F32
-        half_ulp = 2.0**-8 if base[target].dtype.itemsize == 2 else 2.0**-24
-        limit = entry["rtol"] * np.abs(want).max() + half_ulp * np.abs(want)
-        assert (np.abs(got - want) <= limit).all(), key
+    checks.merge_engine_applies(VECTORS, name, base_dir, tmp_path / "out")
 
 
 @pytest.mark.parametrize("name", sorted(POSITIVE))
 def test_cli_validates_v13_positive_vectors(name):
-    result = CliRunner().invoke(main, ["validate", str(V13 / name)])
-    assert result.exit_code == 0, result.output
+    checks.cli_validates(VECTORS, name)
 
 
 @pytest.mark.parametrize("name", sorted(INVALID))
 def test_cli_refuses_v13_invalid_vectors_in_one_line(name):
-    result = CliRunner().invoke(main, ["validate", str(V13 / name)])
-    assert result.exit_code != 0, result.output
-    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
-    assert "Traceback" not in result.output and len(errors) == 1, result.stderr
-    assert Path(name).name in errors[0]
+    checks.cli_refuses_in_one_line(VECTORS, name)
 
 
 # ------------------------------------------------------------------ a real consumer: LyCORIS's functional ΔW
