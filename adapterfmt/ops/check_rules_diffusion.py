@@ -109,6 +109,15 @@ def _comfy_misscaled(v: KeyView) -> dict[str, float]:
     return {m: s for m, s in peft_scales(v.keys).items() if m in applied and not math.isclose(s, 1.0, rel_tol=1e-9)}
 
 
+def _comfy_absent(v: KeyView) -> dict[str, str]:
+    """Modules ComfyUI's rules map whose layer the base does not have (found by diffusers' mapping checked
+    against ``--base``): ComfyUI builds its key map from the model's own weights, so they are not loaded."""
+    if v.diffusers.refused is not None or not v.diffusers.missing_in_base:
+        return {}
+    applied = set(v.comfy.applied)
+    return {m: to for m, to in v.diffusers.missing_in_base.items() if m in applied}
+
+
 def _names_unmapped(v: KeyView) -> dict[str, str]:
     return {k: w for k, w in v.comfy.not_loaded.items() if not w.startswith("'")}
 
@@ -190,9 +199,16 @@ COMFYUI_KEY_RULES = (
     Rule("nothing_applied", IGNORED, lambda v: bool(v.comfy.nothing_applied),
          lambda v: f"{some(v.comfy.nothing_applied)}: only scalars (.alpha/.dora_scale), no weights; ComfyUI "
                    f"patches nothing there, {COMFY_NOTE}", None, exact_fix=False, source=COMFY_SOURCE),
+    Rule("not_in_base", IGNORED, lambda v: bool(_comfy_absent(v)),
+         lambda v: f"{len(_comfy_absent(v))} module(s) name layers the base does not have (e.g. "
+                   f"{some(list(_comfy_absent(v).values()), 1)}): ComfyUI's key map comes from the model's own "
+                   f"weights, so they get 'lora key not loaded', {COMFY_NOTE}", None, exact_fix=False,
+         source=COMFY_SOURCE + "; " + DIFFUSERS_RUN),
     Rule("keys_applied", OK, lambda v: True,
-         lambda v: f"ComfyUI applies {len(v.comfy.applied)} of the file's {v.module_count} modules, {COMFY_NOTE}"
-                   + (f"; not applied: {some(v.not_applied_by_comfy(), 3)}" if v.not_applied_by_comfy() else ""),
+         lambda v: f"ComfyUI applies {len(v.comfy.applied) - len(_comfy_absent(v))} of the file's {v.module_count} "
+                   f"modules, {COMFY_NOTE}"
+                   + (f"; not applied: {some(v.not_applied_by_comfy() + list(_comfy_absent(v)), 3)}"
+                      if v.not_applied_by_comfy() or _comfy_absent(v) else ""),
          KOHYA_FOR + "comfyui", source=COMFY_SOURCE),
 )
 

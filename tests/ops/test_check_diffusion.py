@@ -78,6 +78,8 @@ FIRES = [
     ("dora", "diffusers", "keys_dropped", "ignored", ".dora_scale", False),
     ("peft_te_dora", "diffusers", "te_dora_magnitude", "ignored", "0.099", False),
     ("absent", "diffusers", "not_in_base", "ignored", "attn9.to_q", True),
+    ("absent", "comfyui", "not_in_base", "ignored", "attn9.to_q", True),
+    ("absent", "comfyui", "keys_applied", OK, "applies 1 of the file's 2 modules", True),
     ("sgm", "diffusers", "sgm_names_assumed", OK, "layers_per_block 2", False),
     ("dora", "diffusers", "keys_applied", OK, "applies 2 of the file's 2 modules", False),
     ("te5", "comfyui", "names_not_mapped", "ignored", "without 'text_model'", False),
@@ -93,7 +95,7 @@ SILENT = [
     ("peft_unet_dora", "diffusers", "te_dora_magnitude", False), ("plain", "diffusers", "not_in_base", True),
     ("sgm", "diffusers", "sgm_names_assumed", True), ("loha", "diffusers", "keys_applied", False),
     ("plain", "comfyui", "names_not_mapped", False), ("plain", "comfyui", "keys_not_read", False),
-    ("plain", "comfyui", "nothing_applied", False), ("peft_alpha_one", "comfyui", "peft_alpha_ignored", False),
+    ("plain", "comfyui", "nothing_applied", False), ("plain", "comfyui", "not_in_base", True), ("peft_alpha_one", "comfyui", "peft_alpha_ignored", False),
 ]
 
 
