@@ -57,6 +57,7 @@ def merge(base: Path | str, adapters: Sequence[AdapterSpec] | AdapterSpec, out: 
     options.pop("gguf_type", None)
     if is_single_file_checkpoint(base):
         _refuse_options(options, "a single-file checkpoint base", "--force, --overwrite and --device")
+        _require_single_file_out(out)
         return merge_single_file(base, adapter_list(adapters), out, force=options.get("force", False),
                                  overwrite=options.get("overwrite", False), device=options.get("device", "auto"))
     return engine_merge(base, adapter_list(adapters), out, **options)
@@ -67,6 +68,14 @@ def is_single_file_checkpoint(path: Path) -> bool:
     from ..checkpoint import BaseCheckpoint
     from ..checkpoint.diffusers_checkpoint import single_file_layout
     return path.is_file() and path.suffix.lower() == ".safetensors" and bool(single_file_layout(BaseCheckpoint(path)))
+
+
+def _require_single_file_out(out: Path | str) -> None:
+    """A single-file result is one .safetensors file: an output without that suffix (often meant as a
+    directory, as for the other merges) would become a file of that name, which no loader recognises."""
+    if Path(out).suffix.lower() != ".safetensors":
+        raise UsageError(f"the output {str(out)!r} is not a .safetensors file name; a merge with a single-file "
+                         "base writes one single-file checkpoint", hint="pass --out NAME.safetensors")
 
 
 def _refuse_options(options: dict, what: str, allowed: str) -> None:
@@ -91,6 +100,7 @@ def unmerge(merged: Path | str, adapters: Sequence[AdapterSpec] | AdapterSpec, o
             raise UsageError("--base (verification) is not supported for a single-file unmerge",
                              hint="run without --base; compare the result with the original file yourself")
         _refuse_options(options, "a single-file checkpoint", "--overwrite and --device")
+        _require_single_file_out(out)
         return unmerge_single_file(merged, adapter_list(adapters), out, overwrite=options.get("overwrite", False),
                                    device=options.get("device", "auto"))
     return engine_unmerge(merged, adapter_list(adapters), out,

@@ -78,6 +78,10 @@ def test_cli_merges_into_a_single_file_and_refuses_flux(sd15, single, tmp_path):
     assert result.exit_code == 0, result.output
     assert "byte for byte" in result.output and out.is_file()
     assert list(load_file(str(out))) == list(load_file(str(single)))
+    result = CliRunner().invoke(main, ["merge", "--base", str(single), "--adapter", str(tmp_path / "a.safetensors"),
+                                       "--out", str(tmp_path / "merged-dir")])
+    assert result.exit_code == 2 and "not a .safetensors file name" in result.output
+    assert "--out NAME.safetensors" in result.output and not (tmp_path / "merged-dir").exists()
     flux = tmp_path / "flux.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(flux))
     result = CliRunner().invoke(main, ["merge", "--base", str(flux), "--adapter", str(tmp_path / "a.safetensors"),
