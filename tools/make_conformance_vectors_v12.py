@@ -22,8 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vectors_v11_build import ROOT, Tensor, container, lora_module, metadata_for, rand  # noqa: E402
-from vectors_v12_build import (BASE12, Builder12, adalora_module, boft_module, fourierft_module,  # noqa: E402
-                               ia3_module, lokr_module, loha_module, lora_conv2d_module, oft_module, vera_module)
+from vectors_v12_build import (BASE12, Builder12, adalora_module, boft_module, entry_of, fourierft_module,  # noqa: E402
+                               ia3_module, lokr_module, loha_module, lora_conv2d_module, oft_module, set_role,
+                               vera_module)
 
 OUT = ROOT / "spec" / "vectors" / "v1.2"
 RTOL = 1e-5
@@ -176,20 +177,6 @@ POSITIVE = {
 # ------------------------------------------------------------------ must-refuse vectors
 def written(b: Builder12, version: str = "1.1") -> bytes:
     return container(b.tensors, metadata_for(b.manifest, version))
-
-
-def entry_of(b: Builder12, target: str) -> dict:
-    return b.manifest["modules"][target]
-
-
-def set_role(b: Builder12, target: str, role: str, tensor: Tensor | None) -> None:
-    """Replace (or with None drop) a role's tensor, keeping header and manifest consistent."""
-    name, refs = f"{target}.{role}", entry_of(b, target)["tensors"]
-    if tensor is None:
-        del b.tensors[name], refs[role]
-        return
-    b.tensors[name] = tensor
-    refs[role] = {"name": name, "dtype": tensor.dtype, "shape": tensor.shape}
 
 
 def one(build, *args, **kwargs):

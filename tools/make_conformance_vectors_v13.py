@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vectors_v11_build import ROOT, Tensor, container, metadata_for, rand  # noqa: E402
-from vectors_v13_build import (BASE13, LYCORIS_EPS, Builder13, dora13_module, full_module, int64,  # noqa: E402
+from vectors_v12_build import entry_of, set_role  # noqa: E402
+from vectors_v13_build import (BASE13, LYCORIS_EPS, Builder13, dora13_module, full_module,  # noqa: E402
                                lokr_conv2d_module, loha_conv2d_module, lora_tucker_module, trainable_tokens_module)
 
 OUT = ROOT / "spec" / "vectors" / "v1.3"
@@ -129,20 +130,6 @@ POSITIVE = {
 # ------------------------------------------------------------------ must-refuse vectors
 def written(b: Builder13, version: str = "1.3") -> bytes:
     return container(b.tensors, metadata_for(b.manifest, version))
-
-
-def entry_of(b: Builder13, target: str) -> dict:
-    return b.manifest["modules"][target]
-
-
-def set_role(b: Builder13, target: str, role: str, tensor: Tensor | None) -> None:
-    """Replace (or with None drop) a role's tensor, keeping header and manifest consistent."""
-    name, refs = f"{target}.{role}", entry_of(b, target)["tensors"]
-    if tensor is None:
-        del b.tensors[name], refs[role]
-        return
-    b.tensors[name] = tensor
-    refs[role] = {"name": name, "dtype": tensor.dtype, "shape": tensor.shape}
 
 
 def unlisted(b: Builder13, target: str) -> Builder13:

@@ -112,7 +112,10 @@ def canonical_base(name: str, fifo: bool) -> np.ndarray:
 
 # ------------------------------------------------------------------ module builders
 class Builder:
-    """One adapter: tensors, manifest and the expected float64 ΔW per module."""
+    """One adapter: tensors, manifest and the expected float64 ΔW per module (against ``BASE``; later
+    versions' builders give their own)."""
+
+    BASE = BASE
 
     def __init__(self):
         self.tensors: dict[str, Tensor] = {}
@@ -130,11 +133,11 @@ class Builder:
         self.manifest["modules"][target] = {"method": method, "base_weight": base_weight, "shape": list(shape),
                                             "fan_in_fan_out": fifo, "layer": layer, "params": params,
                                             "tensors": refs}
-        weight = BASE[base_weight]
+        weight = self.BASE[base_weight]
         self.manifest["base"]["weights"][base_weight] = {
             "shape": weight.shape, "dtype": weight.dtype,
             "fingerprint": weight_fingerprint(weight.dtype, weight.shape, weight.raw)}
-        return {role: t.f64() for role, t in roles.items()}
+        return {role: t.f64() for role, t in roles.items() if t.dtype != "I64"}  # integer roles are no values
 
     def payload(self, kind, target, tensor):
         name = f"payload.{target}"

@@ -14,7 +14,6 @@ import math
 import numpy as np
 
 from vectors_v11_build import Builder, Tensor, lora_params, rand
-from independent_delta import weight_fingerprint  # noqa: E402  (tests/spec is on sys.path via v11_build)
 import spec_torch_rng  # noqa: E402
 
 # ------------------------------------------------------------------ the v1.2 base model
@@ -39,31 +38,18 @@ def canonical12(name: str, fifo: bool) -> np.ndarray:
 
 
 class Builder12(Builder):
-    """One v1.2 adapter: like the v1.1 Builder, against BASE12."""
+    """One v1.2 adapter: like the v1.1 Builder, against BASE12 (subclasses give their own ``BASE``)."""
+
+    BASE = BASE12
 
     def __init__(self):
         super().__init__()
         self.manifest["created_by"] = "adapterfmt conformance generator (spec 1.2)"
 
-    def module(self, target, method, base_weight, shape, params, roles, *, fifo=False, layer="linear"):
-        refs = {}
-        for role, tensor in roles.items():
-            name = f"{target}.{role}"
-            self.tensors[name] = tensor
-            refs[role] = {"name": name, "dtype": tensor.dtype, "shape": tensor.shape}
-        self.manifest["modules"][target] = {"method": method, "base_weight": base_weight, "shape": list(shape),
-                                            "fan_in_fan_out": fifo, "layer": layer, "params": params,
-                                            "tensors": refs}
-        weight = BASE12[base_weight]
-        self.manifest["base"]["weights"][base_weight] = {
-            "shape": weight.shape, "dtype": weight.dtype,
-            "fingerprint": weight_fingerprint(weight.dtype, weight.shape, weight.raw)}
-        return {role: t.f64() for role, t in roles.items()}
-
     def bias_delta(self, target: str, delta: Tensor):
         """A ``bias_delta`` payload; its expected entry ``payload.<target>`` is the merged bias b + delta."""
         self.payload("bias_delta", target, delta)
-        self.expected[f"payload.{target}"] = BASE12[target].f64() + delta.f64()
+        self.expected[f"payload.{target}"] = self.BASE[target].f64() + delta.f64()
 
 
 def fl32(x: float) -> float:
@@ -262,3 +248,17 @@ def boft_module(b: Builder12, target, shape, *, factors, block):
     v = b.module(target, "boft", f"{target}.weight", shape, params, roles)
     w = canonical12(f"{target}.weight", False)
     b.expected[target] = (boft_matrix(v["rotations"]) @ w.T).T * v["scale"][:, None]
+
+
+def entry_of(b: Builder12, target: str) -> dict:
+    return b.manifest["modules"][target]
+
+
+def set_role(b: Builder12, target: str, role: str, tensor: Tensor | None) -> None:
+    """Replace (or with None drop) a role's tensor, keeping header and manifest consistent."""
+    name, refs = f"{target}.{role}", entry_of(b, target)["tensors"]
+    if tensor is None:
+        del b.tensors[name], refs[role]
+        return
+    b.tensors[name] = tensor
+    refs[role] = {"name": name, "dtype": tensor.dtype, "shape": tensor.shape}

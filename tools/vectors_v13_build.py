@@ -13,7 +13,6 @@ import numpy as np
 
 from vectors_v11_build import Tensor, lora_params, rand
 from vectors_v12_build import Builder12
-from independent_delta import weight_fingerprint  # noqa: E402  (tests/spec is on sys.path via v11_build)
 
 # ------------------------------------------------------------------ the v1.3 base model
 BASE13 = {
@@ -45,24 +44,11 @@ def int64(values) -> Tensor:
 class Builder13(Builder12):
     """One v1.3 adapter: like the v1.2 Builder, against BASE13 (the base.weights entries list BASE13's)."""
 
+    BASE = BASE13
+
     def __init__(self):
         super().__init__()
         self.manifest["created_by"] = "adapterfmt conformance generator (spec 1.3)"
-
-    def module(self, target, method, base_weight, shape, params, roles, *, fifo=False, layer="linear"):
-        refs = {}
-        for role, tensor in roles.items():
-            name = f"{target}.{role}"
-            self.tensors[name] = tensor
-            refs[role] = {"name": name, "dtype": tensor.dtype, "shape": tensor.shape}
-        self.manifest["modules"][target] = {"method": method, "base_weight": base_weight, "shape": list(shape),
-                                            "fan_in_fan_out": fifo, "layer": layer, "params": params,
-                                            "tensors": refs}
-        weight = BASE13[base_weight]
-        self.manifest["base"]["weights"][base_weight] = {
-            "shape": weight.shape, "dtype": weight.dtype,
-            "fingerprint": weight_fingerprint(weight.dtype, weight.shape, weight.raw)}
-        return {role: t.f64() for role, t in roles.items() if t.dtype != "I64"}
 
 
 # ------------------------------------------------------------------ trainable_tokens (merged weight)
